@@ -1,0 +1,30 @@
+"""Models of the project. Importing this package registers every model type with transformers' Auto classes."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .protocol import MemoryModelOutput, MemoryProtocol
+
+__all__ = ["MemoryModelOutput", "MemoryProtocol", "build_model"]
+
+
+def build_model(model_cfg: Any, vocab_size: int):
+    """Build the model a `conf/model/*.yaml` entry describes, with the vocabulary size of the data.
+
+    `model_cfg` has `class_path`, `config` (kwargs of the model's PretrainedConfig) and optional `pretrained`.
+    """
+    cfg = dict(model_cfg)
+    class_path = cfg.get("class_path")
+    if not class_path or "." not in class_path:
+        raise ValueError(f"model config needs a class_path like 'experiment.models.gpt2.GPT2LMHeadModel', got {class_path!r}")
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    kwargs = dict(cfg.get("config") or {})
+    kwargs["vocab_size"] = vocab_size
+    pretrained = cfg.get("pretrained")
+    if pretrained:
+        config = cls.config_class.from_pretrained(pretrained, **kwargs)
+        return cls.from_pretrained(pretrained, config=config)
+    return cls(cls.config_class(**kwargs))
