@@ -1,0 +1,44 @@
+"""Abstractor: summarises a segment's hidden states into a fixed number of working-memory engrams."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Abstractor(nn.Module):
+    """(B, T, H) -> (B, num_memories, H).
+
+    Nm learned queries attend over the segment with one head, no 1/sqrt(H) scale and no padding mask (as in the
+    paper's module), then two linears with nothing between them. Parameter names match the reference package, so
+    its checkpoints load. Options (off by default): `key_padding_mask` in forward, and `activation` between the
+    linears.
+    """
+
+    def __init__(self, num_memories: int, hidden_dim: int, feedforward_dim: int, activation: str | None = None) -> None:
+        super().__init__()
+        for name, v in (("num_memories", num_memories), ("hidden_dim", hidden_dim), ("feedforward_dim", feedforward_dim)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"Abstractor {name} must be a positive int, got {v!r}")
+        if activation not in (None, "gelu", "relu"):
+            raise ValueError(f"Abstractor activation must be None, 'gelu' or 'relu', got {activation!r}")
+        self.num_memories = num_memories
+        self.query_embeddings = nn.Parameter(torch.randn(1, num_memories, hidden_dim) * 0.02)  # (1, Nm, H)
+        self.key_transform = nn.Linear(hidden_dim, hidden_dim)
+        self.value_transform = nn.Linear(hidden_dim, hidden_dim)
+        self.feedforward = nn.Linear(hidden_dim, feedforward_dim)
+        self.output = nn.Linear(feedforward_dim, hidden_dim)
+        self.activation = {None: nn.Identity(), "gelu": nn.GELU(), "relu": nn.ReLU()}[activation]
+
+    def forward(self, hidden: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if hidden.dim() != 3 or hidden.shape[-1] != self.query_embeddings.shape[-1]:
+            raise ValueError(
+                f"Abstractor expects (B, T, {self.query_embeddings.shape[-1]}), got {tuple(hidden.shape)}"
+            )
+        keys = self.key_transform(hidden)  # (B, T, H)
+        values = self.value_transform(hidden)  # (B, T, H)
+        scores = self.query_embeddings @ keys.transpose(1, 2)  # (B, Nm, T)
+        if key_padding_mask is not None:  # (B, T) True = real token
+            scores = scores.masked_fill(~key_padding_mask[:, None, :].bool(), torch.finfo(scores.dtype).min)
+        summary = scores.softmax(-1) @ values  # (B, Nm, H)
+        return self.output(self.activation(self.feedforward(summary)))  # (B, Nm, H)

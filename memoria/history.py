@@ -1,0 +1,115 @@
+"""Opt-in engram history for the paper's engram studies (keep_history=True).
+
+Records, per row, when each engram was created, every time it fired (was reminded) with its type and age, the
+lifespan it gained, and when it was deleted. Bounded: at most `limit` events of each kind are kept, the oldest
+dropped first and counted. Saved as JSON (no pickle). Recording costs a device-to-host copy per step, so it is off by
+default.
+
+Edge weights E(i->j) = count(i, j) / count(i, i) of the live engrams come from `edge_weights(memoria, row)`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .memoria import Memoria
+    from .store import SlotStore
+
+EVENT_FIELDS = {
+    "created": ("row", "engram_id", "timestep"),
+    "fired": ("row", "engram_id", "timestep", "type", "age"),
+    "extended": ("row", "engram_id", "timestep", "gain"),
+    "deleted": ("row", "engram_id", "timestep", "age"),
+}
+
+
+class EngramHistory:
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = int(limit)
+        self.events: dict[str, deque] = {k: deque() for k in EVENT_FIELDS}
+        self.dropped = {k: 0 for k in EVENT_FIELDS}
+
+    # ------------------------------------------------------------ recording
+    def _push(self, kind: str, rows: list[list]) -> None:
+        q = self.events[kind]
+        q.extend(rows)
+        while len(q) > self.limit:
+            q.popleft()
+            self.dropped[kind] += 1
+
+    def on_add(self, timestep: int, ids: torch.Tensor, valid: torch.Tensor) -> None:
+        b, w = valid.nonzero(as_tuple=True)
+        self._push("created", torch.stack([b, ids[w], torch.full_like(b, timestep)], 1).tolist())
+
+    def on_remind(self, timestep: int, store: SlotStore, slots: torch.Tensor, ok: torch.Tensor) -> None:
+        b, m = ok.nonzero(as_tuple=True)
+        s = slots[b, m]
+        cols = [b, store.created[b, s], torch.full_like(b, timestep), store.types[b, s].long(), store.age[b, s].long()]
+        self._push("fired", torch.stack(cols, 1).tolist())
+
+    def on_extend(self, timestep: int, store: SlotStore, slots: torch.Tensor, hit: torch.Tensor,
+                  gain: torch.Tensor) -> None:
+        b, m = hit.nonzero(as_tuple=True)
+        ids = store.created[b, slots[b, m]].tolist()
+        self._push("extended", [[r, i, timestep, g] for r, i, g in zip(b.tolist(), ids, gain[b, m].tolist())])
+
+    def on_adjust(self, timestep: int, store: SlotStore, dead: torch.Tensor) -> None:
+        b, s = dead.nonzero(as_tuple=True)
+        cols = [b, store.created[b, s], torch.full_like(b, timestep), store.age[b, s].long()]
+        self._push("deleted", torch.stack(cols, 1).tolist())
+
+    # ------------------------------------------------------------ reading
+    def table(self, kind: str) -> list[dict[str, Any]]:
+        """Events of one kind as a list of dicts with the fields of EVENT_FIELDS[kind]."""
+        if kind not in EVENT_FIELDS:
+            raise ValueError(f"unknown history kind {kind!r}; one of {sorted(EVENT_FIELDS)}")
+        return [dict(zip(EVENT_FIELDS[kind], e)) for e in self.events[kind]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"limit": self.limit, "events": {k: list(v) for k, v in self.events.items()},
+                "dropped": dict(self.dropped), "fields": {k: list(v) for k, v in EVENT_FIELDS.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "EngramHistory":
+        h = cls(state["limit"])
+        for k in EVENT_FIELDS:
+            h.events[k].extend(state["events"][k])
+            h.dropped[k] = int(state["dropped"][k])
+        return h
+
+    def save(self, path: str | Path) -> None:
+        """Write the history as JSON (atomically: a temp file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.state_dict()))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EngramHistory":
+        return cls.from_state_dict(json.loads(Path(path).read_text()))
+
+
+def edge_weights(memoria: Memoria, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hebbian edge weights among the live engrams of one row, oldest first.
+
+    Returns (engram_ids (L,), weights (L, L)) with weights[i, j] = count(i, j) / count(i, i) = P(j fires | i fires),
+    0 where i never fired.
+    """
+    store = memoria.store
+    if store is None or memoria._empty:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0)
+    if not 0 <= row < store.batch_size:
+        raise ValueError(f"row must be in [0, {store.batch_size}), got {row}")
+    live = store.live[row]
+    slots = live.nonzero().squeeze(1)
+    slots = slots[torch.argsort(store.created[row, slots])]
+    counts = store.counts[row][slots][:, slots].double()  # (L, L)
+    fires = counts.diagonal()[:, None]
+    weights = torch.where(fires > 0, counts / fires.clamp(min=1), 0.0)
+    return store.created[row, slots].cpu(), weights.float().cpu()

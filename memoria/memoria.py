@@ -1,0 +1,602 @@
+"""Memoria: the Hebbian memory network (Park & Bak, ICML 2024).
+
+One step per segment:  add_working_memory(WM) -> remind() -> adjust_lifespan_and_memories(indices, deltas).
+
+    working memory (WM)  the W engrams written this step; the retrieval cue
+    short-term (STM)     FIFO of capacity `stm_capacity`; recalled by similarity to the WM
+    long-term (LTM)      unbounded; reached from the recalled STMs through Hebbian co-fire counts
+    lifespan             every engram loses 1 per step, gains what the model's attention gives it, dies at <= 0
+
+Every batch row is an independent memory. All state is on one device in fixed slots (store.py); the per-step path
+makes no host sync while the store has room (with `static_shape=True` and `validate=False`, the mode models use).
+Indices handed out by `remind` are positions in the reference `engrams` layout, as in `memoria-pytorch`.
+
+Where the reference package is wrong, this follows the corrected algorithm (no spurious engram 0, only recalled STMs
+seed the walk, no edge means no step, padding never competes, global indices only; see the README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from .engrams import Engrams
+from .history import EngramHistory
+from .store import LONGTERM, NULL, SHORTTERM, WORKING, SlotStore
+
+WEIGHT_FORMS = ("exp", "neg_sq")
+_STATE_VERSION = 1
+_CHUNK = 1 << 24  # elements per temporary in the graph walk (bounds peak memory at large B, C)
+
+
+@contextlib.contextmanager
+def _full_fp32_matmul(device: torch.device):
+    """Near-ties flip under TF32, so the distance matmul runs in full fp32."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _check_count(name: str, value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+class Memoria:
+    """The memory of a batch of B independent streams.
+
+    Reference-compatible arguments: num_reminded_stm, stm_capacity, ltm_search_depth, initial_lifespan,
+    num_final_ltms, track_age, track_id, keep_history, device.
+
+    Ours (keyword-only):
+        weight_form      "exp" (exp(-d^2), the paper's runs) or "neg_sq" (-d^2, reference 1.1.0)
+        seed             seed of the private tie-break generator (pass seed + rank under DDP)
+        deterministic    break every tie oldest-first instead of uniformly at random
+        ltm_capacity     cap the long-term memory: evict the lowest-lifespan LTMs (ties: oldest) past it; also fixes
+                         the store's capacity so it never grows. None (default) = unbounded, as in the paper
+        initial_capacity slots per row to start with when the LTM is unbounded (grows x1.5 as needed)
+        count_dtype      torch.int32 (default) or torch.int16 (half the memory; safe while a memory lives < 32767
+                         steps between resets)
+        static_shape     remind() returns the full width num_reminded_stm + num_final_ltms with -1 padding instead of
+                         trimming to the widest row (trimming costs one host sync)
+        validate         check values (NaN/inf, indices from the last remind) at a host sync per call; shapes,
+                         dtypes and devices are always checked
+        history_limit    most events kept by keep_history (oldest dropped first, counted)
+    """
+
+    def __init__(
+        self,
+        num_reminded_stm: int,
+        stm_capacity: int,
+        ltm_search_depth: int,
+        initial_lifespan: float,
+        num_final_ltms: int,
+        track_age: bool = False,
+        track_id: bool = False,
+        keep_history: bool = False,
+        device: str | torch.device | None = None,
+        *,
+        weight_form: str = "exp",
+        seed: int = 0,
+        deterministic: bool = False,
+        ltm_capacity: int | None = None,
+        initial_capacity: int | None = None,
+        count_dtype: torch.dtype = torch.int32,
+        static_shape: bool = False,
+        validate: bool = True,
+        history_limit: int = 100_000,
+    ) -> None:
+        self.num_reminded_stm = _check_count("num_reminded_stm", num_reminded_stm)
+        self.stm_capacity = _check_count("stm_capacity", stm_capacity)
+        self.ltm_search_depth = _check_count("ltm_search_depth", ltm_search_depth)
+        self.num_final_ltms = _check_count("num_final_ltms", num_final_ltms)
+        if isinstance(initial_lifespan, bool) or not isinstance(initial_lifespan, (int, float)) or not (
+            math.isfinite(initial_lifespan) and initial_lifespan > 0
+        ):
+            raise ValueError(f"initial_lifespan must be a positive number, got {initial_lifespan!r}")
+        self.initial_lifespan = float(initial_lifespan)
+        if weight_form not in WEIGHT_FORMS:
+            raise ValueError(f"weight_form must be one of {WEIGHT_FORMS}, got {weight_form!r}")
+        self.weight_form = weight_form
+        if ltm_capacity is not None:
+            ltm_capacity = _check_count("ltm_capacity", ltm_capacity, minimum=1)
+        self.ltm_capacity = ltm_capacity
+        if initial_capacity is not None:
+            initial_capacity = _check_count("initial_capacity", initial_capacity, minimum=1)
+        self.initial_capacity = initial_capacity
+        if count_dtype not in (torch.int16, torch.int32, torch.int64):
+            raise ValueError(f"count_dtype must be torch.int16, torch.int32 or torch.int64, got {count_dtype}")
+        self.count_dtype = count_dtype
+        self.seed = int(seed)
+        self.deterministic = bool(deterministic)
+        self.static_shape = bool(static_shape)
+        self.validate = bool(validate)
+        if keep_history and not (track_age and track_id):
+            warnings.warn("keep_history=True turns on track_age and track_id", stacklevel=2)
+            track_age = track_id = True
+        self.track_age = bool(track_age)
+        self.track_id = bool(track_id)
+        self.keep_history = bool(keep_history)
+        self.history_limit = _check_count("history_limit", history_limit, minimum=1)
+
+        self.device = torch.device(device) if device is not None else None
+        self.ext_device: torch.device | None = None
+        self.store: SlotStore | None = None
+        self.generator: torch.Generator | None = None
+        self.history: EngramHistory | None = None
+        self.evictions: torch.Tensor | None = None  # (B,) LTMs evicted by ltm_capacity, per row
+        self._clear_step_state()
+        self.timestep = 0
+        self.next_engram_id = 0
+
+    # ================================================================ public API
+    @property
+    def engrams(self) -> Engrams:
+        """The reference-layout view (a copy, built on demand; costs a host sync)."""
+        if self.store is None or self._empty:
+            return Engrams.empty(self.device, self.track_age, self.track_id)
+        return self.store.view(self.track_age, self.track_id)
+
+    @torch.no_grad()
+    def add_working_memory(self, data: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Store `data` (B, W, H) as W new working-memory engrams per row (rows where the bool `mask` (B,) is
+        False add nothing)."""
+        if not isinstance(data, torch.Tensor):
+            raise ValueError(f"data must be a torch.Tensor of shape (B, W, H), got {type(data).__name__}")
+        if data.dim() != 3:
+            raise ValueError(f"data must have shape (B, W, H), got shape {tuple(data.shape)}")
+        if not data.is_floating_point():
+            raise ValueError(f"data must be a floating-point tensor, got dtype {data.dtype}")
+        B, W, H = data.shape
+        if B == 0 or W == 0 or H == 0:
+            raise ValueError(f"data must have B, W, H >= 1, got shape {tuple(data.shape)}")
+        store = None if self._empty else self.store
+        if store is not None and (B, H) != (store.batch_size, store.hidden_dim):
+            raise ValueError(
+                f"data has batch {B} and hidden size {H}, but the memory holds batch {store.batch_size} and hidden "
+                f"size {store.hidden_dim}; call reset_memory() before changing them"
+            )
+        dev = self.device if self.device is not None else data.device
+        if mask is not None:
+            mask = self._check_rows("mask", mask, B).to(dev)
+        if self.validate and not bool(torch.isfinite(data).all()):
+            raise ValueError("data contains NaN or inf; working memory must be finite")
+
+        self.ext_device = data.device
+        if self.device is None:
+            self.device = dev
+        if store is None:
+            store = self._new_store(B, W, H, dev)
+        self._ensure_room(store, W)
+
+        x = data.detach().to(device=dev, dtype=torch.float32)  # (B, W, H) copy, never an alias of the caller's
+        slots = store.allocate(W)  # (B, W)
+        valid = torch.ones(B, W, dtype=torch.bool, device=dev) if mask is None else mask[:, None].expand(B, W)
+        store.clear_counts(slots)
+        store.data.scatter_(1, slots[:, :, None].expand(B, W, H), x)
+        store.lifespan.scatter_(1, slots, torch.full((B, W), self.initial_lifespan, device=dev))
+        store.types.scatter_(1, slots, valid.to(torch.uint8) * WORKING)  # free slots stay NULL where masked
+        ids = self.next_engram_id + torch.arange(W, device=dev)
+        store.created.scatter_(1, slots, ids[None, :].expand(B, W))
+        store.age.scatter_(1, slots, torch.zeros(B, W, dtype=torch.int32, device=dev))
+        store.live_bound += W
+
+        if self._wm_slots is None:
+            self._wm_slots, self._wm_valid = slots, valid.clone()
+        else:  # a second add before adjust: both sets are working memory
+            self._wm_slots = torch.cat([self._wm_slots, slots], 1)
+            self._wm_valid = torch.cat([self._wm_valid, valid], 1)
+        self._last = None
+        self.timestep += 1
+        self.next_engram_id += W
+        if self.history is not None:
+            self.history.on_add(self.timestep, ids, valid)
+
+    @torch.no_grad()
+    def remind(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recall STMs by similarity to the working memory, walk the Hebbian graph to LTMs, fire them together.
+
+        Returns memories (B, M, H) float32 and indices (B, M) int64 (view positions, -1 = none, padding at the end)
+        on the device of the last added data.
+        """
+        if self.store is None or self._empty:
+            raise ValueError("remind() called before any add_working_memory(); add working memory first")
+        if self._wm_slots is None:
+            raise ValueError("remind() needs working memory of this step: call add_working_memory() first")
+        store = self.store
+        B, C, H = store.data.shape
+        dev = store.device
+        types, counts = store.types, store.counts
+        is_stm = types == SHORTTERM  # (B, C)
+        is_ltm = types == LONGTERM  # (B, C)
+        wm_slots, wm_valid = self._wm_slots, self._wm_valid  # (B, W)
+        wm = torch.gather(store.data, 1, wm_slots[:, :, None].expand(*wm_slots.shape, H))  # (B, W, H)
+        row_has_wm = wm_valid.any(1)  # (B,)
+        frac = self._tie_fraction(store)  # (B, C) float64 in [0, 0.49]: the tie-break among equal values
+
+        # --- STM recall: top r_stm live STMs by similarity to the WM (padding never competes)
+        k_stm_cap = min(C, self.stm_capacity)
+        k_s = min(self.num_reminded_stm, k_stm_cap)
+        stm_slots = torch.topk(is_stm.float(), k_stm_cap, dim=1, sorted=False).indices  # (B, S)
+        stm_ok = torch.gather(is_stm, 1, stm_slots) & row_has_wm[:, None]
+        stm_score = self._similarity(wm, wm_valid, stm_slots)  # (B, S)
+        rs_slots, rs_ok = self._top(stm_score, stm_ok, torch.gather(frac, 1, stm_slots), stm_slots, k_s)
+
+        # --- initial LTMs: each recalled STM seeds its most co-fired LTM, if it has any positive count
+        visited = torch.zeros(B, C + 1, dtype=torch.bool, device=dev)  # column C is a sink for "no node"
+        cur, active = self._strongest_ltm(counts, rs_slots, rs_ok, is_ltm, frac)  # (B, k_s)
+        visited.scatter_(1, torch.where(active, cur, C), True)
+        # --- greedy lock-step walk: each chain follows its strongest unvisited LTM edge; no edge -> the chain stops
+        for _ in range(self.ltm_search_depth):
+            if dev.type == "cpu" and not bool(active.any()):
+                break  # free on the CPU; on a GPU the hops run to keep the step sync-free
+            nxt, moved = self._strongest_ltm(counts, cur, active, is_ltm & ~visited[:, :C], frac)
+            cur = torch.where(moved, nxt, cur)
+            active = moved
+            visited.scatter_(1, torch.where(active, cur, C), True)
+        found = visited[:, :C] & is_ltm  # (B, C) F = seeds + every node reached
+
+        # --- final LTMs: top r_ltm of F by similarity to the WM
+        k_f_cap = min(C, k_s * (self.ltm_search_depth + 1))
+        k_l = min(self.num_final_ltms, k_f_cap)
+        f_slots = torch.topk(found.float(), k_f_cap, dim=1, sorted=False).indices  # (B, F)
+        f_ok = torch.gather(found, 1, f_slots)
+        f_score = self._similarity(wm, wm_valid, f_slots)
+        rl_slots, rl_ok = self._top(f_score, f_ok, torch.gather(frac, 1, f_slots), f_slots, k_l)
+
+        # --- fire together, wire together: +1 on every ordered pair of the fired set, diagonal included
+        fired = torch.cat([wm_slots, rs_slots, rl_slots], 1)  # (B, K)
+        fired_ok = torch.cat([wm_valid, rs_ok, rl_ok], 1)  # (B, K)
+        pair_ok = fired_ok[:, :, None] & fired_ok[:, None, :]  # (B, K, K)
+        flat = (fired[:, :, None] * C + fired[:, None, :]).reshape(B, -1)  # (B, K*K) positions in (C*C)
+        counts.view(B, C * C).scatter_add_(1, flat, pair_ok.reshape(B, -1).to(counts.dtype))
+
+        # --- output: recalled STMs, then recalled LTMs (each by descending score), -1 padding at the end
+        out_slots = torch.cat([rs_slots, rl_slots], 1)  # (B, k_s + k_l)
+        out_ok = torch.cat([rs_ok, rl_ok], 1)
+        front = torch.sort((~out_ok).to(torch.int8), dim=1, stable=True).indices  # valid first, order kept
+        out_slots, out_ok = torch.gather(out_slots, 1, front), torch.gather(out_ok, 1, front)
+        if not self.static_shape:
+            width = int(out_ok.sum(1).max()) if out_ok.numel() else 0
+            out_slots, out_ok = out_slots[:, :width], out_ok[:, :width]
+        _, offset, rank = store.view_order()
+        view_idx = torch.where(out_ok, offset[:, None] + torch.gather(rank, 1, out_slots), -1)  # (B, M)
+        M = out_slots.shape[1]
+        memories = torch.gather(store.data, 1, out_slots[:, :, None].expand(B, M, H)) * out_ok[:, :, None]
+        self._last = (out_slots, view_idx, out_ok)
+        if self.history is not None:
+            self.history.on_remind(self.timestep, store, out_slots, out_ok)
+        ext = self.ext_device or dev
+        return memories.to(ext).contiguous(), view_idx.to(ext)
+
+    @torch.no_grad()
+    def adjust_lifespan_and_memories(self, indices: torch.Tensor, lifespan_delta: torch.Tensor) -> None:
+        """Extend the reminded engrams by `lifespan_delta`, age everything by one step, move WM -> STM -> LTM,
+        delete the expired. `indices` (B, M) must come from the last `remind` (-1 entries are ignored)."""
+        if self.store is None or self._empty:
+            raise ValueError("adjust_lifespan_and_memories() called on an empty memory: add working memory first")
+        store = self.store
+        B, C, _ = store.data.shape
+        dev = store.device
+        for name, t in (("indices", indices), ("lifespan_delta", lifespan_delta)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor of shape (B, M), got {type(t).__name__}")
+            if t.dim() != 2 or t.shape[0] != B:
+                raise ValueError(f"{name} must have shape (B={B}, M), got shape {tuple(t.shape)}")
+        if indices.is_floating_point() or indices.dtype == torch.bool or indices.is_complex():
+            raise ValueError(f"indices must be an integer tensor (from remind()), got dtype {indices.dtype}")
+        if not lifespan_delta.is_floating_point():
+            raise ValueError(f"lifespan_delta must be a floating-point tensor, got dtype {lifespan_delta.dtype}")
+        if lifespan_delta.shape != indices.shape:
+            raise ValueError(
+                f"lifespan_delta shape {tuple(lifespan_delta.shape)} must equal indices shape {tuple(indices.shape)}"
+            )
+        idx = indices.to(device=dev, dtype=torch.int64)  # a copy: the caller's tensors are never written
+        delta = lifespan_delta.detach().to(device=dev, dtype=torch.float32)
+        M = idx.shape[1]
+        if M > 0 and self._last is None:
+            raise ValueError("indices did not come from the last remind(): call remind() after add_working_memory() "
+                             "and pass its indices")
+        if M > 0:
+            last_slots, last_view, last_ok = self._last
+            asked = idx >= 0
+            match = (idx[:, :, None] == last_view[:, None, :]) & last_ok[:, None, :] & asked[:, :, None]  # (B,M,M')
+            hit = match.any(-1)  # (B, M)
+            if last_slots.shape[1] == 0:
+                slots = torch.zeros_like(idx)
+            else:
+                slots = torch.gather(last_slots, 1, match.float().argmax(-1))  # (B, M)
+            if self.validate:
+                if not bool(torch.isfinite(delta).all()):
+                    raise ValueError("lifespan_delta contains NaN or inf; pass finite lifespan gains")
+                if bool((asked & ~hit).any()):
+                    raise ValueError("indices did not come from the last remind(): some non-negative index is not "
+                                     "one of the engrams it returned")
+            gain = torch.where(hit, delta, 0.0)
+            store.lifespan.scatter_add_(1, slots, gain)  # 1. extend (duplicates add up)
+            if self.history is not None:
+                self.history.on_extend(self.timestep, store, slots, hit, gain)
+
+        live = store.live  # (B, C)
+        store.lifespan -= live.float()  # 2. decay live engrams only
+        store.age += live.to(torch.int32)  # 3. age
+        types = store.types
+        types.masked_fill_(types == WORKING, SHORTTERM)  # 4. WM -> STM
+        num_wm = self._wm_slots.shape[1] if self._wm_slots is not None else 0
+        if num_wm > 0:  # 5. STM overflow -> the oldest excess STMs become LTM (excess <= W)
+            is_stm = types == SHORTTERM
+            excess = (is_stm.sum(1) - self.stm_capacity).clamp(min=0)  # (B,)
+            k = min(num_wm, C)
+            key = torch.where(is_stm, store.created, torch.iinfo(torch.int64).max)
+            oldest = torch.topk(key, k, dim=1, largest=False, sorted=True).indices  # (B, k)
+            promote = torch.arange(k, device=dev)[None, :] < excess[:, None]
+            types.scatter_(1, oldest, torch.where(promote, LONGTERM, torch.gather(types, 1, oldest)))
+        dead = live & (store.lifespan <= 0)  # 6. delete: the slot is freed (its counts are zeroed on reuse)
+        if self.history is not None:
+            self.history.on_adjust(self.timestep, store, dead)
+        types.masked_fill_(dead, NULL)
+        if self.ltm_capacity is not None and num_wm > 0:
+            self._evict_ltm(store, min(num_wm, C))  # 7. optional LTM cap
+        self._wm_slots = self._wm_valid = None
+        self._last = None
+        self._refresh_live_bound(store)
+
+    def reset_memory(self, rows: torch.Tensor | None = None) -> None:
+        """Forget everything (rows=None), or only the rows where the bool mask `rows` (B,) is True."""
+        if rows is None:
+            if self.store is not None:
+                self.store.types.zero_()  # keep the allocation (and its learned capacity) for the next stream
+                self.store.live_bound = 0
+            self._empty = True
+            self._clear_step_state()
+            self.timestep = 0
+            self.next_engram_id = 0
+            self.history = EngramHistory(self.history_limit) if self.keep_history else None
+            self.evictions = None
+            return
+        if self.store is None or self._empty:
+            return
+        rows = self._check_rows("rows", rows, self.store.batch_size).to(self.store.device)
+        self.store.types.masked_fill_(rows[:, None], NULL)
+        if self._wm_valid is not None:
+            self._wm_valid = self._wm_valid & ~rows[:, None]
+        if self._last is not None:
+            s, v, ok = self._last
+            self._last = (s, torch.where(rows[:, None], -1, v), ok & ~rows[:, None])
+
+    def to(self, device: str | torch.device) -> "Memoria":
+        """Move the memory to `device`. Moving across device types re-seeds the tie-break generator from
+        (seed, timestep), since generator states are device-specific."""
+        device = torch.device(device)
+        if self.store is not None:
+            self.store.to(device)
+        for name in ("_wm_slots", "_wm_valid", "evictions"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
+        if self._last is not None:
+            self._last = tuple(t.to(device) for t in self._last)
+        if self.generator is not None and self.generator.device.type != device.type:
+            self.generator = self._make_generator(device, self.seed + self.timestep)
+        self.device = device
+        return self
+
+    # ================================================================ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: tensors, counters, the generator state. Safe to torch.save
+        (tensors and plain Python values only) and to load with weights_only=True."""
+        last = None if self._last is None else [t.clone() for t in self._last]
+        return {
+            "version": _STATE_VERSION,
+            "config": self._config(),
+            "empty": self._empty,
+            "timestep": self.timestep,
+            "next_engram_id": self.next_engram_id,
+            "device": None if self.device is None else str(self.device),
+            "ext_device": None if self.ext_device is None else str(self.ext_device),
+            "store": None if self.store is None or self._empty else self.store.state_dict(),
+            "wm_slots": None if self._wm_slots is None else self._wm_slots.clone(),
+            "wm_valid": None if self._wm_valid is None else self._wm_valid.clone(),
+            "last": last,
+            "evictions": None if self.evictions is None else self.evictions.clone(),
+            "generator": None if self.generator is None else self.generator.get_state(),
+            "generator_device": None if self.generator is None else self.generator.device.type,
+            "history": None if self.history is None else self.history.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION or "store" not in state:
+            raise ValueError("not a Memoria state: pass what Memoria.state_dict() returned")
+        mine, theirs = self._config(), state["config"]
+        if mine != theirs:
+            diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+            raise ValueError(f"Memoria state was saved with other settings (saved, here): {diff}; build the Memoria "
+                             "with the same arguments before loading")
+        dev = self.device or (torch.device(state["device"]) if state["device"] else None)
+        if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+            dev = torch.device("cpu")
+        self.device = dev
+        self.ext_device = torch.device(state["ext_device"]) if state["ext_device"] else None
+        if self.ext_device is not None and self.ext_device.type == "cuda" and not torch.cuda.is_available():
+            self.ext_device = dev
+        self._empty = state["empty"]
+        self.timestep = int(state["timestep"])
+        self.next_engram_id = int(state["next_engram_id"])
+        self.store = None if state["store"] is None else SlotStore.from_state_dict(state["store"], dev)
+        self._wm_slots = None if state["wm_slots"] is None else state["wm_slots"].to(dev)
+        self._wm_valid = None if state["wm_valid"] is None else state["wm_valid"].to(dev)
+        self._last = None if state["last"] is None else tuple(t.to(dev) for t in state["last"])
+        self.evictions = None if state["evictions"] is None else state["evictions"].to(dev)
+        self.generator = None
+        if state["generator"] is not None and dev is not None:
+            if state["generator_device"] == dev.type:
+                self.generator = torch.Generator(device=dev)
+                self.generator.set_state(state["generator"])
+            else:
+                self.generator = self._make_generator(dev, self.seed + self.timestep)
+        self.history = None
+        if state["history"] is not None:
+            self.history = EngramHistory.from_state_dict(state["history"])
+        elif self.keep_history:
+            self.history = EngramHistory(self.history_limit)
+
+    # ================================================================ internals
+    def _config(self) -> dict[str, Any]:
+        return {
+            "num_reminded_stm": self.num_reminded_stm, "stm_capacity": self.stm_capacity,
+            "ltm_search_depth": self.ltm_search_depth, "initial_lifespan": self.initial_lifespan,
+            "num_final_ltms": self.num_final_ltms, "weight_form": self.weight_form,
+            "deterministic": self.deterministic, "ltm_capacity": self.ltm_capacity,
+            "count_dtype": str(self.count_dtype).replace("torch.", ""),
+        }
+
+    def _clear_step_state(self) -> None:
+        self._empty = True
+        self._wm_slots: torch.Tensor | None = None  # (B, W) slots of this step's working memory
+        self._wm_valid: torch.Tensor | None = None  # (B, W) rows that added this step
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # slots, view idx, ok of remind
+        self._bound_host: torch.Tensor | None = None  # pinned copy of the live count (CUDA)
+        self._bound_event = None
+        self._bound_added = 0
+
+    def _check_rows(self, name: str, rows: torch.Tensor, B: int) -> torch.Tensor:
+        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or rows.shape != (B,):
+            shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise ValueError(f"{name} must be a bool tensor of shape (B={B},), got {shape}")
+        return rows
+
+    def _make_generator(self, device: torch.device, seed: int) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        return g
+
+    def _new_store(self, B: int, W: int, H: int, dev: torch.device) -> SlotStore:
+        if self.ltm_capacity is not None:
+            capacity = self.stm_capacity + self.ltm_capacity + W  # never exceeded: fixed, never grows
+        else:
+            capacity = self.initial_capacity or 2 * (self.stm_capacity + W) + W * math.ceil(self.initial_lifespan)
+        old = self.store
+        if old is not None and old.batch_size == B and old.hidden_dim == H and old.device == dev:
+            store = old  # reuse the allocation after a reset
+            if store.capacity < capacity:
+                store.grow(capacity)
+        else:
+            store = SlotStore(B, H, capacity, dev, self.count_dtype)
+        self.store = store
+        self._empty = False
+        if self.generator is None or self.generator.device.type != dev.type:
+            self.generator = self._make_generator(dev, self.seed)
+        if self.keep_history and self.history is None:
+            self.history = EngramHistory(self.history_limit)
+        if self.ltm_capacity is not None and self.evictions is None:
+            self.evictions = torch.zeros(B, dtype=torch.int64, device=dev)
+        return store
+
+    def _ensure_room(self, store: SlotStore, W: int) -> None:
+        if self._bound_event is not None and self._bound_event.query():  # the background count has landed
+            store.live_bound = min(store.live_bound, int(self._bound_host) + self._bound_added)
+            self._bound_event = None
+        self._bound_added += W
+        if store.live_bound + W <= store.capacity:
+            return  # the host-side bound says there is room: no sync
+        store.live_bound = int(store.live_counts().max())  # one sync, only when the store may be full
+        if store.live_bound + W > store.capacity:
+            store.grow(max(store.live_bound + W, math.ceil(store.capacity * 1.5 / 64) * 64))
+
+    def _refresh_live_bound(self, store: SlotStore) -> None:
+        """Tighten the host-side bound on the live count without waiting for the device."""
+        if store.device.type != "cuda":
+            store.live_bound = int(store.live_counts().max())  # free on the CPU: keep the bound exact
+        elif self.ltm_capacity is not None:
+            store.live_bound = min(store.live_bound, self.stm_capacity + self.ltm_capacity)  # invariant after adjust
+        else:  # copy the true count to pinned memory in the background; _ensure_room reads it once it has landed
+            if self._bound_host is None:
+                self._bound_host = torch.zeros((), dtype=torch.int64, pin_memory=True)
+            self._bound_host.copy_(store.live_counts().max(), non_blocking=True)
+            self._bound_event = torch.cuda.Event()
+            self._bound_event.record()
+            self._bound_added = 0
+
+    def _tie_fraction(self, store: SlotStore) -> torch.Tensor:
+        """(B, C) float64 in [0, 0.49]: added to integer counts, it breaks ties without changing their order;
+        also the secondary sort key of score ties. Random mode: uniform (private generator). Deterministic:
+        larger for older engrams."""
+        if self.deterministic:
+            return 0.49 * (1.0 - store.created.double() / (self.next_engram_id + 1))
+        u = torch.rand(store.created.shape, generator=self.generator, device=store.device, dtype=torch.float64)
+        return 0.49 * u
+
+    def _similarity(self, wm: torch.Tensor, wm_valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Rank scores of the engrams in `slots` (B, K) against the working memory wm (B, W, H): higher = closer.
+
+        neg_sq: mean_w -|x_w - s|^2 ranks as -|s - centroid|^2 (centroid identity).
+        exp:    mean_w exp(-|x_w - s|^2) ranks as logsumexp_w(-d^2) (exact, never underflows)."""
+        store = self.store
+        B, K = slots.shape
+        H = wm.shape[2]
+        x = torch.gather(store.data, 1, slots[:, :, None].expand(B, K, H))  # (B, K, H)
+        w = wm_valid.to(x.dtype)  # (B, W)
+        if self.weight_form == "neg_sq":
+            centroid = (wm * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)  # (B, H)
+            return -(x - centroid[:, None, :]).pow(2).sum(-1)  # (B, K)
+        with _full_fp32_matmul(x.device):
+            dot = torch.bmm(wm, x.transpose(1, 2))  # (B, W, K)
+        d2 = (wm.pow(2).sum(-1)[:, :, None] + x.pow(2).sum(-1)[:, None, :] - 2 * dot).clamp(min=0)
+        d2 = d2.masked_fill(~wm_valid[:, :, None], math.inf)  # (B, W, K)
+        return torch.logsumexp(-d2, dim=1)  # (B, K); -inf where the row has no WM (never selected then)
+
+    def _top(self, score: torch.Tensor, ok: torch.Tensor, tie: torch.Tensor, slots: torch.Tensor,
+             k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best of `slots` (B, K) by score (descending), ties by `tie` (larger first); invalid never win
+        (valid scores are finite). Returns (slots (B, k), ok (B, k))."""
+        if k == 0:
+            return slots[:, :0], ok[:, :0]
+        by_tie = torch.sort(tie, dim=1, descending=True, stable=True).indices  # secondary key first ...
+        s = torch.gather(score.masked_fill(~ok, -math.inf), 1, by_tie)
+        by_score = torch.sort(s, dim=1, descending=True, stable=True).indices  # ... then a stable primary sort
+        pick = torch.gather(by_tie, 1, by_score[:, :k])  # (B, k) positions in slots
+        return torch.gather(slots, 1, pick), torch.gather(ok, 1, pick)
+
+    def _strongest_ltm(self, counts: torch.Tensor, src: torch.Tensor, src_ok: torch.Tensor, allowed: torch.Tensor,
+                       frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each source slot (B, R): the allowed slot with the largest positive co-fire count (ties by frac).
+        Returns (target (B, R), found (B, R)); found is False where no allowed target has a positive count.
+        Count rows are read by gather, in chunks of sources so temporaries stay within _CHUNK elements."""
+        B, R = src.shape
+        C = counts.shape[1]
+        step = max(1, _CHUNK // max(1, B * C))
+        targets, bests = [], []
+        for lo in range(0, R, step):
+            s = src[:, lo:lo + step]
+            rows = torch.gather(counts, 1, s[:, :, None].expand(*s.shape, C))  # (B, r, C)
+            key = torch.where(allowed[:, None, :] & (rows > 0), rows.double() + frac[:, None, :], -1.0)
+            best, target = key.max(-1)  # (B, r)
+            targets.append(target)
+            bests.append(best)
+        target, best = (targets[0], bests[0]) if len(targets) == 1 else (torch.cat(targets, 1), torch.cat(bests, 1))
+        return target, src_ok & (best >= 1.0)
+
+    def _evict_ltm(self, store: SlotStore, k: int) -> None:
+        """Evict the LTMs with the lowest lifespan (ties: oldest) past ltm_capacity; at most k per step."""
+        types = store.types
+        is_ltm = types == LONGTERM
+        excess = (is_ltm.sum(1) - self.ltm_capacity).clamp(min=0)  # (B,)
+        by_age = torch.sort(torch.where(is_ltm, store.created, torch.iinfo(torch.int64).max), 1, stable=True).indices
+        life = torch.gather(torch.where(is_ltm, store.lifespan, math.inf), 1, by_age)
+        order = torch.gather(by_age, 1, torch.sort(life, 1, stable=True).indices)[:, :k]  # (B, k)
+        evict = torch.arange(k, device=store.device)[None, :] < excess[:, None]
+        types.scatter_(1, order, torch.where(evict, NULL, torch.gather(types, 1, order)))
+        self.evictions += excess

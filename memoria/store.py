@@ -1,0 +1,151 @@
+"""Fixed-capacity slot storage for the engrams of B independent rows.
+
+Every row owns C slots. A slot holds one engram or nothing (type NULL). Nothing is ever compacted: a deleted engram
+just frees its slot, and a slot's row and column of co-fire counts are zeroed when the slot is handed out again, so
+the (B, C, C) count matrix is never copied in the per-step path. Reads always mask by type, so stale counts of free
+slots are never seen.
+
+Creation order is kept in `created` (a store-wide counter, the same for all rows at one step: it doubles as the
+engram id), which is what "oldest" means everywhere.
+
+Capacity grows amortised (x1.5) when the live count could exceed it. The store keeps a host-side upper bound on the
+live count per row, so it asks the device only when that bound says the store might be full: no host sync while
+there is room. With a fixed `ltm_capacity` the capacity is fixed and never grows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .engrams import EngramType, Engrams
+
+NULL = int(EngramType.NULL)
+WORKING = int(EngramType.WORKING)
+SHORTTERM = int(EngramType.SHORTTERM)
+LONGTERM = int(EngramType.LONGTERM)
+
+_STATE_TENSORS = ("data", "lifespan", "types", "created", "age", "counts")
+
+
+class SlotStore:
+    def __init__(self, batch_size: int, hidden_dim: int, capacity: int, device: torch.device,
+                 count_dtype: torch.dtype = torch.int32) -> None:
+        B, C, H = batch_size, capacity, hidden_dim
+        self.device = device
+        self.count_dtype = count_dtype
+        self.data = torch.zeros(B, C, H, device=device)  # (B, C, H) float32 snapshots
+        self.lifespan = torch.zeros(B, C, device=device)  # (B, C)
+        self.types = torch.zeros(B, C, dtype=torch.uint8, device=device)  # (B, C) EngramType
+        self.created = torch.zeros(B, C, dtype=torch.int64, device=device)  # (B, C) creation id = engram id
+        self.age = torch.zeros(B, C, dtype=torch.int32, device=device)  # (B, C)
+        self.counts = torch.zeros(B, C, C, dtype=count_dtype, device=device)  # (B, C, C) co-fire counts
+        self.live_bound = 0  # host-side upper bound on the live engrams of any row
+
+    # ---------------------------------------------------------------- shape
+    @property
+    def batch_size(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def live(self) -> torch.Tensor:  # (B, C) bool
+        return self.types != NULL
+
+    def live_counts(self) -> torch.Tensor:  # (B,) int64
+        return self.live.sum(1)
+
+    # ---------------------------------------------------------------- capacity
+    def grow(self, new_capacity: int) -> None:
+        """Reallocate to `new_capacity` slots per row, keeping every engram in its slot."""
+        B, C, H = self.data.shape
+        if new_capacity <= C:
+            return
+        n = new_capacity
+
+        def bigger(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+            out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+            out[tuple(slice(0, s) for s in t.shape)] = t
+            return out
+
+        self.data = bigger(self.data, (B, n, H))
+        self.lifespan = bigger(self.lifespan, (B, n))
+        self.types = bigger(self.types, (B, n))
+        self.created = bigger(self.created, (B, n))
+        self.age = bigger(self.age, (B, n))
+        self.counts = bigger(self.counts, (B, n, n))
+
+    # ---------------------------------------------------------------- slots
+    def allocate(self, num: int) -> torch.Tensor:
+        """Pick `num` free slots per row (B, num); the caller has made sure there is room."""
+        free = (self.types == NULL).to(torch.float32)  # (B, C)
+        # topk over a 0/1 mask: any `num` free slots, distinct, found on the device without a sync
+        return torch.topk(free, num, dim=1, sorted=False).indices  # (B, num)
+
+    def clear_counts(self, slots: torch.Tensor) -> None:
+        """Zero the rows and columns of co-fire counts of `slots` (B, K) before they are reused."""
+        B, C = self.types.shape
+        K = slots.shape[1]
+        self.counts.scatter_(1, slots[:, :, None].expand(B, K, C), 0)
+        self.counts.scatter_(2, slots[:, None, :].expand(B, C, K), 0)
+
+    def to(self, device: torch.device) -> None:
+        for name in _STATE_TENSORS:
+            setattr(self, name, getattr(self, name).to(device))
+        self.device = device
+
+    # ---------------------------------------------------------------- view
+    def view_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reference-layout positions. Returns (order (B,C) slots sorted live-oldest-first then free,
+        offset (B,) = N - live_b front padding, rank (B,C) position of each slot in `order`)."""
+        live = self.live
+        key = torch.where(live, self.created, torch.iinfo(torch.int64).max)
+        order = torch.sort(key, dim=1, stable=True).indices  # (B, C)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        n_live = live.sum(1)  # (B,)
+        offset = n_live.max() - n_live  # (B,) front padding of each row
+        return order, offset, rank
+
+    def view(self, track_age: bool, track_id: bool) -> Engrams:
+        """Build the reference `Engrams` view (a copy). Costs a host sync; for inspection only."""
+        B, C, H = self.data.shape
+        live = self.live
+        n_live = live.sum(1)
+        N = int(n_live.max()) if B > 0 else 0
+        order, offset, _ = self.view_order()
+        # view position p of row b holds order[b, p - offset[b]] when p >= offset[b]
+        p = torch.arange(N, device=self.device)[None, :]  # (1, N)
+        src = p - offset[:, None]  # (B, N)
+        valid = src >= 0
+        slot = torch.gather(order, 1, src.clamp(min=0))  # (B, N); N <= C always
+        data = torch.gather(self.data, 1, slot[:, :, None].expand(B, N, H)) * valid[:, :, None]
+        lifespan = torch.where(valid, torch.gather(self.lifespan, 1, slot), -1.0)
+        types = torch.where(valid, torch.gather(self.types, 1, slot), torch.zeros((), dtype=torch.uint8,
+                                                                                  device=self.device))
+        rows = torch.gather(self.counts, 1, slot[:, :, None].expand(B, N, C))  # (B, N, C)
+        counts = torch.gather(rows, 2, slot[:, None, :].expand(B, N, N)).to(torch.int32)  # (B, N, N)
+        pair_valid = valid[:, :, None] & valid[:, None, :]
+        counts = torch.where(pair_valid, counts, -1)
+        age = torch.where(valid, torch.gather(self.age, 1, slot), -1).to(torch.int32) if track_age else None
+        ids = torch.where(valid, torch.gather(self.created, 1, slot), -1).to(torch.int32) if track_id else None
+        return Engrams(data, counts, types, lifespan, age, ids)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).clone() for name in _STATE_TENSORS}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device) -> "SlotStore":
+        B, C, H = state["data"].shape
+        store = cls(0, H, 0, device, state["counts"].dtype)
+        for name in _STATE_TENSORS:
+            setattr(store, name, state[name].to(device).clone())
+        store.live_bound = C
+        return store
