@@ -6,6 +6,7 @@ import importlib
 from typing import Any
 
 from .protocol import MemoryModelOutput, MemoryProtocol
+from . import gpt2, gpt2_memoria  # noqa: F401  (registers gpt2_with_memoria with the Auto classes)
 
 __all__ = ["MemoryModelOutput", "MemoryProtocol", "build_model"]
 

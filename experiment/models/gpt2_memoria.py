@@ -1,0 +1,503 @@
+"""GPT-2 with Memoria: the paper's Memoria Transformer (reference model type `gpt2_with_memoria`).
+
+A stock pre-LN GPT-2 (transformers' own attention, MLP and block) where every block gains two cross-attention
+sub-layers that share one attention module:
+
+    h += SelfAttn(LN1 h)                      causal, as in GPT-2
+    h += MemAttn(LN_wm h;  kv = working memory)   the Abstractor's summary of the previous segment
+    h += MemAttn(LN_mem h; kv = reminded memory)  engrams Memoria recalled for this segment
+    h += MLP(LN2 h)
+
+One forward call is one segment. The model carries its memory (a `memoria.Memoria` and the previous segment's
+final hidden states) from one call to the next; see `GPT2WithMemoriaModel.forward` for the exact step.
+Parameter names match stock GPT-2, so a `GPT2LMHeadModel` checkpoint loads with only the memory parts (memory
+attention, its two LayerNorms, the Abstractor) freshly initialised.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config
+from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT2PreTrainedModel
+
+from memoria import Abstractor, Memoria
+
+from .gpt2 import causal_lm_loss
+from .protocol import MemoryModelOutput, MemoryProtocol
+
+MEMORY_KIND = "gpt2_with_memoria"
+WEIGHT_FORMS = ("exp", "neg_sq")
+_SHORTTERM, _LONGTERM, _WORKING = 2, 3, 1  # memoria.EngramType values
+
+
+@strict
+class GPT2WithMemoriaConfig(GPT2Config):
+    """GPT2Config plus Memoria's settings (defaults: the paper's WikiText-103 / PG-19 model).
+
+    memoria_num_memories          W, working-memory engrams per segment (Abstractor slots); 0/None = the previous
+                                  segment's hidden states themselves are the working memory
+    memoria_lifespan_extend_scale alpha: a reminded engram attended uniformly gains about alpha lifespan
+    memoria_num_reminded_stm      short-term memories recalled per segment
+    memoria_num_reminded_ltm      long-term memories recalled per segment
+    memoria_stm_capacity          short-term memories kept per row before the oldest move to long-term memory
+    memoria_ltm_search_depth      hops of the greedy walk over the Hebbian graph
+    memoria_initial_lifespan      lifespan of a new engram (segments)
+    memoria_reset_period          training steps between memory resets (read by the task)
+    memoria_device                where the memory lives; None = the model's device
+    memoria_weight_form           "exp" (paper's runs) or "neg_sq" (reference 1.1.0)
+    memoria_seed                  seed of the memory's tie-break generator (the rank is added under DDP)
+    memoria_deterministic         break ties oldest-first instead of at random
+    memoria_ltm_capacity          cap on long-term memories per row; None = unbounded, as in the paper
+    """
+
+    model_type = MEMORY_KIND
+
+    memoria_num_memories: int | None = 50
+    memoria_lifespan_extend_scale: float | int = 8.0
+    memoria_num_reminded_stm: int = 50
+    memoria_num_reminded_ltm: int = 50
+    memoria_stm_capacity: int = 400
+    memoria_ltm_search_depth: int = 10
+    memoria_initial_lifespan: float | int = 9
+    memoria_reset_period: int = 500
+    memoria_device: str | None = None
+    memoria_weight_form: str = "exp"
+    memoria_seed: int = 0
+    memoria_deterministic: bool = False
+    memoria_ltm_capacity: int | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Plain ValueErrors at construction (the strict class validators would wrap them in another type).
+        check_memoria_config(self)
+
+
+def check_memoria_config(config: GPT2WithMemoriaConfig) -> None:
+    """Raise ValueError naming the bad Memoria setting and what it must be."""
+
+    def positive(name: str, allow_zero: bool = False, allow_none: bool = False, integer: bool = True) -> None:
+        value = getattr(config, name)
+        if value is None and allow_none:
+            return
+        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            kind = "an integer" if integer else "a number"
+            bound = ">= 0" if allow_zero else "> 0"
+            none = " or null" if allow_none else ""
+            raise ValueError(f"{type(config).__name__}.{name} must be {kind} {bound}{none}, got {value!r}")
+
+    positive("memoria_num_memories", allow_zero=True, allow_none=True)
+    positive("memoria_lifespan_extend_scale", allow_zero=True, integer=False)
+    positive("memoria_num_reminded_stm", allow_zero=True)
+    positive("memoria_num_reminded_ltm", allow_zero=True)
+    positive("memoria_stm_capacity")
+    positive("memoria_ltm_search_depth", allow_zero=True)
+    positive("memoria_initial_lifespan", integer=False)
+    positive("memoria_reset_period")
+    positive("memoria_ltm_capacity", allow_none=True)
+    if config.memoria_weight_form not in WEIGHT_FORMS:
+        raise ValueError(
+            f"{type(config).__name__}.memoria_weight_form must be one of {WEIGHT_FORMS}, got {config.memoria_weight_form!r}"
+        )
+    if config.add_cross_attention:
+        raise ValueError(
+            f"{type(config).__name__}.add_cross_attention must be False: the memory attention is the model's cross-attention"
+        )
+
+
+def memory_attention(
+    attn: GPT2Attention,
+    hidden: torch.Tensor,
+    memory: torch.Tensor,
+    memory_valid: torch.Tensor | None,
+    row_valid: torch.Tensor,
+    return_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-attention of `hidden` (B, T, H) over `memory` (B, M, H) with a GPT-2 cross-attention module.
+
+    memory_valid: (B, M) bool, False slots (Memoria's -1) get no attention; None = all visible.
+    row_valid: (B,) bool; a row without memory gets exactly zero output (the output bias included).
+    return_probs: also return the attention probabilities (B, heads, T, M), taken before attention dropout
+        (for the lifespan delta). Otherwise the fused `scaled_dot_product_attention` kernel runs.
+    """
+    B, T, H = hidden.shape
+    M = memory.shape[1]
+    nh, hd = attn.num_heads, attn.head_dim
+    q = attn.q_attn(hidden).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+    k, v = attn.c_attn(memory).split(attn.split_size, dim=2)  # (B, M, H) each
+    k = k.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
+    v = v.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
+    dropout_p = attn.attn_dropout.p if attn.training else 0.0
+
+    probs = None
+    if not return_probs:
+        # No mask: every working-memory engram is visible to every query (no causality across segments).
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=attn.scaling)  # (B, nh, T, hd)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * attn.scaling  # (B, nh, T, M)
+        if memory_valid is not None:
+            # finfo.min, not -inf: a row with no valid slot gets a finite uniform softmax (zeroed below), never NaN
+            scores = scores.masked_fill(~memory_valid[:, None, None, :], torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1) * row_valid[:, None, None, None]  # (B, nh, T, M)
+        y = torch.matmul(attn.attn_dropout(probs).to(v.dtype), v)  # (B, nh, T, hd)
+
+    y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+    y = attn.resid_dropout(attn.c_proj(y))
+    return y * row_valid[:, None, None].to(y.dtype), probs
+
+
+class GPT2WithMemoriaBlock(GPT2Block):
+    """A stock GPT2Block (ln_1, attn, ln_2, mlp) plus one shared memory cross-attention with two LayerNorms."""
+
+    def __init__(self, config: GPT2WithMemoriaConfig, layer_idx: int | None = None):
+        super().__init__(config, layer_idx=layer_idx)
+        self.ln_wm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.ln_mem = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        # One module for both memory paths (shared weights), as in the paper's model.
+        self.memory_attn = GPT2Attention(config=config, is_cross_attention=True, layer_idx=layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        working_memory: torch.Tensor | None = None,
+        working_memory_rows: torch.Tensor | None = None,
+        reminded: torch.Tensor | None = None,
+        reminded_valid: torch.Tensor | None = None,
+        query_weights: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states (B, T, H); working_memory (B, W, H) with working_memory_rows (B,) bool; reminded (B, M, H)
+        with reminded_valid (B, M) bool; query_weights (B, T) sums to 1 per row (None = uniform).
+
+        Returns the new hidden states and this layer's reminded-attention probabilities averaged over heads and
+        query positions, (B, M) detached, or None without reminded memory.
+        """
+        h = hidden_states
+        attn_out, _ = self.attn(self.ln_1(h), attention_mask=attention_mask, **kwargs)
+        h = h + attn_out
+
+        reminded_probs = None
+        if working_memory is not None:
+            wm_out, _ = memory_attention(
+                self.memory_attn, self.ln_wm(h), working_memory, None, working_memory_rows, return_probs=False
+            )
+            h = h + wm_out
+        if reminded is not None and reminded.shape[1] > 0:
+            row_has_memory = reminded_valid.any(dim=1)  # (B,)
+            mem_out, probs = memory_attention(
+                self.memory_attn, self.ln_mem(h), reminded, reminded_valid, row_has_memory, return_probs=True
+            )
+            h = h + mem_out
+            probs = probs.detach().mean(dim=1)  # (B, T, M) mean over heads
+            if query_weights is None:
+                reminded_probs = probs.mean(dim=1)  # (B, M)
+            else:
+                reminded_probs = (probs * query_weights[:, :, None]).sum(dim=1)  # (B, M)
+
+        h = h + self.mlp(self.ln_2(h))
+        return h, reminded_probs
+
+
+def lifespan_delta(mean_probs: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """The lifespan gain of each reminded engram: Δ = ā · M_b · α (algorithm.md §e.1).
+
+    mean_probs: (B, M) reminded-attention probabilities averaged over layers, heads and query positions.
+    valid: (B, M) bool. M_b is the number of valid engrams of row b, so uniform attention gives exactly α each and
+    Δ does not depend on how wide the padded tensor is. Invalid slots get 0.
+    """
+    valid_count = valid.sum(dim=1, keepdim=True).to(mean_probs.dtype)  # (B, 1)
+    return mean_probs * valid_count * scale * valid.to(mean_probs.dtype)  # (B, M)
+
+
+class GPT2WithMemoriaPreTrainedModel(GPT2PreTrainedModel):
+    config_class = GPT2WithMemoriaConfig  # explicit: annotations are strings under `from __future__ import annotations`
+    base_model_prefix = "transformer"
+    _no_split_modules = ["GPT2WithMemoriaBlock"]
+    _can_record_outputs = {}
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Abstractor):
+            # The Abstractor's own parameters (its query slots) N(0, std); its Linear layers get the generic
+            # N(0, std) / zero-bias init above (algorithm.md §b.3).
+            for param in module.parameters(recurse=False):
+                init.normal_(param, mean=0.0, std=self.config.initializer_range)
+
+
+class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
+    """The GPT-2 trunk with Memoria. Holds the carried memory; `forward` runs one segment."""
+
+    memory_kind = MEMORY_KIND
+
+    def __init__(self, config: GPT2WithMemoriaConfig):
+        super().__init__(config)
+        check_memoria_config(config)
+        self.embed_dim = config.hidden_size
+        self.wte = nn.Embedding(config.vocab_size, self.embed_dim)
+        self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([GPT2WithMemoriaBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        if config.memoria_num_memories:
+            self.abstractor = Abstractor(config.memoria_num_memories, self.embed_dim, 4 * self.embed_dim)
+        else:
+            self.abstractor = None  # the previous segment's hidden states are the working memory
+        self.gradient_checkpointing = False
+
+        # Carried state: plain attributes (never parameters or buffers, never synchronised across ranks).
+        self.memoria: Memoria | None = None  # built on first use, when the device and the DDP rank are known
+        self.prev_hidden: torch.Tensor | None = None  # (B, T, H) ln_f output of the previous segment, detached
+        self.prev_hidden_rows: torch.Tensor | None = None  # (B,) bool: rows whose prev_hidden is real
+        # The last segment's reminded indices and lifespan deltas (B, M), for logging and analysis.
+        self.last_reminded_indices: torch.Tensor | None = None
+        self.last_lifespan_delta: torch.Tensor | None = None
+
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    @property
+    def max_segment_length(self) -> int:
+        return self.config.n_positions
+
+    # ------------------------------------------------------------------ memory protocol
+    def _new_memoria(self) -> Memoria:
+        cfg = self.config
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        return Memoria(
+            num_reminded_stm=cfg.memoria_num_reminded_stm,
+            stm_capacity=cfg.memoria_stm_capacity,
+            ltm_search_depth=cfg.memoria_ltm_search_depth,
+            initial_lifespan=cfg.memoria_initial_lifespan,
+            num_final_ltms=cfg.memoria_num_reminded_ltm,
+            device=cfg.memoria_device,
+            weight_form=cfg.memoria_weight_form,
+            seed=cfg.memoria_seed + rank,  # each rank's streams break ties independently
+            deterministic=cfg.memoria_deterministic,
+            ltm_capacity=cfg.memoria_ltm_capacity,
+        )
+
+    def reset_memory(self, rows: torch.Tensor | None = None) -> None:
+        if rows is None:
+            if self.memoria is not None:
+                self.memoria.reset_memory()
+            self.prev_hidden = self.prev_hidden_rows = None
+            self.last_reminded_indices = self.last_lifespan_delta = None
+            return
+        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or rows.dim() != 1:
+            raise ValueError(f"reset_memory(rows=...) takes a bool tensor of shape (B,), got {rows!r}")
+        if self.prev_hidden is None:
+            return  # nothing carried: every row is already fresh
+        if rows.shape[0] != self.prev_hidden.shape[0]:
+            raise ValueError(
+                f"reset_memory got {rows.shape[0]} rows but the memory holds {self.prev_hidden.shape[0]}; "
+                "pass a (B,) mask of the current batch size"
+            )
+        rows = rows.to(self.prev_hidden.device)
+        keep = self.prev_hidden_rows & ~rows  # (B,)
+        if not bool(keep.any()):
+            self.reset_memory()  # every row forgotten: the same as a full reset
+            return
+        if self.memoria is not None:
+            self.memoria.reset_memory(rows=rows)
+        self.prev_hidden = self.prev_hidden.masked_fill(rows[:, None, None], 0.0)
+        self.prev_hidden_rows = keep
+
+    def get_memory_state(self) -> dict[str, Any]:
+        return {
+            "memory_kind": self.memory_kind,
+            "memoria": None if self.memoria is None else self.memoria.state_dict(),
+            "prev_hidden": None if self.prev_hidden is None else self.prev_hidden.detach().clone(),
+            "prev_hidden_rows": None if self.prev_hidden_rows is None else self.prev_hidden_rows.clone(),
+        }
+
+    def set_memory_state(self, state: dict[str, Any]) -> None:
+        self._check_memory_state(state)
+        missing = {"memoria", "prev_hidden", "prev_hidden_rows"} - state.keys()
+        if missing:
+            raise ValueError(f"memory state lacks {sorted(missing)}; pass what get_memory_state() returned")
+        device = self.wte.weight.device
+        if state["memoria"] is None:
+            self.memoria = None
+        else:
+            memoria = self._new_memoria()
+            memoria.load_state_dict(state["memoria"])
+            self.memoria = memoria
+        prev = state["prev_hidden"]
+        self.prev_hidden = None if prev is None else prev.detach().clone().to(device)
+        rows = state["prev_hidden_rows"]
+        self.prev_hidden_rows = None if rows is None else rows.clone().to(device)
+        self.last_reminded_indices = self.last_lifespan_delta = None
+
+    def memory_stats(self) -> dict[str, float]:
+        """Mean engram counts per row by type, and the mean lifespan gain of the last segment (a host sync: call
+        it for logging only)."""
+        memoria = self.memoria
+        if memoria is None or memoria.store is None or memoria._empty:
+            return {"memory/working": 0.0, "memory/short_term": 0.0, "memory/long_term": 0.0}
+        types = memoria.store.types  # (B, C) uint8 EngramType per slot
+        stats = {
+            "memory/working": (types == _WORKING).sum(1).float().mean().item(),
+            "memory/short_term": (types == _SHORTTERM).sum(1).float().mean().item(),
+            "memory/long_term": (types == _LONGTERM).sum(1).float().mean().item(),
+        }
+        if self.last_lifespan_delta is not None and self.last_reminded_indices is not None:
+            valid = self.last_reminded_indices >= 0
+            stats["memory/reminded"] = valid.sum(1).float().mean().item()
+            if bool(valid.any()):
+                stats["memory/lifespan_delta"] = self.last_lifespan_delta[valid].mean().item()
+        return stats
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> MemoryModelOutput:
+        """One segment: input_ids (B, T), attention_mask (B, T) 1 = token, 0 = padding.
+
+        1. If the previous segment left hidden states: WM = Abstractor(prev_hidden) (B, W, H), add it to Memoria,
+           remind (B, M, H). The first segment after a reset has no memory path at all.
+        2. The blocks, positions starting at 0.
+        3. Δ = mean reminded attention over layers, heads and (non-padding) queries × M_b × α; adjust Memoria.
+        4. prev_hidden = ln_f(h).detach() for the next segment.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if T > self.max_segment_length:
+            raise ValueError(
+                f"segment of {T} tokens is longer than the model's {self.max_segment_length} positions; "
+                "use a shorter segment or a model config with a larger n_positions"
+            )
+        if self.prev_hidden is not None and self.prev_hidden.shape[0] != B:
+            raise ValueError(
+                f"batch of {B} rows but the carried memory has {self.prev_hidden.shape[0]}; "
+                "call reset_memory() before changing the batch size"
+            )
+        cfg = self.config
+
+        positions = torch.arange(T, device=input_ids.device)[None, :]  # (1, T): restart at 0 every segment
+        inputs_embeds = self.wte(input_ids)  # (B, T, H)
+        h = self.drop(inputs_embeds + self.wpe(positions))  # (B, T, H)
+        causal_mask = create_causal_mask(
+            config=cfg, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=None, position_ids=positions
+        )
+        query_weights = None
+        if attention_mask is not None:
+            tokens = attention_mask.to(h.dtype)  # (B, T)
+            query_weights = tokens / tokens.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, T)
+
+        # --- memory read (outside every block, so activation checkpointing never replays it)
+        working_memory = wm_rows = reminded = reminded_idx = reminded_valid = None
+        if self.prev_hidden is not None:
+            prev_hidden = self.prev_hidden
+            if prev_hidden.is_inference() and torch.is_grad_enabled():
+                prev_hidden = prev_hidden.clone()  # made under inference_mode: a normal tensor can enter autograd
+            wm_rows = self.prev_hidden_rows  # (B,)
+            # WM carries gradient into the Abstractor through the working-memory attention of this segment.
+            working_memory = self.abstractor(prev_hidden) if self.abstractor is not None else prev_hidden  # (B, W, H)
+            if self.memoria is None:
+                self.memoria = self._new_memoria()
+            self.memoria.add_working_memory(working_memory, mask=wm_rows)
+            reminded, reminded_idx = self.memoria.remind()  # (B, M, H) float32, (B, M) int64, -1 = none
+            if reminded.is_inference() and torch.is_grad_enabled():
+                reminded = reminded.clone()
+            reminded = reminded.to(device=h.device, dtype=h.dtype)
+            reminded_idx = reminded_idx.to(h.device)
+            reminded_valid = reminded_idx >= 0  # (B, M)
+
+        # --- blocks
+        probs_sum = None
+        for block in self.h:
+            h, probs = block(
+                h, causal_mask, working_memory, wm_rows, reminded, reminded_valid, query_weights, **kwargs
+            )
+            if probs is not None:
+                probs_sum = probs if probs_sum is None else probs_sum + probs
+        hidden = self.ln_f(h)  # (B, T, H)
+
+        # --- memory write
+        if self.prev_hidden is not None:
+            if probs_sum is None:  # nothing reminded (M = 0): every engram ages, none is extended
+                delta = torch.zeros(reminded_idx.shape, device=h.device, dtype=torch.float32)
+            else:
+                mean_probs = probs_sum.float() / len(self.h)  # (B, M) mean over layers, heads, queries
+                delta = lifespan_delta(mean_probs, reminded_valid, cfg.memoria_lifespan_extend_scale)
+            self.memoria.adjust_lifespan_and_memories(reminded_idx, delta)
+            self.last_reminded_indices, self.last_lifespan_delta = reminded_idx, delta
+        self.prev_hidden = hidden.detach()
+        self.prev_hidden_rows = torch.ones(B, dtype=torch.bool, device=hidden.device)
+
+        aux_loss = hidden.new_zeros(())
+        loss = None
+        if labels is not None:
+            raise ValueError(
+                "GPT2WithMemoriaModel has no LM head to score labels; use GPT2WithMemoriaLMHeadModel"
+            )
+        return MemoryModelOutput(loss=loss, logits=None, aux_loss=aux_loss, hidden_states=hidden)
+
+
+class GPT2WithMemoriaLMHeadModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
+    """GPT-2 with Memoria and a language-modelling head tied to the token embedding."""
+
+    memory_kind = MEMORY_KIND
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPT2WithMemoriaConfig):
+        super().__init__(config)
+        self.transformer = GPT2WithMemoriaModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def max_segment_length(self) -> int:
+        return self.transformer.max_segment_length
+
+    def reset_memory(self, rows: torch.Tensor | None = None) -> None:
+        self.transformer.reset_memory(rows)
+
+    def get_memory_state(self) -> dict[str, Any]:
+        return self.transformer.get_memory_state()
+
+    def set_memory_state(self, state: dict[str, Any]) -> None:
+        self.transformer.set_memory_state(state)
+
+    def memory_stats(self) -> dict[str, float]:
+        return self.transformer.memory_stats()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> MemoryModelOutput:
+        """One segment: input_ids (B, T) -> logits (B, T, V); loss = shifted mean cross-entropy over `labels`
+        (-100 ignored) when given. The memory advances by one step on every call."""
+        out = self.transformer(input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.lm_head(out.hidden_states)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels) + out.aux_loss
+        return MemoryModelOutput(loss=loss, logits=logits, aux_loss=out.aux_loss, hidden_states=out.hidden_states)
+
+
+AutoConfig.register(MEMORY_KIND, GPT2WithMemoriaConfig, exist_ok=True)
+AutoModel.register(GPT2WithMemoriaConfig, GPT2WithMemoriaModel, exist_ok=True)
+AutoModelForCausalLM.register(GPT2WithMemoriaConfig, GPT2WithMemoriaLMHeadModel, exist_ok=True)
