@@ -1,0 +1,170 @@
+import pytest
+import torch
+
+from experiment.models.transformer_xl import (
+    TransformerXLConfig,
+    TransformerXLLMHeadModel,
+    attention_allowed,
+    rel_shift,
+)
+
+
+def tiny_config(**overrides) -> TransformerXLConfig:
+    kwargs = dict(
+        vocab_size=21, d_model=32, n_layer=2, n_head=2, d_head=8, d_inner=64, mem_len=12,
+        max_segment_length=16, dropout=0.0, dropatt=0.0, clamp_len=1000,
+    )
+    kwargs.update(overrides)
+    return TransformerXLConfig(**kwargs)
+
+
+def tiny_model(**overrides) -> TransformerXLLMHeadModel:
+    torch.manual_seed(0)
+    return TransformerXLLMHeadModel(tiny_config(**overrides)).eval()
+
+
+def segments(batch=2, length=8, n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 21, (batch, length), generator=g) for _ in range(n)]
+
+
+def test_rel_shift_matches_naive_relative_scores():
+    torch.manual_seed(0)
+    B, H, Q, M, Dh = 2, 3, 5, 4, 6
+    K = M + Q
+    q = torch.randn(B, Q, H, Dh)
+    r_k = torch.randn(K, H, Dh)  # row c embeds distance K-1-c
+    shifted = rel_shift(torch.einsum("bqhd,khd->bhqk", q, r_k))
+    for i in range(Q):
+        for j in range(M + i + 1):  # every key query i may see
+            distance = (M + i) - j
+            naive = torch.einsum("bhd,hd->bh", q[:, i], r_k[K - 1 - distance])
+            torch.testing.assert_close(shifted[:, :, i, j], naive)
+
+
+def test_attention_allowed_causal_and_same_length_window():
+    allowed = attention_allowed(query_len=3, mem_len_now=2, window=None, device=torch.device("cpu"))
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(allowed, expected)
+    windowed = attention_allowed(query_len=3, mem_len_now=2, window=2, device=torch.device("cpu"))
+    expected = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(windowed, expected)
+
+
+def test_forward_backward_reaches_every_parameter():
+    model = tiny_model().train()
+    for x in segments():
+        out = model(x, labels=x)
+        assert out.logits.shape == (2, 8, 21) and out.hidden_states.shape == (2, 8, 32)
+        assert torch.isfinite(out.loss) and out.aux_loss.item() == 0.0
+        model.zero_grad()
+        out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("untie_r", [True, False])
+def test_memory_equals_attending_over_the_concatenation(untie_r):
+    # Memory holds each layer's inputs, which do not depend on later tokens: running seg1 then seg2 must give
+    # the same seg2 logits as one pass over [seg1; seg2] (same_length off, memory long enough).
+    model = tiny_model(untie_r=untie_r, same_length=False, mem_len=8)
+    seg1, seg2 = segments()
+    model(seg1)
+    carried = model(seg2).logits
+    model.reset_memory()
+    whole = model(torch.cat([seg1, seg2], dim=1)).logits
+    torch.testing.assert_close(carried, whole[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+def test_memory_is_carried_and_reset_forgets_it():
+    model = tiny_model()
+    seg1, seg2 = segments()
+    other1 = (seg1 + 1) % 21
+    fresh = model(seg2).logits
+    model.reset_memory()
+    model(seg1)
+    after_seg1 = model(seg2).logits
+    model.reset_memory()
+    model(other1)
+    after_other = model(seg2).logits
+    assert not torch.allclose(after_seg1, after_other)
+    assert not torch.allclose(after_seg1, fresh)
+    model.reset_memory()
+    torch.testing.assert_close(model(seg2).logits, fresh)
+
+
+def test_per_row_reset_only_forgets_that_row():
+    model = tiny_model()
+    seg1, seg2 = segments()
+    fresh = model(seg2).logits
+    model.reset_memory()
+    model(seg1)
+    state = model.get_memory_state()
+    carried = model(seg2).logits
+    model.set_memory_state(state)
+    model.reset_memory(rows=torch.tensor([True, False]))
+    mixed = model(seg2).logits
+    torch.testing.assert_close(mixed[0], fresh[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], carried[1])
+    with pytest.raises(ValueError, match="bool mask"):
+        model.reset_memory(rows=torch.tensor([1, 0]))
+
+
+def test_padding_keys_are_never_read():
+    model = tiny_model()
+    seg1, seg2 = segments()
+    mask = torch.ones_like(seg1, dtype=torch.bool)
+    mask[:, 5:] = False
+    model(seg1, attention_mask=mask)
+    a = model(seg2).logits
+    model.reset_memory()
+    changed = seg1.clone()
+    changed[:, 5:] = (changed[:, 5:] + 3) % 21
+    model(changed, attention_mask=mask)
+    torch.testing.assert_close(model(seg2).logits, a)
+
+
+def test_get_set_state_continues_identically_and_refuses_foreign_state():
+    model = tiny_model()
+    seg1, seg2, seg3 = segments(n=3)
+    model(seg1)
+    state = model.get_memory_state()
+    expected = [model(seg2).logits, model(seg3).logits]
+    model.reset_memory()
+    model.set_memory_state(state)
+    got = [model(seg2).logits, model(seg3).logits]
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+    with pytest.raises(ValueError, match="kind"):
+        model.set_memory_state({"memory_kind": "compressive"})
+    with pytest.raises(ValueError, match="not a memory state"):
+        model.set_memory_state([1, 2])
+    bad = dict(state, mems=[m[..., :4] for m in state["mems"]])
+    with pytest.raises(ValueError, match="does not fit"):
+        model.set_memory_state(bad)
+    with pytest.raises(ValueError, match="layers"):
+        model.set_memory_state(dict(state, mems=state["mems"][:1]))
+
+
+def test_save_load_round_trip_gives_same_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, TransformerXLLMHeadModel)
+    for x in segments():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+
+def test_bad_input_raises_before_compute():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="longer than"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    model(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="reset_memory"):
+        model(torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="mem_len"):
+        tiny_config(mem_len=0)
+    with pytest.raises(ValueError, match="n_head"):
+        tiny_config(n_head=0)
