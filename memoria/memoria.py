@@ -577,6 +577,8 @@ class Memoria:
         Count rows are read by gather, in chunks of sources so temporaries stay within _CHUNK elements."""
         B, R = src.shape
         C = counts.shape[1]
+        if R == 0:
+            return src, src_ok
         step = max(1, _CHUNK // max(1, B * C))
         targets, bests = [], []
         for lo in range(0, R, step):
@@ -594,9 +596,9 @@ class Memoria:
         types = store.types
         is_ltm = types == LONGTERM
         excess = (is_ltm.sum(1) - self.ltm_capacity).clamp(min=0)  # (B,)
-        by_age = torch.sort(torch.where(is_ltm, store.created, torch.iinfo(torch.int64).max), 1, stable=True).indices
+        by_age = torch.sort(torch.where(is_ltm, store.created, torch.iinfo(torch.int64).max), dim=1, stable=True).indices
         life = torch.gather(torch.where(is_ltm, store.lifespan, math.inf), 1, by_age)
-        order = torch.gather(by_age, 1, torch.sort(life, 1, stable=True).indices)[:, :k]  # (B, k)
+        order = torch.gather(by_age, 1, torch.sort(life, dim=1, stable=True).indices)[:, :k]  # (B, k)
         evict = torch.arange(k, device=store.device)[None, :] < excess[:, None]
         types.scatter_(1, order, torch.where(evict, NULL, torch.gather(types, 1, order)))
         self.evictions += excess
