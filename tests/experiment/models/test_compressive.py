@@ -1,0 +1,152 @@
+import pytest
+import torch
+
+from experiment.models.compressive import CompressiveConfig, CompressiveLMHeadModel
+
+
+def tiny_config(**overrides) -> CompressiveConfig:
+    kwargs = dict(
+        vocab_size=21, d_model=32, n_layer=2, n_head=2, d_inner=64, mem_len=8, cmem_len=4, compression_ratio=4,
+        max_segment_length=16, dropout=0.0, attn_dropout=0.0,
+    )
+    kwargs.update(overrides)
+    return CompressiveConfig(**kwargs)
+
+
+def tiny_model(**overrides) -> CompressiveLMHeadModel:
+    torch.manual_seed(0)
+    model = CompressiveLMHeadModel(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # a non-zero position table, so positions matter in the tests
+        for layer in model.transformer.layers:
+            layer.attn.rel_pos_bias.normal_(0.0, 0.5)
+    return model
+
+
+def segments(batch=2, length=8, n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 21, (batch, length), generator=g) for _ in range(n)]
+
+
+def test_forward_backward_reaches_every_parameter_and_aux_loss_is_included():
+    model = tiny_model().train()
+    model.zero_grad()
+    for x in segments():
+        out = model(x, labels=x)
+        assert out.logits.shape == (2, 8, 21) and out.hidden_states.shape == (2, 8, 32)
+        assert torch.isfinite(out.loss) and torch.isfinite(out.aux_loss)
+        out.loss.backward()
+    # from the second segment on, states are evicted and compressed, so the reconstruction loss is live
+    assert out.aux_loss.item() > 0
+    lm_only = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 21), x[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, lm_only + out.aux_loss)
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+
+
+def test_reconstruction_loss_trains_only_the_compression_and_freezes_nothing():
+    model = tiny_model()
+    seg1, seg2 = segments(n=2)
+    model(seg1)
+    out = model(seg2)
+    model.zero_grad()
+    out.aux_loss.backward()
+    for name, p in model.named_parameters():
+        assert p.requires_grad, f"{name} was frozen"
+        has_grad = p.grad is not None and p.grad.abs().sum() > 0
+        assert has_grad == (".compress." in name), name
+    # a training step on the LM loss still moves the key/value projections (the reference froze them)
+    model.zero_grad()
+    model.set_memory_state(model.get_memory_state())
+    model(seg1, labels=seg1).loss.backward()
+    assert model.transformer.layers[0].attn.kv_proj.weight.grad.abs().sum() > 0
+
+
+def test_memory_without_compression_equals_attending_over_the_concatenation():
+    # memory holds each layer's inputs (no enhanced recurrence) and nothing is compressed yet
+    model = tiny_model(enhanced_recurrence=False, mem_len=8)
+    seg1, seg2, _ = segments()
+    model(seg1)
+    carried = model(seg2).logits
+    model.reset_memory()
+    whole = model(torch.cat([seg1, seg2], dim=1)).logits
+    torch.testing.assert_close(carried, whole[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("enhanced_recurrence", [True, False])
+def test_memory_is_carried_through_the_compressed_memory_and_reset_forgets_it(enhanced_recurrence):
+    model = tiny_model(enhanced_recurrence=enhanced_recurrence)
+    seg1, seg2, seg3 = segments()
+    fresh = model(seg3).logits
+
+    def run(first):
+        model.reset_memory()
+        model(first)
+        model(seg2)  # pushes `first` out of mem (mem_len 8) into cmem
+        assert model.memory_stats()["cmem_length"] == 2.0
+        return model(seg3).logits
+
+    a, b = run(seg1), run((seg1 + 1) % 21)
+    assert not torch.allclose(a, b), "segment 1 reaches segment 3 only through the compressed memory"
+    model.reset_memory()
+    torch.testing.assert_close(model(seg3).logits, fresh)
+
+
+def test_per_row_reset_only_forgets_that_row():
+    model = tiny_model()
+    seg1, seg2, seg3 = segments()
+    fresh = model(seg3).logits
+    model.reset_memory()
+    model(seg1)
+    model(seg2)
+    state = model.get_memory_state()
+    carried = model(seg3).logits
+    model.set_memory_state(state)
+    model.reset_memory(rows=torch.tensor([False, True]))
+    mixed = model(seg3).logits
+    torch.testing.assert_close(mixed[1], fresh[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[0], carried[0])
+
+
+def test_get_set_state_continues_identically_and_refuses_foreign_state():
+    model = tiny_model()
+    seg1, seg2, seg3 = segments()
+    model(seg1)
+    model(seg2)
+    state = model.get_memory_state()
+    expected = [model(seg3).logits, model(seg1).logits]
+    model.reset_memory()
+    model.set_memory_state(state)
+    got = [model(seg3).logits, model(seg1).logits]
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+    with pytest.raises(ValueError, match="kind"):
+        model.set_memory_state({"memory_kind": "transformer_xl", "mems": state["mems"]})
+    with pytest.raises(ValueError, match="does not fit"):
+        model.set_memory_state(dict(state, cmems=[m[:, :, :8] for m in state["cmems"]]))
+    too_long = torch.ones(2, 9, dtype=torch.bool)
+    with pytest.raises(ValueError, match="does not fit"):
+        model.set_memory_state(dict(state, mem_valid=too_long))
+
+
+def test_save_load_round_trip_gives_same_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, CompressiveLMHeadModel)
+    for x in segments():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+        torch.testing.assert_close(loaded(x).aux_loss, model(x).aux_loss)
+
+
+def test_bad_input_raises_before_compute():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="longer than"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    model(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="reset_memory"):
+        model(torch.zeros(3, 4, dtype=torch.long))
+    for bad in (dict(mem_len=0), dict(cmem_len=-1), dict(mem_len=2), dict(n_head=3), dict(compression_ratio=0)):
+        with pytest.raises(ValueError):
+            tiny_config(**bad)
