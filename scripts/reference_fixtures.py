@@ -141,9 +141,9 @@ def record_case(name: str, purpose: str, config: dict, script: list, batch: int,
                 weight_form: str, seed: int, with_data: bool) -> dict:
     """Run `script` on the reference and record every operation with its inputs, outputs and the view after it.
 
-    Script items: "add"; "remind"; "adjust_remind" (the indices of the preceding remind, deltas chosen per view
-    position); "adjust_explicit" (distinct random positions of any type, a -1 among them); "adjust_none"
-    (no indices: decay and the type transitions only).
+    Script items: "add"; "remind"; "adjust_remind" (the indices of the preceding remind, one delta per view
+    position); "adjust_none" (no indices: decay and the type transitions only). Our Memoria accepts only indices
+    returned by its last remind (they name slots), so no fixture extends engrams that remind did not return.
     """
     generator = torch.Generator().manual_seed(seed)
     memory = new_memoria(config)
@@ -172,10 +172,6 @@ def record_case(name: str, purpose: str, config: dict, script: list, batch: int,
             num_engrams = memory.engrams.data.shape[1]
             if item == "adjust_remind":
                 indices = last_indices
-            elif item == "adjust_explicit":
-                count = min(num_engrams, 3)
-                picked = torch.randperm(num_engrams, generator=generator)[:count]
-                indices = torch.cat([picked[:1], torch.tensor([-1]), picked[1:]])[None].repeat(batch, 1)
             elif item == "adjust_none":
                 indices = torch.zeros(batch, 0, dtype=torch.long)
             else:
@@ -232,7 +228,7 @@ def build_cases(weight_form: str) -> list:
         "layout_tracking",
         "(a) engrams view layout (data, lifespan, types, counts, ids, ages) through add, remind, adjust, the first "
         "promotion and deletions",
-        layout, first_promotion_script(layout, 2, cycles(3, "add", "adjust_explicit")), weight_form,
+        layout, first_promotion_script(layout, 2, cycles(3, "add", "adjust_none")), weight_form,
         width=2, hidden=4, with_data=True))
 
     recall = dict(num_reminded_stm=3, stm_capacity=40, ltm_search_depth=2, initial_lifespan=12, num_final_ltms=2)
@@ -253,12 +249,13 @@ def build_cases(weight_form: str) -> list:
         "(d) extend, decay, WM->STM, STM overflow -> LTM of the oldest, deletion at lifespan <= 0, then LTM "
         "decay and deletion with add -> adjust only",
         lifecycle,
-        first_promotion_script(lifecycle, 3, cycles(4, "add", "adjust_explicit") + ["add", "adjust_none"]),
+        first_promotion_script(lifecycle, 3, cycles(5, "add", "adjust_none")),
         weight_form, width=3, hidden=6))
 
     # Promotion runs before deletion (algorithm.md §c.9): an extended old STM sits ahead of an expiring cohort.
-    # With W = 1, lambda0 = 2 and capacity 2, the third adjust sees 3 STMs, one of them expiring; promoting first
-    # moves the oldest (extended) STM to LTM, deleting first would promote nothing.
+    # W = 1, lambda0 = 2, capacity 2. Step 2 recalls A (the only STM) and extends it by 5; at the third adjust
+    # the STMs are A (lifespan 4), B (expiring, 0) and C: promoting first moves A to LTM, deleting first would
+    # leave two STMs and promote nothing.
     order = dict(num_reminded_stm=1, stm_capacity=2, ltm_search_depth=1, initial_lifespan=2, num_final_ltms=1)
     cases.append(record_case_promote_before_delete(order))
     return cases
@@ -268,20 +265,30 @@ def record_case_promote_before_delete(config: dict) -> dict:
     generator = torch.Generator().manual_seed(7)
     memory = new_memoria(config)
     ops = []
-    # Extend engram 0 (the only one, at position 0: deliberately, this case has no remind) by 5, then nothing.
-    plan = [([0], [5.0]), ([], []), ([], []), ([], [])]
-    for indices_list, delta_list in plan:
+    for step in range(4):
         data = quantized(generator, (1, 1, 4), -256, 256, 1 / 1024)
         memory.add_working_memory(data)
         ops.append({"op": "add", "data": data.tolist(), "view": view_snapshot(memory, False)})
-        indices = torch.tensor([indices_list], dtype=torch.long).reshape(1, -1)
-        delta = torch.tensor([delta_list], dtype=torch.float32).reshape(1, -1)
-        memory.adjust_lifespan_and_memories(indices.clone(), delta.clone())
-        ops.append({"op": "adjust_explicit", "indices": indices.tolist(), "delta": delta.tolist(),
-                    "view": view_snapshot(memory, False)})
-    types_after_third = ops[5]["view"]["types"][0]
-    if LONGTERM not in types_after_third:
-        raise AssertionError("promote_before_delete: the reference did not promote before deleting")
+        if step == 1:
+            memories, indices = memory.remind()
+            # A sits at position 0 and really is recalled (it is the only STM), so here position 0 may gain.
+            if 0 not in indices[0].tolist():
+                raise AssertionError("promote_before_delete: the reference did not recall the only STM")
+            ops.append({"op": "remind", "indices": indices.tolist(), "memories": memories.tolist(),
+                        "view": view_snapshot(memory, False)})
+            delta_by_position = torch.tensor([5.0, 0.0])
+            delta = torch.where(indices >= 0, delta_by_position[indices.clamp(min=0)], torch.zeros(()))
+            memory.adjust_lifespan_and_memories(indices.clone(), delta.clone())
+            ops.append({"op": "adjust_remind", "indices": indices.tolist(), "delta": delta.tolist(),
+                        "delta_by_position": delta_by_position.tolist(), "view": view_snapshot(memory, False)})
+        else:
+            indices = torch.zeros(1, 0, dtype=torch.long)
+            memory.adjust_lifespan_and_memories(indices, torch.zeros(1, 0))
+            ops.append({"op": "adjust_none", "indices": [[]], "delta": [[]], "view": view_snapshot(memory, False)})
+    types_after_third = ops[-3]["view"]["types"][0]
+    if types_after_third != [LONGTERM, SHORTTERM]:
+        raise AssertionError(f"promote_before_delete: expected [LTM, STM] after the third adjust, "
+                             f"got {types_after_third}")
     return {"name": "promote_before_delete",
             "purpose": "(d) STM overflow counts expiring STMs: promotion before deletion (§c.9)",
             "config": config, "batch": 1, "seed": 7, "ops": ops}
