@@ -1,0 +1,330 @@
+"""`memoria-exp`: the Hydra entry point that trains and evaluates every experiment of the project.
+
+    memoria-exp                                   # tiny Memoria GPT-2 on generated sorting data, CPU, minutes
+    memoria-exp experiment=sort_paper task.data.length=4000 task.module.segment_size=512 trainer=gpu
+    memoria-exp -m seed=1,2 memory.initial_lifespan=5,9        # multirun: one directory per job
+    memoria-exp ckpt_path=outputs/.../checkpoints/last.ckpt    # resume training
+    memoria-exp mode=eval ckpt_path=.../last.ckpt              # evaluate a checkpoint only
+
+Config groups (conf/, shipped inside the package as `conf`): task, model, memory, trainer, logger, experiment.
+
+The job (`run`): compose → validate (one-sentence errors before anything runs) → seed → data module (`setup`
+gives `vocab_size`) → `build_model(cfg.model, vocab_size)` → task module (`_target_` of `task.module`, called with
+`model=`) → Trainer (`trainer` group, `_target_: lightning.pytorch.Trainer`) with a ModelCheckpoint on
+`task.monitor` / `task.monitor_mode` (best + last) → `fit` then `test` of the last checkpoint (mode=train) or
+`validate` + `test` of `ckpt_path` (mode=eval). Each run directory holds `config_resolved.yaml`,
+`checkpoints/`, the logger's metrics and `results.json`, and the run ends with a summary table.
+
+A task config (`conf/task/<name>.yaml`) must give: `name`, `monitor`, `monitor_mode`, `module` (`_target_` a
+`experiment.tasks.base.MemoryTask` subclass) and `data` (`_target_` a LightningDataModule with `vocab_size`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import types
+import typing
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+log = logging.getLogger("memoria-exp")
+
+
+class Mode(Enum):
+    train = "train"
+    eval = "eval"
+
+
+@dataclass
+class RunSchema:
+    """Types of the top-level keys: a wrong type fails in Hydra with the key named (e.g. `seed=abc`)."""
+
+    mode: Mode = Mode.train
+    ckpt_path: Optional[str] = None
+    seed: int = 42
+    run_name: str = MISSING
+    print_summary: bool = True
+    task: Any = MISSING
+    model: Any = MISSING
+    memory: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = MISSING
+
+
+def register_configs() -> None:
+    """Register the structured schema the root config extends; needed before composing `conf/config.yaml`."""
+    ConfigStore.instance().store(name="memoria_exp_schema", node=RunSchema)
+
+
+register_configs()
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one sentence naming the fix."""
+
+
+# Memory hyperparameters that may be 0: it switches a memory level off (the paper's ablations). Every other
+# numeric memory value must be > 0.
+MEMORY_ZERO_ALLOWED = {"num_memories", "num_reminded_stm", "num_reminded_ltm", "ltm_search_depth",
+                       "lifespan_extend_scale"}
+MEMORY_NOT_HYPERPARAMETERS = {"seed"}
+TASK_KEYS = ("name", "monitor", "monitor_mode", "module", "data")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation (before anything is built)
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError for impossible settings that can be seen from the config alone."""
+    missing = [key for key in TASK_KEYS if key not in cfg.task]
+    if missing:
+        raise ConfigError(f"the task config lacks {missing}; conf/task/<name>.yaml must set {', '.join(TASK_KEYS)}.")
+    if cfg.task.monitor_mode not in ("min", "max"):
+        raise ConfigError(f"task.monitor_mode must be 'min' or 'max', got {cfg.task.monitor_mode!r}.")
+    mode = Mode(cfg.mode)
+    if mode is Mode.eval and not cfg.ckpt_path:
+        raise ConfigError("mode=eval evaluates a checkpoint: add ckpt_path=<path to a .ckpt file>.")
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a file; point it at a checkpoint such as "
+                          "<run dir>/checkpoints/last.ckpt.")
+    if "memory" in cfg and cfg.memory is not None:
+        for key, value in cfg.memory.items():
+            if key in MEMORY_NOT_HYPERPARAMETERS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value) or value < 0 or (value == 0 and key not in MEMORY_ZERO_ALLOWED):
+                bound = ">= 0 (0 switches that memory level off)" if key in MEMORY_ZERO_ALLOWED else "> 0"
+                raise ConfigError(f"memory.{key}={value} is not allowed; set memory.{key} to a value {bound}.")
+    for section in ("module", "data"):
+        check_target_arguments(cfg.task[section], f"task.{section}", skip=("model",))
+
+
+def check_target_arguments(node: DictConfig, prefix: str, skip: tuple[str, ...] = ()) -> None:
+    """Check the keys of a `_target_` node against the target's signature: unknown names and simple types."""
+    if "_target_" not in node:
+        raise ConfigError(f"{prefix} needs a _target_ naming the class to build.")
+    try:
+        target = get_object(node._target_)
+    except Exception as error:  # ImportError, AttributeError: report which _target_ is wrong
+        raise ConfigError(f"{prefix}._target_={node._target_} cannot be imported ({error}); fix the class path.") from error
+    init = target.__init__ if inspect.isclass(target) else target
+    parameters = inspect.signature(init).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # unresolvable annotations: skip the type check, keep the name check
+        hints = {}
+    for key, value in node.items():
+        if key.startswith("_") or key in skip:
+            continue
+        if key not in parameters and not takes_kwargs:
+            raise ConfigError(f"{prefix}.{key} is not an argument of {node._target_}; remove it or fix its name.")
+        expected = hints.get(key)
+        if expected is not None and not _matches(value, expected):
+            raise ConfigError(f"{prefix}.{key}={value!r} has the wrong type; it must be {_type_name(expected)}.")
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    return True  # containers, modules, Any: not checked here
+
+
+def _type_name(expected: Any) -> str:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(expected))
+    return "null" if expected is type(None) else getattr(expected, "__name__", str(expected))
+
+
+def _instantiate(node: DictConfig, prefix: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, but a ValueError from the target comes out as a ConfigError (one sentence)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from cause
+        raise
+
+
+# --------------------------------------------------------------------------------------------------------------
+# files
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file in the same folder + rename: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _plain(value: Any) -> Any:
+    """Metric values (tensors) as floats for JSON."""
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the job
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """One job: train (+ test the last checkpoint) or evaluate a checkpoint. Returns the results dict.
+
+    run_dir: where outputs go; defaults to Hydra's run directory (needed when called outside a Hydra app).
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from experiment.loggers import build_logger, finish_logger, record_wandb_run_id
+    from experiment.models import build_model
+
+    started = time.time()
+    if run_dir is None:
+        if not HydraConfig.initialized():
+            raise ConfigError("run() outside a Hydra app needs run_dir=<output folder>.")
+        run_dir = HydraConfig.get().runtime.output_dir
+    run_dir = Path(run_dir)
+    validate_config(cfg)
+    mode = Mode(cfg.mode)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    write_text_atomic(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = _instantiate(cfg.task.data, "task.data")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = build_model(cfg.model, datamodule.vocab_size)
+    module = _instantiate(cfg.task.module, "task.module", model=model)
+
+    limit_val = cfg.trainer.get("limit_val_batches")
+    monitor = None if limit_val == 0 else cfg.task.monitor
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        filename="best-epoch{epoch}-step{step}",
+        auto_insert_metric_name=False,
+        monitor=monitor,
+        mode=cfg.task.monitor_mode,
+        save_top_k=1,
+        save_last=True,
+    )
+    logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved,
+                          resume_from=cfg.ckpt_path if mode is Mode.train else None)
+    trainer = instantiate(cfg.trainer, callbacks=[checkpoint], logger=logger, default_root_dir=str(run_dir))
+    record_wandb_run_id(logger, run_dir)
+
+    results: dict[str, Any] = {
+        "mode": mode.value,
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "run_dir": str(run_dir),
+        "data_source": getattr(datamodule, "source", None),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    try:
+        if mode is Mode.train:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            results["train"] = {k: v for k, v in _plain(dict(trainer.callback_metrics)).items()
+                                if k.startswith("train/")}
+            results["val"] = {k: v for k, v in _plain(dict(trainer.callback_metrics)).items() if k.startswith("val/")}
+            results["best_checkpoint"] = checkpoint.best_model_path or None
+            results["best_score"] = _plain(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
+            results["last_checkpoint"] = checkpoint.last_model_path or None
+            results["global_step"] = trainer.global_step
+            tested = results["last_checkpoint"]  # the paper tests the last checkpoint, not the best
+            results["tested_checkpoint"] = tested
+            results["test"] = _plain(trainer.test(module, datamodule=datamodule, ckpt_path=tested)[0])
+        else:
+            results["tested_checkpoint"] = cfg.ckpt_path
+            if limit_val != 0:
+                results["val"] = _plain(trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)[0])
+            results["test"] = _plain(trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)[0])
+    finally:
+        finish_logger(logger)
+    results["monitor"] = cfg.task.monitor
+    results["wall_time_s"] = round(time.time() - started, 1)
+    if trainer.is_global_zero:
+        write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        if cfg.print_summary:
+            print(format_summary(results), flush=True)
+    return results
+
+
+def format_summary(results: dict[str, Any]) -> str:
+    """The table printed at the end of every run."""
+    rows: list[tuple[str, str]] = [
+        ("run", f"{results['task']} / {results['model']} / seed {results['seed']} ({results['mode']})"),
+        ("run dir", results["run_dir"]),
+        ("parameters", f"{results['num_parameters']:,}"),
+    ]
+    if results.get("global_step") is not None:
+        rows.append(("optimizer steps", str(results["global_step"])))
+    if results.get("best_score") is not None:
+        rows.append((f"best {results['monitor']}", f"{results['best_score']:.4f}"))
+    for section in ("val", "test"):
+        for key, value in sorted((results.get(section) or {}).items()):
+            if isinstance(value, float):
+                rows.append((key, f"{value:.4f}"))
+    if results.get("tested_checkpoint"):
+        rows.append(("tested checkpoint", str(results["tested_checkpoint"])))
+    rows.append(("wall time", f"{results['wall_time_s']:.1f} s"))
+    width = max(len(name) for name, _ in rows)
+    value_width = max(len(value) for _, value in rows)
+    line = "+" + "-" * (width + 2) + "+" + "-" * (value_width + 2) + "+"
+    body = [f"| {name.ljust(width)} | {value.ljust(value_width)} |" for name, value in rows]
+    title = "| " + "memoria-exp summary".ljust(width + value_width + 3) + " |"
+    return "\n".join([line, title, line, *body, line])
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ConfigError as error:
+        log.error("memoria-exp: error: %s", error)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console entry point `memoria-exp`."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

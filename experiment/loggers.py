@@ -1,0 +1,140 @@
+"""Metric loggers for a run, chosen by `conf/logger/*.yaml` (`kind`: csv, tensorboard, wandb, none).
+
+wandb is imported only when `kind: wandb` is chosen. With `offline: auto` the run goes offline by itself, with one
+line saying so, when there is no API key or the W&B server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+LOGGER_KINDS = ("csv", "tensorboard", "wandb", "none")
+WANDB_RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def build_logger(logger_cfg: Any, save_dir: str | Path, run_name: str, config: dict[str, Any] | None = None,
+                 resume_from: str | Path | None = None):
+    """The Lightning logger for this run, or False for `kind: none`.
+
+    save_dir: the run directory. config: the resolved run config (sent to W&B). resume_from: a checkpoint being
+    resumed; a W&B run id saved next to its run is reused so the resumed run continues the same W&B run.
+    """
+    cfg = dict(logger_cfg or {})
+    kind = cfg.pop("kind", None)
+    save_dir = Path(save_dir)
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(save_dir), name="", version="")
+    if kind == "tensorboard":
+        try:
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            return TensorBoardLogger(save_dir=str(save_dir), name="", version="", default_hp_metric=False)
+        except ModuleNotFoundError as error:
+            raise ValueError(f"logger=tensorboard needs the tensorboard package ({error}); pip install tensorboard "
+                             "or choose logger=csv.") from error
+    if kind == "wandb":
+        return _build_wandb(cfg, save_dir, run_name, config, resume_from)
+    raise ValueError(f"unknown logger kind {kind!r}; choose one of {', '.join(LOGGER_KINDS)} (logger=<kind>).")
+
+
+def wandb_should_be_offline(setting: Any) -> tuple[bool, str]:
+    """(offline?, why) for `offline: auto | true | false`."""
+    if setting is True or str(setting).lower() == "true":
+        return True, "offline=true"
+    if setting is False or str(setting).lower() == "false":
+        return False, "offline=false"
+    if str(setting).lower() != "auto":
+        raise ValueError(f"logger.offline must be auto, true or false, got {setting!r}.")
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return True, f"WANDB_MODE={os.environ['WANDB_MODE']}"
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    host = urlparse(base_url).hostname or "api.wandb.ai"
+    if not _has_wandb_api_key(host):
+        return True, "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+    if not _reachable(host, 443 if base_url.startswith("https") else 80):
+        return True, f"{host} cannot be reached"
+    return False, "API key and network present"
+
+
+def _has_wandb_api_key(host: str) -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        netrc_path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
+        return netrc.netrc(netrc_path).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _reachable(host: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _build_wandb(cfg: dict[str, Any], save_dir: Path, run_name: str, config: dict[str, Any] | None,
+                 resume_from: str | Path | None):
+    from lightning.pytorch.loggers import WandbLogger
+
+    try:
+        import wandb  # noqa: F401  (imported here only: runs without W&B never import it)
+    except ModuleNotFoundError as error:
+        raise ValueError("logger=wandb needs the wandb package; pip install wandb or choose logger=csv.") from error
+    offline, reason = wandb_should_be_offline(cfg.pop("offline", "auto"))
+    if offline and reason not in ("offline=true",):
+        log.warning("wandb: logging offline (%s); sync later with `wandb sync %s`", reason, save_dir / "wandb")
+    run_id = _previous_wandb_run_id(resume_from)
+    tags = list(cfg.pop("tags", None) or [])
+    logger = WandbLogger(
+        name=run_name,
+        save_dir=str(save_dir),
+        offline=offline,
+        id=run_id,
+        resume="allow" if run_id else None,
+        tags=tags,
+        config=config,
+        **{key: value for key, value in cfg.items() if value is not None},
+    )
+    return logger
+
+
+def _previous_wandb_run_id(resume_from: str | Path | None) -> str | None:
+    """The W&B run id recorded in the run directory of a checkpoint being resumed (<run>/checkpoints/x.ckpt)."""
+    if not resume_from:
+        return None
+    record = Path(resume_from).expanduser().resolve().parent.parent / WANDB_RUN_ID_FILE
+    return record.read_text().strip() if record.exists() else None
+
+
+def record_wandb_run_id(logger: Any, save_dir: str | Path) -> None:
+    """Write the W&B run id into the run directory, so `ckpt_path=<this run's checkpoint>` resumes the same run."""
+    if type(logger).__name__ != "WandbLogger":
+        return
+    run_id = getattr(logger, "version", None)
+    if run_id:
+        Path(save_dir, WANDB_RUN_ID_FILE).write_text(str(run_id))
+
+
+def finish_logger(logger: Any) -> None:
+    """Close the logger; for W&B this calls wandb.finish() so every multirun job gets its own W&B run."""
+    if logger is False or logger is None:
+        return
+    logger.finalize("success")
+    if type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        wandb.finish()
