@@ -298,8 +298,8 @@ class Memoria:
                 raise ValueError(f"{name} must have shape (B={B}, M), got shape {tuple(t.shape)}")
         if indices.is_floating_point() or indices.dtype == torch.bool or indices.is_complex():
             raise ValueError(f"indices must be an integer tensor (from remind()), got dtype {indices.dtype}")
-        if not lifespan_delta.is_floating_point():
-            raise ValueError(f"lifespan_delta must be a floating-point tensor, got dtype {lifespan_delta.dtype}")
+        if lifespan_delta.dtype == torch.bool or lifespan_delta.is_complex():  # integer gains are fine (the README)
+            raise ValueError(f"lifespan_delta must be a real number tensor, got dtype {lifespan_delta.dtype}")
         if lifespan_delta.shape != indices.shape:
             raise ValueError(
                 f"lifespan_delta shape {tuple(lifespan_delta.shape)} must equal indices shape {tuple(indices.shape)}"

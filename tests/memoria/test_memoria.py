@@ -419,7 +419,7 @@ def bad_calls():
         ("add", ([[1.0]],), "torch.Tensor"),
         ("adjust", (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 3)), "shape"),
         ("adjust", (torch.zeros(1, 1), torch.zeros(1, 1)), "integer"),
-        ("adjust", (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)), "floating"),
+        ("adjust", (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.bool)), "real number"),
         ("adjust", (torch.tensor([[9999]]), torch.zeros(1, 1)), "last remind"),
         ("adjust", (None, torch.zeros(1, 1)), "torch.Tensor"),
     ]
