@@ -207,6 +207,17 @@ class GPT2WithMemoriaBlock(GPT2Block):
         return h, reminded_probs
 
 
+def _clone_tensors(value: Any) -> Any:
+    """A copy of nested dicts / lists / tuples in which every tensor is cloned (so nothing aliases live state)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone_tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tensors(v) for v in value)
+    return value
+
+
 def lifespan_delta(mean_probs: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
     """The lifespan gain of each reminded engram: Δ = ā · M_b · α (algorithm.md §e.1).
 
@@ -260,6 +271,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         # The last segment's reminded indices and lifespan deltas (B, M), for logging and analysis.
         self.last_reminded_indices: torch.Tensor | None = None
         self.last_lifespan_delta: torch.Tensor | None = None
+        self._state_is_inference = False  # carried state last written under torch.inference_mode
 
         self.post_init()
 
@@ -315,11 +327,18 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             self.memoria.reset_memory(rows=rows)
         self.prev_hidden = self.prev_hidden.masked_fill(rows[:, None, None], 0.0)
         self.prev_hidden_rows = keep
+        self._state_is_inference |= torch.is_inference_mode_enabled()
+
+    def _leave_inference_mode(self) -> None:
+        """Tensors made under torch.inference_mode (Lightning's evaluation) can neither be updated in place nor
+        saved for backward outside it; rebuild the carried state from normal copies."""
+        self.set_memory_state(self.get_memory_state())
+        self._state_is_inference = False
 
     def get_memory_state(self) -> dict[str, Any]:
         return {
             "memory_kind": self.memory_kind,
-            "memoria": None if self.memoria is None else self.memoria.state_dict(),
+            "memoria": None if self.memoria is None else _clone_tensors(self.memoria.state_dict()),
             "prev_hidden": None if self.prev_hidden is None else self.prev_hidden.detach().clone(),
             "prev_hidden_rows": None if self.prev_hidden_rows is None else self.prev_hidden_rows.clone(),
         }
@@ -341,6 +360,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         rows = state["prev_hidden_rows"]
         self.prev_hidden_rows = None if rows is None else rows.clone().to(device)
         self.last_reminded_indices = self.last_lifespan_delta = None
+        self._state_is_inference = torch.is_inference_mode_enabled()
 
     def memory_stats(self) -> dict[str, float]:
         """Mean engram counts per row by type, and the mean lifespan gain of the last segment (a host sync: call
@@ -403,12 +423,13 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             tokens = attention_mask.to(h.dtype)  # (B, T)
             query_weights = tokens / tokens.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, T)
 
+        if self._state_is_inference and not torch.is_inference_mode_enabled():
+            self._leave_inference_mode()
+
         # --- memory read (outside every block, so activation checkpointing never replays it)
         working_memory = wm_rows = reminded = reminded_idx = reminded_valid = None
         if self.prev_hidden is not None:
             prev_hidden = self.prev_hidden
-            if prev_hidden.is_inference() and torch.is_grad_enabled():
-                prev_hidden = prev_hidden.clone()  # made under inference_mode: a normal tensor can enter autograd
             wm_rows = self.prev_hidden_rows  # (B,)
             # WM carries gradient into the Abstractor through the working-memory attention of this segment.
             working_memory = self.abstractor(prev_hidden) if self.abstractor is not None else prev_hidden  # (B, W, H)
@@ -416,8 +437,6 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
                 self.memoria = self._new_memoria()
             self.memoria.add_working_memory(working_memory, mask=wm_rows)
             reminded, reminded_idx = self.memoria.remind()  # (B, M, H) float32, (B, M) int64, -1 = none
-            if reminded.is_inference() and torch.is_grad_enabled():
-                reminded = reminded.clone()
             reminded = reminded.to(device=h.device, dtype=h.dtype)
             reminded_idx = reminded_idx.to(h.device)
             reminded_valid = reminded_idx >= 0  # (B, M)
@@ -443,6 +462,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             self.last_reminded_indices, self.last_lifespan_delta = reminded_idx, delta
         self.prev_hidden = hidden.detach()
         self.prev_hidden_rows = torch.ones(B, dtype=torch.bool, device=hidden.device)
+        self._state_is_inference = torch.is_inference_mode_enabled()
 
         aux_loss = hidden.new_zeros(())
         loss = None
