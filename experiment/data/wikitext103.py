@@ -5,7 +5,8 @@ Sources:
 - otherwise the Parquet copy on the Hugging Face Hub (`Salesforce/wikitext`, config `wikitext-103-raw-v1`) at a
   configured revision, one row per line.
 
-Documents: the split's text is cut into articles at every top-level heading (`= Title =` on its own line, never
+Documents: the split's lines are concatenated, whitespace-only lines as empty strings (as the Hub copy and the
+reference's loader hold them); the text is cut into articles at every top-level heading (`= Title =` on its own line, never
 `= = Section = =`), one character before the heading's newline; articles are stripped and empty ones dropped.
 Tokens: GPT-2 BPE per article, no separator between articles.
 """
@@ -77,7 +78,11 @@ class WikiText103DataModule(TextLMDataModule):
     def _split_text(self, split: str) -> tuple[str, dict[str, Any]]:
         if self.path is not None:
             file = self._raw_file(split)
-            return file.read_text(encoding="utf-8"), {"source": str(file.resolve())}
+            # Read it the way the Hub copy (and the reference's loader) holds it: whitespace-only lines become
+            # empty, so both sources give the same articles and tokens.
+            with open(file, encoding="utf-8") as lines:
+                text = "".join(line if line.strip() else "" for line in lines)
+            return text, {"source": str(file.resolve())}
         rows = load_hub_split("wikitext103", self.hub_id, self.hub_config, self.revision, HUB_SPLITS[split])
         # Each row is one line of the original file with its newline (blank lines are empty rows).
         text = "".join(rows["text"])
