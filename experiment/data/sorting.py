@@ -221,6 +221,7 @@ class SortingDataModule(L.LightningDataModule):
         path = self._path()
         data = read_sorting_file(path)
         self.vocab_size = int(data["vocab_size"])
+        self.length = int(data["prompt_length"]) - 1  # a given file decides L
         self.source = str(path)
         for split in ("train", "dev", "test"):
             self.splits[split] = SortingDataset(data[split], int(data["prompt_length"]))

@@ -1,0 +1,187 @@
+"""The sorting LightningModule (experiments.md §c.2) and the task base it builds on."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from experiment.data.sorting import SortingDataModule
+from experiment.models import build_model
+from experiment.tasks.base import MEMORY_STATE_KEY, linear_warmup_decay
+from experiment.tasks.sorting import SortingTask
+
+TINY_MEMORY = {
+    "memoria_num_memories": 4, "memoria_lifespan_extend_scale": 8.0, "memoria_num_reminded_stm": 4,
+    "memoria_num_reminded_ltm": 4, "memoria_stm_capacity": 8, "memoria_ltm_search_depth": 2,
+    "memoria_initial_lifespan": 3, "memoria_reset_period": 50, "memoria_ltm_capacity": 64,
+    "memoria_deterministic": True, "memoria_seed": 0,
+}
+TINY_GPT2 = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64, "bos_token_id": None, "eos_token_id": None}
+
+
+def memoria_model():
+    torch.manual_seed(0)
+    return build_model({"class_path": "experiment.models.gpt2_memoria.GPT2WithMemoriaLMHeadModel",
+                        "config": {**TINY_GPT2, **TINY_MEMORY}}, vocab_size=21)
+
+
+def plain_model():
+    torch.manual_seed(0)
+    return build_model({"class_path": "experiment.models.gpt2.GPT2LMHeadModel", "config": dict(TINY_GPT2)},
+                       vocab_size=21)
+
+
+@pytest.fixture(scope="module")
+def datamodule(tmp_path_factory):
+    dm = SortingDataModule(length=60, num_train=16, num_dev=8, num_test=8, seed=3, batch_size=8, eval_batch_size=8,
+                           cache_dir=str(tmp_path_factory.mktemp("sorting")))
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def tiny_trainer(tmp_path, **kwargs):
+    settings = dict(accelerator="cpu", devices=1, max_epochs=1, inference_mode=False, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    settings.update(kwargs)
+    return L.Trainer(**settings)
+
+
+class Spy(torch.nn.Module):
+    """Wraps a model and records, per call, the chunk length and whether gradients were on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.calls: list[tuple[int, bool]] = []
+        self.resets = 0
+
+    @property
+    def max_segment_length(self):
+        return self.inner.max_segment_length
+
+    def forward(self, input_ids):
+        self.calls.append((input_ids.shape[1], torch.is_grad_enabled()))
+        return self.inner(input_ids)
+
+    def reset_memory(self, rows=None):
+        self.resets += 1
+        self.inner.reset_memory(rows)
+
+    def get_memory_state(self):
+        return self.inner.get_memory_state()
+
+    def set_memory_state(self, state):
+        self.inner.set_memory_state(state)
+
+
+def test_chunks_without_targets_run_without_gradient(datamodule, tmp_path):
+    # L = 60 -> 80 tokens -> chunks 32, 32, 16; targets sit at positions 60..79: chunks 2 and 3.
+    spy = Spy(memoria_model())
+    task = SortingTask(spy, segment_size=32)
+    tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(task, datamodule=datamodule)
+    assert spy.calls == [(32, False), (32, True), (16, True)]
+    assert spy.resets >= 2  # before and after the batch
+
+
+def test_loss_is_target_ce_sum_over_20_averaged_over_batch(datamodule):
+    model = plain_model().eval()
+    task = SortingTask(model, segment_size=32)
+    batch = next(iter(datamodule.val_dataloader()))
+    with torch.no_grad():
+        loss, correct, counted = task._run_example_batch(batch, train=False)
+        # Independent computation: per chunk logits, CE on every target, mean over the example's 20 targets.
+        logits = torch.cat([model(batch["input_ids"][:, s:s + 32]).logits for s in range(0, 80, 32)], dim=1)
+        expected = F.cross_entropy(logits[:, 60:].reshape(-1, 21), batch["labels"][:, 60:].reshape(-1))
+        accuracy = (logits[:, 60:].argmax(-1) == batch["labels"][:, 60:]).float().mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert counted.item() == 8 * 20
+    assert correct.item() / counted.item() == pytest.approx(accuracy.item())
+
+
+def test_training_steps_update_weights_and_always_zero_gradients(datamodule, tmp_path):
+    model = memoria_model()
+    task = SortingTask(model, segment_size=32, warmup_ratio=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=1)
+    trainer.fit(task, datamodule=datamodule)
+    assert trainer.global_step == 4  # 16 examples / batch 8 * 2 epochs: one optimizer step per batch
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 4  # stepped once per optimizer step
+    assert 0.0 <= trainer.callback_metrics["val/acc-final"].item() <= 1.0
+    assert "train/acc" in trainer.callback_metrics
+
+
+def test_gradient_is_clipped_to_max_norm(datamodule, tmp_path):
+    norms = []
+
+    class Recording(SortingTask):
+        def on_before_optimizer_step(self, optimizer):
+            super().on_before_optimizer_step(optimizer)
+            grads = [p.grad.norm() for p in self.parameters() if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack(grads)).item())
+
+    task = Recording(plain_model(), segment_size=32, max_grad_norm=1e-3, learning_rate=1.0)
+    tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(task, datamodule=datamodule)
+    assert norms and norms[0] <= 1e-3 * 1.001
+
+
+def test_linear_warmup_then_decay_to_zero():
+    multiplier = linear_warmup_decay(warmup_steps=10, total_steps=110)
+    assert multiplier(0) == pytest.approx(0.1)
+    assert multiplier(9) == pytest.approx(1.0)
+    assert multiplier(10) == pytest.approx(1.0)
+    assert multiplier(60) == pytest.approx(0.5)
+    assert multiplier(110) == 0.0 and multiplier(200) == 0.0
+
+
+def test_segment_longer_than_positions_is_refused():
+    with pytest.raises(ValueError, match=r"segment_size=65 is longer than the model's 64 positions; lower"):
+        SortingTask(plain_model(), segment_size=65)
+
+
+def test_inference_mode_trainer_is_refused(datamodule, tmp_path):
+    task = SortingTask(plain_model(), segment_size=32)
+    trainer = tiny_trainer(tmp_path, inference_mode=True, max_steps=1)
+    with pytest.raises(ValueError, match="inference_mode=False"):
+        trainer.fit(task, datamodule=datamodule)
+
+
+def test_memory_state_travels_through_checkpoint_hooks(datamodule):
+    model = memoria_model()
+    task = SortingTask(model, segment_size=32)
+    batch = next(iter(datamodule.train_dataloader()))
+    with torch.no_grad():
+        for start in (0, 32):
+            model(batch["input_ids"][:, start:start + 32])  # two segments: memory now holds engrams
+    state = model.get_memory_state()
+    checkpoint: dict = {}
+    task.on_save_checkpoint(checkpoint)
+    model.reset_memory()
+    assert model.get_memory_state()["prev_hidden"] is None
+    task.on_load_checkpoint(checkpoint)
+    restored = model.get_memory_state()
+    assert len(checkpoint[MEMORY_STATE_KEY]) == 1
+    assert torch.equal(restored["prev_hidden"], state["prev_hidden"])
+    for key, value in state["memoria"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(restored["memoria"][key], value), key
+
+
+def test_validation_keeps_the_training_memory(datamodule, tmp_path):
+    model = memoria_model()
+    task = SortingTask(model, segment_size=32)
+    trainer = tiny_trainer(tmp_path, max_steps=1)
+    trainer.fit(task, datamodule=datamodule)  # attaches the trainer
+    with torch.no_grad():
+        model(next(iter(datamodule.train_dataloader()))["input_ids"][:, :32])
+    before = model.get_memory_state()["prev_hidden"].clone()
+    task.on_validation_start()
+    assert model.get_memory_state()["prev_hidden"] is None  # evaluation starts from empty memory
+    task.on_validation_end()
+    assert torch.equal(model.get_memory_state()["prev_hidden"], before)
