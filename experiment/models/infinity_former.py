@@ -1,0 +1,488 @@
+"""∞-former (Martins et al. 2022) on GPT-2 blocks: a continuous, unbounded long-term memory (LTM).
+
+Each block adds to GPT-2's causal self-attention over the current segment a long-term attention over a continuous
+signal that summarises everything before it (experiments.md §d.3):
+
+1. Memory signal. Past states X (L x d) at positions t in [0, 1] are represented as x̄(t) = Bᵀ ψ(t), with
+   ψ(t) = N Gaussian radial basis functions (centres evenly spread over [0, 1], one group per width in
+   `basis_widths`), and B (N x d) fitted by ridge regression:  B = (F W Fᵀ + λ I)⁻¹ F W X,  F = [ψ(t_1) .. ψ(t_L)].
+2. Unbounded memory. After every segment the old signal is sampled at `num_samples` points, those samples are
+   squeezed into [0, τ], the new segment's states are laid out over (τ, 1], and B is refitted on both.
+   A row's first segment (empty memory) is laid out over (0, 1].
+3. Sticky memories. The sample points follow the attention the memory received in this segment: the Gaussians'
+   mass over `sticky_bins` equal bins of [0, 1], averaged over heads and queries, is a histogram; the points are its
+   (j + ½)/num_samples quantiles (a stratified, deterministic draw, so a saved state continues identically).
+4. Continuous attention. Per head, keys K = B W_K and values V = B W_V live on the basis. A query q gets a Gaussian
+   N(μ, σ²) with μ = sigmoid(w_μ · K q / √d_h + b_μ) and σ² = softplus(w_σ · K q / √d_h + b_σ) (the affine μ/σ
+   heads), and reads  z = E_{t~N(μ,σ²)}[v̄(t)] = Vᵀ r,  r_n = ∫ N(t; μ, σ²) ψ_n(t) dt = N(μ; c_n, σ² + w_n²)
+   in closed form.
+5. KL regulariser. aux_loss = kl_weight x mean KL(N(μ, σ²) || N(μ0, σ0²)). With `kl_mean_term: false` (default)
+   only the width term ½(σ²/σ0² − log(σ²/σ0²) − 1) is used: with the reference's μ0 = −1 (outside the memory's
+   [0, 1]) a mean term would pull every query to the oldest memories, so we read μ0 as unused; set
+   `kl_mean_term: true` for the full Gaussian KL.
+
+Differences from the reference, and what is not done:
+- The memory is reset with the others (the reference's LM task never reset it).
+- No short-term (Transformer-XL style) memory: the self-attention sees the current segment only, as in GPT-2.
+- The reference's CNN mask over the memory (`mask_type=cnn`) is not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, PreTrainedModel
+from transformers import initialization as init
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2MLP
+from transformers.pytorch_utils import Conv1D
+
+from .protocol import MemoryModelOutput, MemoryProtocol
+from .transformer_xl import _check_rows, shifted_lm_loss
+
+
+class InfinityFormerConfig(GPT2Config):
+    """GPT2Config plus the long-term memory's settings. Defaults: the paper's sorting shape (infinity-gpt2-sort).
+
+    num_basis       N, Gaussian basis functions of the continuous memory (split evenly over basis_widths)
+    num_samples     points the old signal is sampled at before each refit
+    basis_widths    standard deviations of the basis functions
+    tau             the old memory is squeezed into [0, tau], the new segment takes (tau, 1]
+    ridge_penalty   λ of the ridge regression
+    sticky_memories sample the old signal where attention fell (else a uniform grid)
+    sticky_bins     histogram bins over [0, 1] for sticky memories
+    kl_weight, mu_0, sigma_0, kl_mean_term   the KL regulariser towards N(mu_0, sigma_0²)
+    sigma_min       floor on the attention Gaussian's standard deviation
+    """
+
+    model_type = "memoria_infinity_former"
+
+    vocab_size: int = 21
+    n_positions: int = 1024
+    n_embd: int = 512
+    n_layer: int = 4
+    n_head: int = 4
+    n_inner: int | None = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    num_basis: int = 1024
+    num_samples: int = 1024
+    basis_widths: list[float] | tuple[float, ...] = (0.005, 0.01)
+    tau: float = 0.5
+    ridge_penalty: float = 1.0
+    sticky_memories: bool = True
+    sticky_bins: int = 128
+    kl_weight: float = 1e-6
+    mu_0: float = -1.0
+    sigma_0: float = 0.05
+    kl_mean_term: bool = False
+    sigma_min: float = 1e-3
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        name = type(self).__name__
+        for key in ("num_basis", "num_samples", "sticky_bins", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"{name}.{key} must be an integer > 0, got {value!r}"
+                    + ("; the continuous memory needs basis functions and samples" if key.startswith("num") else "")
+                )
+        widths = list(self.basis_widths)
+        if not widths or any(w <= 0 for w in widths):
+            raise ValueError(f"{name}.basis_widths must be a non-empty list of positive widths, got {widths}")
+        if self.num_basis % len(widths):
+            raise ValueError(
+                f"{name}.num_basis ({self.num_basis}) must be divisible by the number of basis_widths ({len(widths)}): "
+                "each width gets the same number of evenly spread centres."
+            )
+        if not 0.0 < self.tau < 1.0:
+            raise ValueError(f"{name}.tau must be in (0, 1), got {self.tau}")
+        for key in ("ridge_penalty", "sigma_0", "sigma_min"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{name}.{key} must be > 0, got {getattr(self, key)}")
+        if self.kl_weight < 0:
+            raise ValueError(f"{name}.kl_weight must be >= 0, got {self.kl_weight}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"{name}.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.add_cross_attention:
+            raise ValueError(f"{name}.add_cross_attention must be False")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the continuous memory: basis functions, ridge regression, closed-form Gaussian expectations, sticky sampling
+
+
+def gaussian_pdf(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * (x - mean) ** 2 / var) / torch.sqrt(2 * math.pi * var)
+
+
+def basis_parameters(num_basis: int, widths) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centres (N,) and widths (N,): for each width, num_basis / len(widths) centres evenly spread over [0, 1]."""
+    per_width = num_basis // len(widths)
+    centres = torch.linspace(0.0, 1.0, per_width).repeat(len(widths))
+    sigmas = torch.tensor([float(w) for w in widths]).repeat_interleave(per_width)
+    return centres, sigmas
+
+
+def evaluate_basis(t: torch.Tensor, centres: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """ψ(t): (..., P) positions -> (..., P, N) basis values."""
+    return gaussian_pdf(t[..., None], centres, sigmas**2)
+
+
+def fit_coefficients(
+    positions: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, centres, sigmas, ridge_penalty: float
+) -> torch.Tensor:
+    """Weighted ridge regression of values (B, P, d) at positions (B, P) onto the basis: coefficients (B, N, d).
+
+    B = (Fᵀ W F + λ I)⁻¹ Fᵀ W X with F (B, P, N) the basis at the positions, W = diag(weights (B, P)).
+    """
+    basis = evaluate_basis(positions.float(), centres, sigmas)  # (B, P, N)
+    weighted = basis * weights.float()[..., None]  # (B, P, N)
+    gram = weighted.transpose(1, 2) @ basis  # (B, N, N)
+    gram = gram + ridge_penalty * torch.eye(gram.size(-1), device=gram.device, dtype=gram.dtype)
+    rhs = weighted.transpose(1, 2) @ values.float()  # (B, N, d)
+    return torch.linalg.solve(gram, rhs)
+
+
+def expected_basis(mu: torch.Tensor, var: torch.Tensor, centres, sigmas) -> torch.Tensor:
+    """r_n = E_{t~N(mu, var)}[ψ_n(t)] = N(mu; c_n, var + w_n²), for mu, var (...,) -> (..., N)."""
+    return gaussian_pdf(mu[..., None], centres, var[..., None] + sigmas**2)
+
+
+def bin_masses(mu: torch.Tensor, sigma: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Mass of N(mu, sigma²) in each of num_bins equal bins of [0, 1]: (...,) -> (..., num_bins)."""
+    edges = torch.linspace(0.0, 1.0, num_bins + 1, device=mu.device, dtype=mu.dtype)
+    cdf = 0.5 * (1 + torch.erf((edges - mu[..., None]) / (sigma[..., None] * math.sqrt(2.0))))  # (..., D+1)
+    return cdf[..., 1:] - cdf[..., :-1]
+
+
+def sticky_positions(density: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """The (j + ½)/num_samples quantiles of the piecewise-uniform density over equal bins of [0, 1].
+
+    density (B, D) non-negative bin weights -> (B, num_samples) ascending positions in [0, 1]. A flat density gives
+    the uniform grid (j + ½)/num_samples.
+    """
+    B, D = density.shape
+    p = density.float().clamp(min=0) + 1e-6  # never an empty bin, never an all-zero histogram
+    p = p / p.sum(dim=-1, keepdim=True)
+    cdf = torch.cumsum(p, dim=-1)  # (B, D)
+    quantiles = (torch.arange(num_samples, device=p.device, dtype=p.dtype) + 0.5) / num_samples  # (S,)
+    quantiles = quantiles.expand(B, num_samples).contiguous()
+    bins = torch.searchsorted(cdf, quantiles).clamp(max=D - 1)  # (B, S)
+    cdf_before = torch.cat([cdf.new_zeros(B, 1), cdf[:, :-1]], dim=-1).gather(1, bins)
+    within = ((quantiles - cdf_before) / p.gather(1, bins)).clamp(0.0, 1.0)
+    return (bins + within) / D
+
+
+class LongTermAttention(nn.Module):
+    """Continuous (Gaussian) attention of the current queries over one layer's continuous memory."""
+
+    def __init__(self, config: InfinityFormerConfig):
+        super().__init__()
+        d = config.n_embd
+        self.n_head, self.d_head = config.n_head, d // config.n_head
+        self.q_proj = nn.Linear(d, d)
+        self.kv_proj = nn.Linear(d, 2 * d)
+        self.out_proj = nn.Linear(d, d)
+        self.mu_head = nn.Linear(config.num_basis, 1)  # affine map of the basis scores to μ (before sigmoid)
+        self.sigma_head = nn.Linear(config.num_basis, 1)  # ... and to σ² (before softplus)
+        self.resid_drop = nn.Dropout(config.resid_pdrop)
+        self.sigma_min = config.sigma_min
+
+    def forward(self, h: torch.Tensor, coefficients: torch.Tensor, centres, sigmas):
+        """h (B, T, d) normed current states; coefficients (B, N, d) the memory signal.
+
+        Returns the long-term context (B, T, d) and the attention Gaussians' mu, sigma (B, H, T).
+        """
+        B, T, d = h.shape
+        N = coefficients.size(1)
+        q = self.q_proj(h).view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
+        k, v = self.kv_proj(coefficients.to(h.dtype)).chunk(2, dim=-1)  # (B, N, d) each: keys / values on the basis
+        k = k.view(B, N, self.n_head, self.d_head).transpose(1, 2)  # (B, H, N, Dh)
+        v = v.view(B, N, self.n_head, self.d_head).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.d_head)  # (B, H, T, N)
+        mu = torch.sigmoid(self.mu_head(scores).squeeze(-1)).float()  # (B, H, T)
+        var = F.softplus(self.sigma_head(scores).squeeze(-1)).float() + self.sigma_min**2
+        r = expected_basis(mu, var, centres, sigmas)  # (B, H, T, N)
+        context = (r.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, d)  # (B, T, d)
+        return self.resid_drop(self.out_proj(context)), mu, var.sqrt()
+
+
+class InfinityFormerBlock(nn.Module):
+    """GPT-2 block whose attention output is self-attention (current segment) + long-term attention (memory)."""
+
+    def __init__(self, config: InfinityFormerConfig, layer_idx: int):
+        super().__init__()
+        d = config.n_embd
+        self.ln_1 = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config, layer_idx=layer_idx)
+        self.ltm = LongTermAttention(config)
+        self.ln_2 = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(config.n_inner or 4 * d, config)
+
+    def forward(self, x, causal_mask, coefficients, memory_valid, centres, sigmas):
+        h = self.ln_1(x)  # (B, T, d)
+        self_context, _ = self.attn(h, attention_mask=causal_mask)
+        long_context, mu, sigma = self.ltm(h, coefficients, centres, sigmas)
+        # rows with an empty memory read nothing (multiplying keeps the path in the graph for DDP)
+        x = x + self_context + long_context * memory_valid[:, None, None].to(long_context.dtype)
+        x = x + self.mlp(self.ln_2(x))
+        return x, h, mu, sigma
+
+
+class InfinityFormerModel(nn.Module):
+    def __init__(self, config: InfinityFormerConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([InfinityFormerBlock(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        centres, sigmas = basis_parameters(config.num_basis, config.basis_widths)
+        self.register_buffer("basis_centres", centres, persistent=False)
+        self.register_buffer("basis_sigmas", sigmas, persistent=False)
+
+    def forward(self, input_ids, token_valid, coefficients, memory_valid):
+        """Returns final hidden states (B, T, d), per layer: the normed inputs written to memory, mu and sigma."""
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device)  # restart at 0 every segment
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, d)
+        allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None] & token_valid[:, None, :]
+        causal_mask = torch.zeros(B, 1, T, T, dtype=x.dtype, device=x.device)
+        causal_mask = causal_mask.masked_fill(~allowed[:, None], torch.finfo(x.dtype).min)  # additive (B, 1, T, T)
+
+        normed_inputs, mus, sigmas = [], [], []
+        centres, widths = self.basis_centres, self.basis_sigmas
+        for block, coeff in zip(self.h, coefficients):
+            x, h, mu, sigma = block(x, causal_mask, coeff, memory_valid, centres, widths)
+            normed_inputs.append(h)
+            mus.append(mu)
+            sigmas.append(sigma)
+        return self.ln_f(x), normed_inputs, mus, sigmas
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the LM model and its memory protocol
+
+
+class InfinityFormerPreTrainedModel(PreTrainedModel):
+    config_class = InfinityFormerConfig
+    base_model_prefix = "transformer"
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, Conv1D)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        if isinstance(module, (GPT2Attention, GPT2MLP)):  # GPT-2's scaled init of the residual projections
+            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        if isinstance(module, InfinityFormerModel):
+            centres, sigmas = basis_parameters(self.config.num_basis, self.config.basis_widths)
+            init.copy_(module.basis_centres, centres)
+            init.copy_(module.basis_sigmas, sigmas)
+
+
+class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
+    """∞-former GPT-2 language model carrying its continuous memory from one call to the next."""
+
+    memory_kind = "infinity_former"
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: InfinityFormerConfig):
+        super().__init__(config)
+        self.transformer = InfinityFormerModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # carried state: coefficients n_layer x (B, N, d) float32, valid (B,), density n_layer x (B, sticky_bins)
+        self._state: dict[str, Any] | None = None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value):
+        self.transformer.wte = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    @property
+    def max_segment_length(self) -> int:
+        return int(self.config.n_positions)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> MemoryModelOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if T > self.max_segment_length:
+            raise ValueError(
+                f"segment of {T} tokens is longer than this ∞-former's position table ({self.max_segment_length}); "
+                "use a shorter segment_size or raise model.config.n_positions."
+            )
+        state = self._memory_for(B, input_ids.device)
+        token_valid = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
+        hidden, normed_inputs, mus, sigmas = self.transformer(
+            input_ids, token_valid, state["coefficients"], state["valid"]
+        )
+        logits = self.lm_head(hidden)  # (B, T, V)
+        aux_loss = self.config.kl_weight * torch.stack([self._kl(m, s) for m, s in zip(mus, sigmas)]).mean()
+        self._update_memory(state, normed_inputs, mus, sigmas, token_valid)
+
+        loss = None
+        if labels is not None:
+            loss = shifted_lm_loss(logits, labels) + aux_loss
+        return MemoryModelOutput(loss=loss, logits=logits, aux_loss=aux_loss, hidden_states=hidden)
+
+    def _kl(self, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Mean KL(N(mu, sigma²) || N(mu_0, sigma_0²)) over (B, H, T); the mean term only with kl_mean_term."""
+        config = self.config
+        ratio = (sigma / config.sigma_0) ** 2
+        kl = 0.5 * (ratio - torch.log(ratio) - 1.0)
+        if config.kl_mean_term:
+            kl = kl + (mu - config.mu_0) ** 2 / (2 * config.sigma_0**2)
+        return kl.mean()
+
+    def _memory_for(self, batch_size: int, device: torch.device) -> dict[str, Any]:
+        config = self.config
+        if self._state is None:
+            zeros = torch.zeros(batch_size, config.num_basis, config.n_embd, device=device)
+            flat = torch.ones(batch_size, config.sticky_bins, device=device) / config.sticky_bins
+            return {
+                "coefficients": [zeros] * config.n_layer,
+                "valid": torch.zeros(batch_size, dtype=torch.bool, device=device),
+                "density": [flat] * config.n_layer,
+            }
+        if self._state["valid"].size(0) != batch_size:
+            raise ValueError(
+                f"∞-former memory holds {self._state['valid'].size(0)} rows but the input has {batch_size}; "
+                "call reset_memory() before changing the batch size."
+            )
+
+        def usable(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device)
+            # memory written under inference_mode (evaluation) cannot be saved for backward: take a normal copy
+            return t.clone() if t.is_inference() and not torch.is_inference_mode_enabled() else t
+
+        return {
+            "coefficients": [usable(c) for c in self._state["coefficients"]],
+            "valid": self._state["valid"].to(device),
+            "density": [usable(p) for p in self._state["density"]],
+        }
+
+    @torch.no_grad()
+    def _update_memory(self, state, normed_inputs, mus, sigmas, token_valid) -> None:
+        """Sample the old signal (stickily), squeeze it into [0, tau], add the segment over (tau, 1], refit."""
+        config = self.config
+        valid = state["valid"]  # (B,)
+        B, T = token_valid.shape
+        device = token_valid.device
+        centres, widths = self.transformer.basis_centres, self.transformer.basis_sigmas
+        fraction = (torch.arange(T, device=device, dtype=torch.float32) + 1) / T  # (T,) in (0, 1]
+        new_positions = torch.where(valid[:, None], config.tau + (1 - config.tau) * fraction, fraction)  # (B, T)
+        old_weights = valid[:, None].float().expand(B, config.num_samples)
+
+        coefficients, densities = [], []
+        for old_coeff, density, h, mu, sigma in zip(
+            state["coefficients"], state["density"], normed_inputs, mus, sigmas
+        ):
+            if config.sticky_memories:
+                samples = sticky_positions(density, config.num_samples)  # (B, S)
+            else:
+                grid = (torch.arange(config.num_samples, device=device, dtype=torch.float32) + 0.5) / config.num_samples
+                samples = grid.expand(B, -1)
+            old_values = evaluate_basis(samples, centres, widths) @ old_coeff.float()  # (B, S, d)
+            positions = torch.cat([config.tau * samples, new_positions], dim=1)  # (B, S+T)
+            values = torch.cat([old_values, h.detach().float()], dim=1)  # (B, S+T, d)
+            weights = torch.cat([old_weights, token_valid.float()], dim=1)  # (B, S+T)
+            coefficients.append(fit_coefficients(positions, values, weights, centres, widths, config.ridge_penalty))
+
+            # where this segment's attention fell on the old signal: the next sample points (sticky memories)
+            queries = token_valid[:, None, :, None].float()  # (B, 1, T, 1)
+            masses = (bin_masses(mu.detach(), sigma.detach(), config.sticky_bins) * queries).sum(dim=(1, 2))
+            densities.append(torch.where(valid[:, None], masses, torch.ones_like(masses)))  # (B, D)
+        self._state = {
+            "coefficients": coefficients,
+            "valid": valid | token_valid.any(dim=1),
+            "density": densities,
+        }
+
+    # ---- memory protocol --------------------------------------------------------------------------------------
+
+    def reset_memory(self, rows: torch.Tensor | None = None) -> None:
+        if rows is None or self._state is None:
+            self._state = None
+            return
+        s = self._state
+        rows = _check_rows(rows, s["valid"].size(0)).to(s["valid"].device)
+        self._state = {
+            "coefficients": [c.masked_fill(rows[:, None, None], 0.0) for c in s["coefficients"]],
+            "valid": s["valid"] & ~rows,
+            "density": [p.masked_fill(rows[:, None], 1.0) for p in s["density"]],
+        }
+
+    def get_memory_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"memory_kind": self.memory_kind}
+        if self._state is not None:
+            state.update(
+                coefficients=[c.detach().clone() for c in self._state["coefficients"]],
+                valid=self._state["valid"].clone(),
+                density=[p.detach().clone() for p in self._state["density"]],
+            )
+        return state
+
+    def set_memory_state(self, state: dict[str, Any]) -> None:
+        self._check_memory_state(state)
+        if "coefficients" not in state:
+            self.reset_memory()
+            return
+        config = self.config
+        coefficients, valid, density = state["coefficients"], state["valid"], state["density"]
+        if len(coefficients) != config.n_layer or len(density) != config.n_layer:
+            raise ValueError(
+                f"memory state has {len(coefficients)} layers, this ∞-former has {config.n_layer}; it was written by a "
+                "different configuration."
+            )
+        B = valid.shape[0]
+        for c, p in zip(coefficients, density):
+            if tuple(c.shape) != (B, config.num_basis, config.n_embd) or tuple(p.shape) != (B, config.sticky_bins):
+                raise ValueError(
+                    f"memory state tensors of shapes {tuple(c.shape)} / {tuple(p.shape)} do not fit "
+                    f"({B}, {config.num_basis}, {config.n_embd}) / ({B}, {config.sticky_bins}); it was written by a "
+                    "different ∞-former configuration."
+                )
+        device = self.transformer.wte.weight.device
+        self._state = {
+            "coefficients": [c.detach().clone().float().to(device) for c in coefficients],
+            "valid": valid.clone().bool().to(device),
+            "density": [p.detach().clone().float().to(device) for p in density],
+        }
+
+    def memory_stats(self) -> dict[str, float]:
+        if self._state is None:
+            return {"ltm_valid_fraction": 0.0}
+        return {"ltm_valid_fraction": float(self._state["valid"].float().mean().item())}
+
+
+AutoConfig.register(InfinityFormerConfig.model_type, InfinityFormerConfig, exist_ok=True)
+AutoModel.register(InfinityFormerConfig, InfinityFormerLMHeadModel, exist_ok=True)
+AutoModelForCausalLM.register(InfinityFormerConfig, InfinityFormerLMHeadModel, exist_ok=True)
