@@ -7,6 +7,7 @@ from typing import Any
 
 from .protocol import MemoryModelOutput, MemoryProtocol
 from . import gpt2, gpt2_memoria  # noqa: F401  (registers gpt2_with_memoria with the Auto classes)
+from . import compressive, infinity_former, transformer_xl  # noqa: F401  (registers the baselines)
 
 __all__ = ["MemoryModelOutput", "MemoryProtocol", "build_model"]
 
