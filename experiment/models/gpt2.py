@@ -1,9 +1,9 @@
 """Plain GPT-2, the paper's "Transformer" baseline (experiments.md §d.4).
 
-transformers' own GPT2LMHeadModel with no memory modules at all: every segment is processed alone, positions
-restart at 0 each segment, nothing is carried between calls. It follows the project's memory protocol with no-ops
-so tasks drive it exactly like the memory models. Config and checkpoints are stock GPT-2 (`model_type` "gpt2"), so
-`pretrained: gpt2` (or any GPT2LMHeadModel directory) loads directly.
+transformers' own GPT2LMHeadModel with no memory modules at all: every segment is processed alone,
+positions restart at 0 each segment, nothing is carried between calls. It follows the project's memory
+protocol with no-ops so tasks drive it exactly like the memory models. Config and checkpoints are stock
+GPT-2 (`model_type` "gpt2"), so `pretrained: gpt2` (or any GPT2LMHeadModel directory) loads directly.
 """
 
 from __future__ import annotations
@@ -19,10 +19,14 @@ from .protocol import MemoryModelOutput, MemoryProtocol, no_memory_state
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the T-1 shifted predictions of a segment: logits (B, T, V) at t score labels at t+1.
-    Labels equal to -100 are ignored (HF convention). Computed in float32 whatever the logits' dtype."""
+    """Mean cross-entropy of the T-1 shifted predictions of a segment: logits (B, T, V) at t score labels
+    at t+1. Labels equal to -100 are ignored (HF convention). Computed in float32 whatever the logits'
+    dtype."""
     if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:2])} (B, T) like input_ids, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape {tuple(logits.shape[:2])} (B, T) like input_ids, "
+            f"got {tuple(labels.shape)}"
+        )
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
     shift_labels = labels[:, 1:].reshape(-1).to(logits.device)  # (B*(T-1),)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
@@ -39,7 +43,9 @@ class GPT2LMHeadModel(HFGPT2LMHeadModel, MemoryProtocol):
         return self.config.n_positions
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:
-        if rows is not None and (not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or rows.dim() != 1):
+        if rows is not None and (
+            not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or rows.dim() != 1
+        ):
             raise ValueError(f"reset_memory(rows=...) takes a bool tensor of shape (B,), got {rows!r}")
         # Nothing is carried between segments, so there is nothing to forget.
 

@@ -42,8 +42,8 @@ _SHORTTERM, _LONGTERM, _WORKING = 2, 3, 1  # memoria.EngramType values
 class GPT2WithMemoriaConfig(GPT2Config):
     """GPT2Config plus Memoria's settings (defaults: the paper's WikiText-103 / PG-19 model).
 
-    memoria_num_memories          W, working-memory engrams per segment (Abstractor slots); 0/None = the previous
-                                  segment's hidden states themselves are the working memory
+    memoria_num_memories          W, working-memory engrams per segment (Abstractor slots); 0/None = the
+                                  previous segment's hidden states themselves are the working memory
     memoria_lifespan_extend_scale alpha: a reminded engram attended uniformly gains about alpha lifespan
     memoria_num_reminded_stm      short-term memories recalled per segment
     memoria_num_reminded_ltm      long-term memories recalled per segment
@@ -88,7 +88,13 @@ def check_memoria_config(config: GPT2WithMemoriaConfig) -> None:
         if value is None and allow_none:
             return
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        if (
+            isinstance(value, bool)
+            or not ok_type
+            or not math.isfinite(value)
+            or value < 0
+            or (value == 0 and not allow_zero)
+        ):
             kind = "an integer" if integer else "a number"
             bound = ">= 0" if allow_zero else "> 0"
             none = " or null" if allow_none else ""
@@ -105,11 +111,13 @@ def check_memoria_config(config: GPT2WithMemoriaConfig) -> None:
     positive("memoria_ltm_capacity", allow_none=True)
     if config.memoria_weight_form not in WEIGHT_FORMS:
         raise ValueError(
-            f"{type(config).__name__}.memoria_weight_form must be one of {WEIGHT_FORMS}, got {config.memoria_weight_form!r}"
+            f"{type(config).__name__}.memoria_weight_form must be one of {WEIGHT_FORMS}, "
+            f"got {config.memoria_weight_form!r}"
         )
     if config.add_cross_attention:
         raise ValueError(
-            f"{type(config).__name__}.add_cross_attention must be False: the memory attention is the model's cross-attention"
+            f"{type(config).__name__}.add_cross_attention must be False: "
+            "the memory attention is the model's cross-attention"
         )
 
 
@@ -144,7 +152,8 @@ def memory_attention(
     else:
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * attn.scaling  # (B, nh, T, M)
         if memory_valid is not None:
-            # finfo.min, not -inf: a row with no valid slot gets a finite uniform softmax (zeroed below), never NaN
+            # finfo.min, not -inf: a row with no valid slot gets a finite uniform softmax (zeroed below),
+            # never NaN
             scores = scores.masked_fill(~memory_valid[:, None, None, :], torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1) * row_valid[:, None, None, None]  # (B, nh, T, M)
         y = torch.matmul(attn.attn_dropout(probs).to(v.dtype), v)  # (B, nh, T, hd)
@@ -155,7 +164,8 @@ def memory_attention(
 
 
 class GPT2WithMemoriaBlock(GPT2Block):
-    """A stock GPT2Block (ln_1, attn, ln_2, mlp) plus one shared memory cross-attention with two LayerNorms."""
+    """A stock GPT2Block (ln_1, attn, ln_2, mlp) plus one shared memory cross-attention with its own two
+    LayerNorms."""
 
     def __init__(self, config: GPT2WithMemoriaConfig, layer_idx: int | None = None):
         super().__init__(config, layer_idx=layer_idx)
@@ -175,11 +185,12 @@ class GPT2WithMemoriaBlock(GPT2Block):
         query_weights: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states (B, T, H); working_memory (B, W, H) with working_memory_rows (B,) bool; reminded (B, M, H)
-        with reminded_valid (B, M) bool; query_weights (B, T) sums to 1 per row (None = uniform).
+        """hidden_states (B, T, H); working_memory (B, W, H) with working_memory_rows (B,) bool;
+        reminded (B, M, H) with reminded_valid (B, M) bool; query_weights (B, T) sums to 1 per row
+        (None = uniform).
 
-        Returns the new hidden states and this layer's reminded-attention probabilities averaged over heads and
-        query positions, (B, M) detached, or None without reminded memory.
+        Returns the new hidden states and this layer's reminded-attention probabilities averaged over heads
+        and query positions, (B, M) detached, or None without reminded memory.
         """
         h = hidden_states
         attn_out, _ = self.attn(self.ln_1(h), attention_mask=attention_mask, **kwargs)
@@ -208,7 +219,7 @@ class GPT2WithMemoriaBlock(GPT2Block):
 
 
 def _clone_tensors(value: Any) -> Any:
-    """A copy of nested dicts / lists / tuples in which every tensor is cloned (so nothing aliases live state)."""
+    """A copy of nested dicts / lists / tuples with every tensor cloned (nothing aliases live state)."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, dict):
@@ -222,18 +233,20 @@ def lifespan_delta(mean_probs: torch.Tensor, valid: torch.Tensor, scale: float) 
     """The lifespan gain of each reminded engram: Δ = ā · M_b · α (algorithm.md §e.1).
 
     mean_probs: (B, M) reminded-attention probabilities averaged over layers, heads and query positions.
-    valid: (B, M) bool. M_b is the number of valid engrams of row b, so uniform attention gives exactly α each and
-    Δ does not depend on how wide the padded tensor is. Invalid slots get 0.
+    valid: (B, M) bool. M_b is the number of valid engrams of row b, so uniform attention gives exactly α
+    each and Δ does not depend on how wide the padded tensor is. Invalid slots get 0.
     """
     valid_count = valid.sum(dim=1, keepdim=True).to(mean_probs.dtype)  # (B, 1)
     return mean_probs * valid_count * scale * valid.to(mean_probs.dtype)  # (B, M)
 
 
 class GPT2WithMemoriaPreTrainedModel(GPT2PreTrainedModel):
-    config_class = GPT2WithMemoriaConfig  # explicit: annotations are strings under `from __future__ import annotations`
+    config_class = (
+        GPT2WithMemoriaConfig  # explicit: annotations are strings under `from __future__ import annotations`
+    )
     base_model_prefix = "transformer"
-    _no_split_modules = ["GPT2WithMemoriaBlock"]
-    _can_record_outputs = {}
+    _no_split_modules = ["GPT2WithMemoriaBlock"]  # noqa: RUF012  (transformers class-attribute convention)
+    _can_record_outputs = {}  # noqa: RUF012  (no output recording: forward returns MemoryModelOutput)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -256,7 +269,9 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         self.wte = nn.Embedding(config.vocab_size, self.embed_dim)
         self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
         self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList([GPT2WithMemoriaBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.h = nn.ModuleList(
+            [GPT2WithMemoriaBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)]
+        )
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
         if config.memoria_num_memories:
             self.abstractor = Abstractor(config.memoria_num_memories, self.embed_dim, 4 * self.embed_dim)
@@ -266,7 +281,9 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
 
         # Carried state: plain attributes (never parameters or buffers, never synchronised across ranks).
         self.memoria: Memoria | None = None  # built on first use, when the device and the DDP rank are known
-        self.prev_hidden: torch.Tensor | None = None  # (B, T, H) ln_f output of the previous segment, detached
+        self.prev_hidden: torch.Tensor | None = (
+            None  # (B, T, H) ln_f output of the previous segment, detached
+        )
         self.prev_hidden_rows: torch.Tensor | None = None  # (B,) bool: rows whose prev_hidden is real
         # The last segment's reminded indices and lifespan deltas (B, M), for logging and analysis.
         self.last_reminded_indices: torch.Tensor | None = None
@@ -288,7 +305,11 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
     # ------------------------------------------------------------------ memory protocol
     def _new_memoria(self) -> Memoria:
         cfg = self.config
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        rank = (
+            torch.distributed.get_rank()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else 0
+        )
         return Memoria(
             num_reminded_stm=cfg.memoria_num_reminded_stm,
             stm_capacity=cfg.memoria_stm_capacity,
@@ -329,9 +350,15 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         self.prev_hidden_rows = keep
         self._state_is_inference |= torch.is_inference_mode_enabled()
 
+    def _move_memory(self, device: torch.device) -> None:
+        self.prev_hidden = self.prev_hidden.to(device)
+        self.prev_hidden_rows = self.prev_hidden_rows.to(device)
+        if self.memoria is not None and self.config.memoria_device is None:
+            self.memoria.to(device)  # memoria_device None = live with the model
+
     def _leave_inference_mode(self) -> None:
-        """Tensors made under torch.inference_mode (Lightning's evaluation) can neither be updated in place nor
-        saved for backward outside it; rebuild the carried state from normal copies."""
+        """Tensors made under torch.inference_mode (Lightning's evaluation) can neither be updated in place
+        nor saved for backward outside it; rebuild the carried state from normal copies."""
         self.set_memory_state(self.get_memory_state())
         self._state_is_inference = False
 
@@ -354,6 +381,8 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         else:
             memoria = self._new_memoria()
             memoria.load_state_dict(state["memoria"])
+            if self.config.memoria_device is None:
+                memoria.to(device)  # a state saved on another device lives with the model here
             self.memoria = memoria
         prev = state["prev_hidden"]
         self.prev_hidden = None if prev is None else prev.detach().clone().to(device)
@@ -363,12 +392,14 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         self._state_is_inference = torch.is_inference_mode_enabled()
 
     def memory_stats(self) -> dict[str, float]:
-        """Mean engram counts per row by type, and the mean lifespan gain of the last segment (a host sync: call
-        it for logging only)."""
+        """Mean engram counts per row by type, and the mean lifespan gain of the last segment (host syncs:
+        call it for logging only)."""
         memoria = self.memoria
-        if memoria is None or memoria.store is None or memoria._empty:
+        if memoria is None or memoria.store is None:
             return {"memory/working": 0.0, "memory/short_term": 0.0, "memory/long_term": 0.0}
-        types = memoria.store.types  # (B, C) uint8 EngramType per slot
+        types = (
+            memoria.store.types
+        )  # (B, C) uint8 EngramType per slot (NULL when free); no public count API yet
         stats = {
             "memory/working": (types == _WORKING).sum(1).float().mean().item(),
             "memory/short_term": (types == _SHORTTERM).sum(1).float().mean().item(),
@@ -391,8 +422,8 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
     ) -> MemoryModelOutput:
         """One segment: input_ids (B, T), attention_mask (B, T) 1 = token, 0 = padding.
 
-        1. If the previous segment left hidden states: WM = Abstractor(prev_hidden) (B, W, H), add it to Memoria,
-           remind (B, M, H). The first segment after a reset has no memory path at all.
+        1. If the previous segment left hidden states: WM = Abstractor(prev_hidden) (B, W, H), add it to
+           Memoria, remind (B, M, H). The first segment after a reset has no memory path at all.
         2. The blocks, positions starting at 0.
         3. Δ = mean reminded attention over layers, heads and (non-padding) queries × M_b × α; adjust Memoria.
         4. prev_hidden = ln_f(h).detach() for the next segment.
@@ -416,7 +447,11 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         inputs_embeds = self.wte(input_ids)  # (B, T, H)
         h = self.drop(inputs_embeds + self.wpe(positions))  # (B, T, H)
         causal_mask = create_causal_mask(
-            config=cfg, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=None, position_ids=positions
+            config=cfg,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=positions,
         )
         query_weights = None
         if attention_mask is not None:
@@ -425,6 +460,8 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
 
         if self._state_is_inference and not torch.is_inference_mode_enabled():
             self._leave_inference_mode()
+        if self.prev_hidden is not None and self.prev_hidden.device != input_ids.device:
+            self._move_memory(input_ids.device)  # the model was moved since the memory was written
 
         # --- memory read (outside every block, so activation checkpointing never replays it)
         working_memory = wm_rows = reminded = reminded_idx = reminded_valid = None
@@ -432,7 +469,9 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             prev_hidden = self.prev_hidden
             wm_rows = self.prev_hidden_rows  # (B,)
             # WM carries gradient into the Abstractor through the working-memory attention of this segment.
-            working_memory = self.abstractor(prev_hidden) if self.abstractor is not None else prev_hidden  # (B, W, H)
+            working_memory = (
+                self.abstractor(prev_hidden) if self.abstractor is not None else prev_hidden
+            )  # (B, W, H)
             if self.memoria is None:
                 self.memoria = self._new_memoria()
             self.memoria.add_working_memory(working_memory, mask=wm_rows)
@@ -477,7 +516,7 @@ class GPT2WithMemoriaLMHeadModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol)
     """GPT-2 with Memoria and a language-modelling head tied to the token embedding."""
 
     memory_kind = MEMORY_KIND
-    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}  # noqa: RUF012  (HF convention)
 
     def __init__(self, config: GPT2WithMemoriaConfig):
         super().__init__(config)
@@ -515,7 +554,9 @@ class GPT2WithMemoriaLMHeadModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels) + out.aux_loss
-        return MemoryModelOutput(loss=loss, logits=logits, aux_loss=out.aux_loss, hidden_states=out.hidden_states)
+        return MemoryModelOutput(
+            loss=loss, logits=logits, aux_loss=out.aux_loss, hidden_states=out.hidden_states
+        )
 
 
 AutoConfig.register(MEMORY_KIND, GPT2WithMemoriaConfig, exist_ok=True)

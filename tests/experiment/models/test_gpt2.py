@@ -1,4 +1,4 @@
-"""Plain GPT-2 baseline: stock transformers GPT-2 behind the memory protocol, nothing carried between segments."""
+"""Plain GPT-2 baseline: stock transformers GPT-2 behind the memory protocol, nothing carried over."""
 
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ VOCAB = 29
 
 
 def tiny_config(**overrides) -> GPT2Config:
-    kwargs = dict(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=None, eos_token_id=None)
+    kwargs = {
+        "vocab_size": VOCAB,
+        "n_positions": 16,
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 2,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
     kwargs.update(overrides)
     return GPT2Config(**kwargs)
 

@@ -58,9 +58,13 @@ def test_model_entry_shapes(name):
     config_class = GPT2WithMemoriaConfig if memory else GPT2LMHeadModel.config_class
     config = config_class(**model_kwargs(cfg))  # no weights: the full-size models would be slow on CPU
     assert (config.n_layer, config.n_embd, config.n_head, config.n_inner, config.n_positions) == (
-        layers, width, heads, ffn, positions)
-    assert cfg.model.class_path.endswith(
-        "GPT2WithMemoriaLMHeadModel" if memory else "gpt2.GPT2LMHeadModel")
+        layers,
+        width,
+        heads,
+        ffn,
+        positions,
+    )
+    assert cfg.model.class_path.endswith("GPT2WithMemoriaLMHeadModel" if memory else "gpt2.GPT2LMHeadModel")
     if not memory:
         assert not any(k.startswith("memoria_") for k in model_kwargs(cfg))
 
@@ -68,9 +72,16 @@ def test_model_entry_shapes(name):
 @pytest.mark.parametrize("memory", sorted(PAPER_MEMORY))
 def test_memory_groups_hold_the_papers_values(memory):
     config = GPT2WithMemoriaConfig(**model_kwargs(composed("memoria_gpt2", memory)))
-    got = (config.memoria_num_memories, config.memoria_lifespan_extend_scale, config.memoria_num_reminded_stm,
-           config.memoria_num_reminded_ltm, config.memoria_stm_capacity, config.memoria_ltm_search_depth,
-           config.memoria_initial_lifespan, config.memoria_reset_period)
+    got = (
+        config.memoria_num_memories,
+        config.memoria_lifespan_extend_scale,
+        config.memoria_num_reminded_stm,
+        config.memoria_num_reminded_ltm,
+        config.memoria_stm_capacity,
+        config.memoria_ltm_search_depth,
+        config.memoria_initial_lifespan,
+        config.memoria_reset_period,
+    )
     assert got == PAPER_MEMORY[memory]
     assert config.memoria_weight_form == "exp" and config.memoria_ltm_capacity is None
 
@@ -86,7 +97,9 @@ def test_every_memory_group_has_the_same_keys():
     assert len({frozenset(k) for k in keys.values()}) == 1
 
 
-@pytest.mark.parametrize("name, cls", [("memoria_gpt2_tiny", GPT2WithMemoriaLMHeadModel), ("gpt2_tiny", GPT2LMHeadModel)])
+@pytest.mark.parametrize(
+    "name, cls", [("memoria_gpt2_tiny", GPT2WithMemoriaLMHeadModel), ("gpt2_tiny", GPT2LMHeadModel)]
+)
 def test_tiny_entries_build_and_run(name, cls):
     cfg = composed(name, "tiny" if name.startswith("memoria") else None)
     torch.manual_seed(0)
@@ -107,8 +120,17 @@ def test_memory_override_reaches_the_model():
 
 def test_build_model_loads_a_pretrained_gpt2_into_memoria(tmp_path):
     torch.manual_seed(0)
-    stock = GPT2LMHeadModel(GPT2LMHeadModel.config_class(vocab_size=50, n_positions=256, n_embd=64, n_layer=2, n_head=2,
-                                                          bos_token_id=None, eos_token_id=None))
+    stock = GPT2LMHeadModel(
+        GPT2LMHeadModel.config_class(
+            vocab_size=50,
+            n_positions=256,
+            n_embd=64,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    )
     stock.save_pretrained(tmp_path)
     cfg = composed("memoria_gpt2_tiny", "tiny")
     cfg.model.pretrained = str(tmp_path)

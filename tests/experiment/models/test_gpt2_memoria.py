@@ -1,4 +1,4 @@
-"""GPT-2 with Memoria: wiring, carried memory, lifespan delta, loading, protocol (tiny configs, CPU, seconds)."""
+"""GPT-2 with Memoria: wiring, carried memory, lifespan delta, loading, protocol (tiny configs, CPU)."""
 
 from __future__ import annotations
 
@@ -25,19 +25,31 @@ MEMORY_PARTS = ("ln_wm", "ln_mem", "memory_attn", "abstractor")
 
 
 def tiny_config(**overrides) -> GPT2WithMemoriaConfig:
-    kwargs = dict(
-        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=None, eos_token_id=None,
-        memoria_num_memories=4, memoria_lifespan_extend_scale=ALPHA, memoria_num_reminded_stm=4,
-        memoria_num_reminded_ltm=4, memoria_stm_capacity=8, memoria_ltm_search_depth=2, memoria_initial_lifespan=3,
-        memoria_deterministic=True, memoria_seed=0,
-    )
+    kwargs = {
+        "vocab_size": VOCAB,
+        "n_positions": 32,
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 2,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "memoria_num_memories": 4,
+        "memoria_lifespan_extend_scale": ALPHA,
+        "memoria_num_reminded_stm": 4,
+        "memoria_num_reminded_ltm": 4,
+        "memoria_stm_capacity": 8,
+        "memoria_ltm_search_depth": 2,
+        "memoria_initial_lifespan": 3,
+        "memoria_deterministic": True,
+        "memoria_seed": 0,
+    }
     kwargs.update(overrides)
     return GPT2WithMemoriaConfig(**kwargs)
 
 
 def perturb_biases(module: torch.nn.Module) -> None:
-    """Fresh models have zero biases and unit LayerNorms; perturb them so tests see every term (e.g. an output bias
-    that must be masked)."""
+    """Fresh models have zero biases and unit LayerNorms; perturb them so tests see every term (e.g. an
+    output bias that must be masked)."""
     with torch.no_grad():
         for name, param in module.named_parameters():
             if name.endswith("bias") or "ln" in name:
@@ -68,12 +80,23 @@ def test_config_defaults_are_the_papers_lm_settings():
     cfg = GPT2WithMemoriaConfig()
     assert cfg.model_type == "gpt2_with_memoria"
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions) == (12, 768, 12, 1024)
-    assert (cfg.memoria_num_memories, cfg.memoria_lifespan_extend_scale, cfg.memoria_num_reminded_stm,
-            cfg.memoria_num_reminded_ltm, cfg.memoria_stm_capacity, cfg.memoria_ltm_search_depth,
-            cfg.memoria_initial_lifespan, cfg.memoria_reset_period, cfg.memoria_device) == (
-        50, 8.0, 50, 50, 400, 10, 9, 500, None)
-    assert (cfg.memoria_weight_form, cfg.memoria_seed, cfg.memoria_deterministic, cfg.memoria_ltm_capacity) == (
-        "exp", 0, False, None)
+    assert (
+        cfg.memoria_num_memories,
+        cfg.memoria_lifespan_extend_scale,
+        cfg.memoria_num_reminded_stm,
+        cfg.memoria_num_reminded_ltm,
+        cfg.memoria_stm_capacity,
+        cfg.memoria_ltm_search_depth,
+        cfg.memoria_initial_lifespan,
+        cfg.memoria_reset_period,
+        cfg.memoria_device,
+    ) == (50, 8.0, 50, 50, 400, 10, 9, 500, None)
+    assert (
+        cfg.memoria_weight_form,
+        cfg.memoria_seed,
+        cfg.memoria_deterministic,
+        cfg.memoria_ltm_capacity,
+    ) == ("exp", 0, False, None)
 
 
 @pytest.mark.parametrize(
@@ -156,8 +179,16 @@ def test_rejects_a_batch_size_change_without_reset():
 
 def test_first_segment_after_reset_has_no_memory_path_and_equals_stock_gpt2():
     model = tiny_model()
-    stock = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in model.config.to_dict().items() if not k.startswith("memoria_")
-                                          and k not in ("model_type", "architectures", "transformers_version")})).eval()
+    stock = GPT2LMHeadModel(
+        GPT2Config(
+            **{
+                k: v
+                for k, v in model.config.to_dict().items()
+                if not k.startswith("memoria_")
+                and k not in ("model_type", "architectures", "transformers_version")
+            }
+        )
+    ).eval()
     missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
     assert missing == [] and all(any(part in k for part in MEMORY_PARTS) for k in unexpected)
     x = segments(1)[0]
@@ -229,7 +260,9 @@ def _attention_module(attn_pdrop: float = 0.0):
     from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
     torch.manual_seed(0)
-    attn = GPT2Attention(tiny_config(attn_pdrop=attn_pdrop, resid_pdrop=0.0), is_cross_attention=True, layer_idx=0)
+    attn = GPT2Attention(
+        tiny_config(attn_pdrop=attn_pdrop, resid_pdrop=0.0), is_cross_attention=True, layer_idx=0
+    )
     perturb_biases(attn)
     return attn
 
@@ -247,7 +280,9 @@ def test_memory_attention_row_without_valid_memory_is_exactly_zero():
     assert probs[0, ..., 2:].abs().max().item() == 0.0  # -1 slots get no attention
     torch.testing.assert_close(probs[[0, 2]].sum(-1), torch.ones(2, 2, 5))
     # a whole batch with M = 0
-    out0, probs0 = memory_attention(attn, hidden, memory[:, :0], valid[:, :0], torch.zeros(3, dtype=torch.bool), True)
+    out0, probs0 = memory_attention(
+        attn, hidden, memory[:, :0], valid[:, :0], torch.zeros(3, dtype=torch.bool), True
+    )
     assert out0.abs().max().item() == 0.0 and probs0.shape == (3, 2, 5, 0)
 
 
@@ -256,7 +291,9 @@ def test_memory_attention_matches_between_fused_and_explicit_paths():
     hidden, memory = torch.randn(2, 5, 32), torch.randn(2, 4, 32)
     rows = torch.ones(2, dtype=torch.bool)
     fused, _ = memory_attention(attn, hidden, memory, None, rows, return_probs=False)
-    explicit, _ = memory_attention(attn, hidden, memory, torch.ones(2, 4, dtype=torch.bool), rows, return_probs=True)
+    explicit, _ = memory_attention(
+        attn, hidden, memory, torch.ones(2, 4, dtype=torch.bool), rows, return_probs=True
+    )
     torch.testing.assert_close(fused, explicit)
 
 
@@ -274,7 +311,9 @@ def test_lifespan_probabilities_are_taken_before_attention_dropout():
 
 def test_lifespan_delta_hand_checked():
     probs = torch.tensor([[0.5, 0.25, 0.25, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    valid = torch.tensor([[True, True, True, False], [True, False, False, False], [False, False, False, False]])
+    valid = torch.tensor(
+        [[True, True, True, False], [True, False, False, False], [False, False, False, False]]
+    )
     delta = lifespan_delta(probs, valid, 8.0)
     # row 0: M_b = 3 -> 0.5*3*8 = 12, 0.25*3*8 = 6; row 1: M_b = 1 -> 8; row 2: nothing
     torch.testing.assert_close(delta, torch.tensor([[12.0, 6.0, 6.0, 0.0], [8.0, 0, 0, 0], [0.0, 0, 0, 0]]))
@@ -356,12 +395,26 @@ def test_save_pretrained_round_trip_gives_identical_logits(tmp_path):
 
 def test_stock_gpt2_checkpoint_loads_with_only_memory_parts_new(tmp_path):
     torch.manual_seed(3)
-    stock = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                       bos_token_id=None, eos_token_id=None)).eval()
+    stock = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    ).eval()
     stock.save_pretrained(tmp_path)
     model, info = GPT2WithMemoriaLMHeadModel.from_pretrained(
-        tmp_path, output_loading_info=True, memoria_num_memories=4, memoria_stm_capacity=8,
-        memoria_num_reminded_stm=4, memoria_num_reminded_ltm=4, memoria_deterministic=True,
+        tmp_path,
+        output_loading_info=True,
+        memoria_num_memories=4,
+        memoria_stm_capacity=8,
+        memoria_num_reminded_stm=4,
+        memoria_num_reminded_ltm=4,
+        memoria_deterministic=True,
     )
     model.eval()
     assert info["unexpected_keys"] == set() or not info["unexpected_keys"]
@@ -389,8 +442,17 @@ def test_stock_gpt2_checkpoint_loads_with_only_memory_parts_new(tmp_path):
 
 
 def test_auto_classes_build_from_config():
-    cfg = AutoConfig.for_model("gpt2_with_memoria", vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                               bos_token_id=None, eos_token_id=None, memoria_num_memories=2)
+    cfg = AutoConfig.for_model(
+        "gpt2_with_memoria",
+        vocab_size=VOCAB,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=None,
+        eos_token_id=None,
+        memoria_num_memories=2,
+    )
     assert isinstance(cfg, GPT2WithMemoriaConfig)
     assert isinstance(AutoModelForCausalLM.from_config(cfg), GPT2WithMemoriaLMHeadModel)
     base = AutoModel.from_config(cfg)
@@ -499,7 +561,7 @@ def test_batch_rows_are_independent():
 
 
 def test_memory_survives_inference_mode_then_trains():
-    """Lightning validates under inference_mode; carried state made there must not break a training backward."""
+    """Lightning validates under inference_mode; state carried out of it must not break a backward."""
     model = tiny_model().train()
     segs = segments(4)
     with torch.inference_mode():
@@ -523,3 +585,23 @@ def test_gradient_checkpointing_runs_memoria_once_per_segment():
     for x in segs:
         reference(x)
     assert reference.transformer.memoria.timestep == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_with_autocast_and_a_device_move():
+    model = tiny_model().train()
+    segs = segments(4)
+    run(model, segs[:2])  # memory written on the CPU, then the model moves
+    model.cuda()
+    for x in segs:
+        x = x.cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, labels=x)
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+    assert model.transformer.prev_hidden.is_cuda
+    assert model.transformer.memoria.store.data.is_cuda
+    state = model.get_memory_state()
+    model.set_memory_state(state)
+    assert model(segs[0].cuda()).logits.is_cuda
