@@ -150,3 +150,39 @@ def test_bad_input_raises_before_compute():
     for bad in (dict(mem_len=0), dict(cmem_len=-1), dict(mem_len=2), dict(n_head=3), dict(compression_ratio=0)):
         with pytest.raises(ValueError):
             tiny_config(**bad)
+
+
+def test_conf_entries_have_the_paper_shapes():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[3] / "conf" / "model"
+    expected = {  # experiments.md §b.1: layers x width x heads, mem_len, cmem_len, max segment
+        "compressive": (12, 768, 12, 75, 75, 512),
+        "compressive_enwik8": (12, 512, 8, 256, 256, 512),
+        "compressive_sort": (4, 512, 4, 512, 512, 1024),
+    }
+    for name, shape in expected.items():
+        entry = OmegaConf.load(conf / f"{name}.yaml")
+        assert entry.name == name and entry.class_path.endswith("CompressiveLMHeadModel")
+        config = CompressiveConfig(vocab_size=21, **entry.config)
+        got = (config.n_layer, config.d_model, config.n_head, config.mem_len, config.cmem_len,
+               config.max_segment_length)
+        assert got == shape, name
+        assert config.compression_ratio == 4 and config.enhanced_recurrence
+        assert config.reconstruction_loss_weight == 1.0
+
+
+def test_sorting_steps_through_the_cli(tmp_path):
+    import math
+
+    from experiment.cli import run
+    from tests.conftest import TINY_SORTING, compose_config
+
+    # "++": trainer flags go through whether or not conf/trainer lists them
+    overrides = ["++" + o if o.startswith("trainer.") else o for o in TINY_SORTING]
+    cfg = compose_config(overrides + ["model=compressive_tiny", "logger=none"])
+    results = run(cfg, run_dir=tmp_path)
+    assert results["global_step"] == 2
+    assert math.isfinite(results["test"]["test/loss"]) and 0.0 <= results["test"]["test/acc-final"] <= 1.0

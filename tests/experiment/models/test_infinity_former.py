@@ -188,3 +188,36 @@ def test_bad_input_raises_before_compute():
     for bad in (dict(num_basis=0), dict(num_samples=-1), dict(num_basis=15), dict(tau=1.0), dict(ridge_penalty=0.0)):
         with pytest.raises(ValueError):
             tiny_config(**bad)
+
+
+def test_conf_entries_have_the_paper_shapes():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[3] / "conf" / "model"
+    expected = {  # experiments.md §b.1: layers x width x heads, basis functions, samples
+        "infinity_former": (12, 768, 12, 150, 150),
+        "infinity_former_enwik8": (12, 512, 8, 512, 512),
+        "infinity_former_sort": (4, 512, 4, 1024, 1024),
+    }
+    for name, shape in expected.items():
+        entry = OmegaConf.load(conf / f"{name}.yaml")
+        assert entry.name == name and entry.class_path.endswith("InfinityFormerLMHeadModel")
+        config = InfinityFormerConfig(vocab_size=21, **OmegaConf.to_container(entry.config))
+        assert (config.n_layer, config.n_embd, config.n_head, config.num_basis, config.num_samples) == shape, name
+        assert list(config.basis_widths) == [0.005, 0.01] and config.tau == 0.5 and config.kl_weight == 1e-6
+        assert config.sticky_memories and config.mu_0 == -1.0 and config.sigma_0 == 0.05
+    assert InfinityFormerConfig(**OmegaConf.load(conf / "infinity_former_sort.yaml").config).n_inner == 2048
+
+
+def test_sorting_steps_through_the_cli(tmp_path):
+    from experiment.cli import run
+    from tests.conftest import TINY_SORTING, compose_config
+
+    # "++": trainer flags go through whether or not conf/trainer lists them
+    overrides = ["++" + o if o.startswith("trainer.") else o for o in TINY_SORTING]
+    cfg = compose_config(overrides + ["model=infinity_former_tiny", "logger=none"])
+    results = run(cfg, run_dir=tmp_path)
+    assert results["global_step"] == 2
+    assert math.isfinite(results["test"]["test/loss"]) and 0.0 <= results["test"]["test/acc-final"] <= 1.0

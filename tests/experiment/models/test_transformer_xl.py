@@ -168,3 +168,37 @@ def test_bad_input_raises_before_compute():
         tiny_config(mem_len=0)
     with pytest.raises(ValueError, match="n_head"):
         tiny_config(n_head=0)
+
+
+def test_conf_entries_have_the_paper_shapes():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[3] / "conf" / "model"
+    expected = {  # experiments.md §b.1: layers x width x heads, d_head, d_inner, mem_len
+        "transformer_xl": (12, 768, 12, 64, 3072, 150),
+        "transformer_xl_enwik8": (12, 512, 8, 64, 2048, 512),
+        "transformer_xl_sort": (4, 512, 4, 128, 2048, 1024),
+    }
+    for name, shape in expected.items():
+        entry = OmegaConf.load(conf / f"{name}.yaml")
+        assert entry.name == name and entry.class_path.endswith("TransformerXLLMHeadModel")
+        config = TransformerXLConfig(vocab_size=21, **entry.config)
+        got = (config.n_layer, config.d_model, config.n_head, config.d_head, config.d_inner, config.mem_len)
+        assert got == shape, name
+        assert config.same_length and config.clamp_len == 1000 and config.untie_r and config.dropatt == 0.0
+
+
+def test_sorting_steps_through_the_cli(tmp_path):
+    import math
+
+    from experiment.cli import run
+    from tests.conftest import TINY_SORTING, compose_config
+
+    # "++": trainer flags go through whether or not conf/trainer lists them
+    overrides = ["++" + o if o.startswith("trainer.") else o for o in TINY_SORTING]
+    cfg = compose_config(overrides + ["model=transformer_xl_tiny", "logger=none"])
+    results = run(cfg, run_dir=tmp_path)
+    assert results["global_step"] == 2
+    assert math.isfinite(results["test"]["test/loss"]) and 0.0 <= results["test"]["test/acc-final"] <= 1.0
