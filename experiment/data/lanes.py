@@ -82,7 +82,8 @@ class LaneStream(IterableDataset):
     """Yields one batch per step for this rank's lanes, in step order, starting at `start_step()`.
 
     Batch: input_ids (b, T) int64, labels (b, T) int64 (aligned, -100 unscored), attention_mask (b, T) int64,
-    doc_start (b,) bool (the row begins a new document this step), step (int).
+    doc_start (b,) bool (the row begins a new document this step), step (int), and the plain bools has_padding
+    (some row is shorter than T) and any_doc_start.
     `len()` is the full number of steps even when resuming mid-epoch: Lightning counts the skipped steps itself.
     With several DataLoader workers, worker w yields steps start+w, start+w+W, ...; the loader's round-robin order
     restores the step order.
@@ -134,12 +135,16 @@ class LaneStream(IterableDataset):
         else:  # the prediction of the segment's last input falls outside the segment: not scored
             is_scored = position < (lengths[:, None] - 1)
         labels = np.where(is_scored, tokens[:, 1:], IGNORE_INDEX)
+        doc_start = self.table.doc_start[seg]
         return {
             "input_ids": torch.from_numpy(input_ids),
             "labels": torch.from_numpy(labels),
             "attention_mask": torch.from_numpy(is_input.astype(np.int64)),
-            "doc_start": torch.from_numpy(self.table.doc_start[seg].copy()),
+            "doc_start": torch.from_numpy(doc_start.copy()),
             "step": step,
+            # Host-side flags, so a task never needs a device sync to ask these:
+            "has_padding": bool((lengths < T).any()),
+            "any_doc_start": bool(doc_start.any()),
         }
 
     def __iter__(self) -> Iterator[dict]:

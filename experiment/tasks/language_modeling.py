@@ -1,0 +1,197 @@
+"""Language modelling on WikiText-103, PG-19 and enwik8 (experiments.md §c.1, §f).
+
+Each batch row is one lane, a contiguous stream of segments (experiment/data/lanes.py); the model carries its memory
+from one step to the next. Per training step:
+
+    the lane stream restarts (step 0 of an epoch)  -> reset all memory
+    first micro-batch of optimizer step g, g % reset_period == 0 -> reset all memory (the paper: 500; enwik8 1500)
+    reset_on_document_end and a row starts a new document -> reset that row's memory only
+    loss = Σ NLL over the scored tokens / their count (+ the model's aux_loss)
+
+Evaluation starts from empty memory (the base task snapshots the training memory before validation and restores it
+afterwards, so validation neither corrupts nor drops it). Metrics over a whole split, sums reduced across ranks:
+
+    {stage}/ppl              exp(Σ NLL / Σ scored tokens): the headline perplexity
+    {stage}/bpc              (Σ NLL / Σ scored tokens) / ln 2 (enwik8, `bits_per_character=True`)
+    {stage}/ppl_mean_of_batches   the reference's number: the mean over steps of exp(mean NLL of that step)
+    {stage}/loss             Σ NLL / Σ scored tokens (nats)
+    {stage}/scored_tokens    how many tokens were scored
+Training logs train/loss, train/ppl (per step) and train/tokens_per_s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from .base import MemoryTask
+
+IGNORE_INDEX = -100
+
+
+class SplitNLL(Metric):
+    """Σ NLL, Σ scored tokens, Σ per-step perplexities and the step count over an evaluation; summed across ranks."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("step_ppl_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("steps", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, nll_sum: torch.Tensor, tokens: torch.Tensor) -> None:
+        nll_sum = nll_sum.detach().double()
+        self.nll_sum += nll_sum
+        self.tokens += tokens.long()
+        # The reference logs exp(mean loss of the batch) per step and averages those (experiments.md §c.1).
+        self.step_ppl_sum += torch.exp(nll_sum / tokens.clamp(min=1).double())
+        self.steps += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        mean_nll = self.nll_sum / self.tokens.clamp(min=1).double()
+        return {
+            "loss": mean_nll,
+            "ppl": torch.exp(mean_nll),
+            "bpc": mean_nll / math.log(2.0),
+            "ppl_mean_of_batches": self.step_ppl_sum / self.steps.clamp(min=1).double(),
+            "scored_tokens": self.tokens.double(),
+        }
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ NLL in nats, number of scored tokens). logits (B, T, V), labels (B, T) aligned, -100 = not scored."""
+    vocab = logits.shape[-1]
+    nll_sum = F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                              reduction="sum")
+    return nll_sum, (labels != IGNORE_INDEX).sum()
+
+
+class LanguageModelingTask(MemoryTask):
+    """LightningModule for streaming language modelling.
+
+    Args:
+        model: any model of the project (experiment/models/protocol.py).
+        segment_length, eval_segment_length: the data's segment lengths, checked against the model's positions.
+        reset_period: reset the memory every this many optimizer steps (None or 0: only at stage starts).
+        reset_on_document_end: reset a row's memory when its lane starts a new document.
+        bits_per_character: also log {stage}/bpc (enwik8).
+        The optimizer settings go to MemoryTask.
+    """
+
+    monitor = "val/ppl"
+    monitor_mode = "min"
+
+    def __init__(self, model: torch.nn.Module, segment_length: int = 150, eval_segment_length: int | None = None,
+                 reset_period: int | None = 500, reset_on_document_end: bool = False,
+                 bits_per_character: bool = False, learning_rate: float = 2e-4, weight_decay: float = 0.0,
+                 schedule: str = "linear", warmup_ratio: float = 0.06, max_grad_norm: float | None = 1.0):
+        super().__init__(model, learning_rate=learning_rate, weight_decay=weight_decay, schedule=schedule,
+                         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm)
+        self.check_segment_length(segment_length, "task.data.segment_length")
+        if eval_segment_length is not None:
+            self.check_segment_length(eval_segment_length, "task.data.eval_segment_length")
+        if reset_period is not None and reset_period < 0:
+            raise ValueError(f"reset_period must be >= 1 (or 0/null for no periodic reset), got {reset_period}; "
+                             "set memory.reset_period.")
+        self.segment_length = segment_length
+        self.eval_segment_length = eval_segment_length or segment_length
+        self.reset_period = reset_period or None
+        self.reset_on_document_end = reset_on_document_end
+        self.bits_per_character = bits_per_character
+        self.save_hyperparameters(ignore=["model"])
+        self.val_nll = SplitNLL()
+        self.test_nll = SplitNLL()
+        self._memory_restored = False
+        self._last_batch_start: float | None = None
+        self._last_batch_tokens = 0
+
+    # ----------------------------------------------------------------------------------------------------------
+    # memory
+    def on_train_start(self) -> None:
+        # A run resumed from a checkpoint continues with the memory it saved; a fresh run starts empty.
+        if not self._memory_restored:
+            super().on_train_start()
+        self._memory_restored = False
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._memory_restored = self._trainer is not None and self.trainer.state.fn == "fit"
+
+    def _reset_before_step(self, batch: dict[str, Any], batch_idx: int, training: bool) -> None:
+        if batch["step"] == 0:  # the lane stream starts over (every epoch, every evaluation)
+            self.model.reset_memory()
+            return
+        if training and self.reset_period:
+            first_micro_batch = batch_idx % self.trainer.accumulate_grad_batches == 0
+            if first_micro_batch and self.global_step % self.reset_period == 0:  # counted in optimizer steps
+                self.model.reset_memory()
+                return
+        if self.reset_on_document_end and batch.get("any_doc_start", True):
+            self.model.reset_memory(rows=batch["doc_start"])
+
+    def _forward(self, batch: dict[str, Any]):
+        mask = batch["attention_mask"] if batch.get("has_padding", True) else None
+        return self.model(batch["input_ids"], attention_mask=mask)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # steps
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_batch_start is not None and self._last_batch_tokens:
+            rate = self._last_batch_tokens / max(now - self._last_batch_start, 1e-9)
+            self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, prog_bar=True)
+        self._last_batch_start = now
+        self._last_batch_tokens = batch["input_ids"].numel()
+
+    def on_train_epoch_end(self) -> None:
+        self._last_batch_start = None  # do not count validation time as a training step
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self._reset_before_step(batch, batch_idx, training=True)
+        output = self._forward(batch)
+        nll_sum, tokens = token_nll(output.logits, batch["labels"])
+        lm_loss = nll_sum / tokens.clamp(min=1)
+        loss = lm_loss + output.aux_loss if output.aux_loss is not None else lm_loss
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", lm_loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log("train/ppl", torch.exp(lm_loss.detach()), on_step=True, on_epoch=False, batch_size=batch_size)
+        if output.aux_loss is not None and output.aux_loss.requires_grad:
+            self.log("train/aux_loss", output.aux_loss.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
+        if self.trainer.log_every_n_steps and batch_idx % self.trainer.log_every_n_steps == 0:
+            for name, value in self.model.memory_stats().items():
+                name = name if name.startswith("memory/") else f"memory/{name}"
+                self.log(name, float(value), on_step=True, on_epoch=False, batch_size=batch_size)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], batch_idx: int, metric: SplitNLL) -> None:
+        self._reset_before_step(batch, batch_idx, training=False)
+        output = self._forward(batch)
+        nll_sum, tokens = token_nll(output.logits, batch["labels"])
+        metric.update(nll_sum, tokens)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.val_nll)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.test_nll)
+
+    def _log_split(self, stage: str, metric: SplitNLL) -> None:
+        values = metric.compute()  # reduced across ranks (sums), then divided
+        names = ["loss", "ppl", "ppl_mean_of_batches", "scored_tokens"] + (["bpc"] if self.bits_per_character else [])
+        for name in names:
+            self.log(f"{stage}/{name}", values[name].float(), prog_bar=name in ("ppl", "bpc"), sync_dist=False,
+                     rank_zero_only=False)
+        metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split("val", self.val_nll)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test", self.test_nll)
