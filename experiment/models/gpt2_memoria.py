@@ -28,14 +28,13 @@ from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT2PreTrainedModel
 
-from memoria import Abstractor, Memoria
+from memoria import Abstractor, EngramType, Memoria
 
 from .gpt2 import causal_lm_loss
 from .protocol import MemoryModelOutput, MemoryProtocol
 
 MEMORY_KIND = "gpt2_with_memoria"
 WEIGHT_FORMS = ("exp", "neg_sq")
-_SHORTTERM, _LONGTERM, _WORKING = 2, 3, 1  # memoria.EngramType values
 
 
 @strict
@@ -241,9 +240,8 @@ def lifespan_delta(mean_probs: torch.Tensor, valid: torch.Tensor, scale: float) 
 
 
 class GPT2WithMemoriaPreTrainedModel(GPT2PreTrainedModel):
-    config_class = (
-        GPT2WithMemoriaConfig  # explicit: annotations are strings under `from __future__ import annotations`
-    )
+    # Set explicitly: annotations are strings under `from __future__ import annotations`.
+    config_class = GPT2WithMemoriaConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["GPT2WithMemoriaBlock"]  # noqa: RUF012  (transformers class-attribute convention)
     _can_record_outputs = {}  # noqa: RUF012  (no output recording: forward returns MemoryModelOutput)
@@ -281,9 +279,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
 
         # Carried state: plain attributes (never parameters or buffers, never synchronised across ranks).
         self.memoria: Memoria | None = None  # built on first use, when the device and the DDP rank are known
-        self.prev_hidden: torch.Tensor | None = (
-            None  # (B, T, H) ln_f output of the previous segment, detached
-        )
+        self.prev_hidden: torch.Tensor | None = None  # (B, T, H) previous segment's ln_f output, detached
         self.prev_hidden_rows: torch.Tensor | None = None  # (B,) bool: rows whose prev_hidden is real
         # The last segment's reminded indices and lifespan deltas (B, M), for logging and analysis.
         self.last_reminded_indices: torch.Tensor | None = None
@@ -397,13 +393,12 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         memoria = self.memoria
         if memoria is None or memoria.store is None:
             return {"memory/working": 0.0, "memory/short_term": 0.0, "memory/long_term": 0.0}
-        types = (
-            memoria.store.types
-        )  # (B, C) uint8 EngramType per slot (NULL when free); no public count API yet
+        # (B, C) uint8 EngramType per slot, NULL when free (Memoria has no public per-type count yet)
+        types = memoria.store.types
         stats = {
-            "memory/working": (types == _WORKING).sum(1).float().mean().item(),
-            "memory/short_term": (types == _SHORTTERM).sum(1).float().mean().item(),
-            "memory/long_term": (types == _LONGTERM).sum(1).float().mean().item(),
+            "memory/working": (types == int(EngramType.WORKING)).sum(1).float().mean().item(),
+            "memory/short_term": (types == int(EngramType.SHORTTERM)).sum(1).float().mean().item(),
+            "memory/long_term": (types == int(EngramType.LONGTERM)).sum(1).float().mean().item(),
         }
         if self.last_lifespan_delta is not None and self.last_reminded_indices is not None:
             valid = self.last_reminded_indices >= 0
@@ -428,6 +423,10 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         3. Δ = mean reminded attention over layers, heads and (non-padding) queries × M_b × α; adjust Memoria.
         4. prev_hidden = ln_f(h).detach() for the next segment.
         """
+        if labels is not None:
+            raise ValueError(
+                "GPT2WithMemoriaModel has no LM head to score labels; use GPT2WithMemoriaLMHeadModel"
+            )
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -469,9 +468,10 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             prev_hidden = self.prev_hidden
             wm_rows = self.prev_hidden_rows  # (B,)
             # WM carries gradient into the Abstractor through the working-memory attention of this segment.
-            working_memory = (
-                self.abstractor(prev_hidden) if self.abstractor is not None else prev_hidden
-            )  # (B, W, H)
+            if self.abstractor is not None:
+                working_memory = self.abstractor(prev_hidden)  # (B, W, H)
+            else:
+                working_memory = prev_hidden  # (B, T, H): raw hidden states as working memory
             if self.memoria is None:
                 self.memoria = self._new_memoria()
             self.memoria.add_working_memory(working_memory, mask=wm_rows)
@@ -504,12 +504,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         self._state_is_inference = torch.is_inference_mode_enabled()
 
         aux_loss = hidden.new_zeros(())
-        loss = None
-        if labels is not None:
-            raise ValueError(
-                "GPT2WithMemoriaModel has no LM head to score labels; use GPT2WithMemoriaLMHeadModel"
-            )
-        return MemoryModelOutput(loss=loss, logits=None, aux_loss=aux_loss, hidden_states=hidden)
+        return MemoryModelOutput(loss=None, logits=None, aux_loss=aux_loss, hidden_states=hidden)
 
 
 class GPT2WithMemoriaLMHeadModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):

@@ -459,6 +459,9 @@ def test_auto_classes_build_from_config():
     assert isinstance(base, GPT2WithMemoriaModel)
     out = base(torch.zeros(1, 4, dtype=torch.long))
     assert out.logits is None and out.hidden_states.shape == (1, 4, 16)
+    with pytest.raises(ValueError, match="LMHeadModel"):
+        base(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
+    assert base.memoria is None  # the refused call did not advance the memory
 
 
 def test_raw_hidden_states_as_working_memory_when_num_memories_is_zero():
