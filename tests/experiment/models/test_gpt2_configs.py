@@ -138,3 +138,18 @@ def test_build_model_loads_a_pretrained_gpt2_into_memoria(tmp_path):
     assert isinstance(model, GPT2WithMemoriaLMHeadModel)
     assert model.config.memoria_num_memories == 4
     torch.testing.assert_close(model.transformer.wte.weight, stock.transformer.wte.weight)
+
+
+def test_hydra_composes_the_groups_with_command_line_overrides(tmp_path):
+    """The model and memory groups under Hydra itself, from a throwaway primary config that searches conf/."""
+    from hydra import compose, initialize_config_dir
+
+    (tmp_path / "primary.yaml").write_text(
+        "defaults:\n  - model: memoria_gpt2_tiny\n  - memory: tiny\n  - _self_\nseed: 3\n"
+        f"hydra:\n  searchpath:\n    - file://{CONF}\n"
+    )
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose("primary", overrides=["memory=sort", "memory.initial_lifespan=6"])
+    kwargs = model_kwargs(cfg)
+    assert kwargs["memoria_initial_lifespan"] == 6 and kwargs["memoria_num_reminded_ltm"] == 640
+    assert kwargs["memoria_seed"] == 3
