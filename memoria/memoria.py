@@ -150,6 +150,15 @@ class Memoria:
             return Engrams.empty(self.device, self.track_age, self.track_id)
         return self.store.view(self.track_age, self.track_id)
 
+    def type_counts(self) -> torch.Tensor:
+        """(B, 4) int64 on the memory's device: engrams of each EngramType per row (column NULL = free slots).
+        Stays on the device: no host sync until the caller reads it."""
+        if self.store is None or self._empty:
+            return torch.zeros(0, 4, dtype=torch.int64)
+        types = self.store.types.long()  # (B, C)
+        return torch.zeros(types.shape[0], 4, dtype=torch.int64, device=types.device).scatter_add_(
+            1, types, torch.ones_like(types))
+
     @torch.no_grad()
     def add_working_memory(self, data: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Store `data` (B, W, H) as W new working-memory engrams per row (rows where the bool `mask` (B,) is

@@ -317,6 +317,9 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             seed=cfg.memoria_seed + rank,  # each rank's streams break ties independently
             deterministic=cfg.memoria_deterministic,
             ltm_capacity=cfg.memoria_ltm_capacity,
+            # the fast path: a fixed reminded width (masked) and no value checks, so a step makes no host sync
+            static_shape=True,
+            validate=False,
         )
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:
@@ -391,14 +394,13 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         """Mean engram counts per row by type, and the mean lifespan gain of the last segment (host syncs:
         call it for logging only)."""
         memoria = self.memoria
-        if memoria is None or memoria.store is None:
+        if memoria is None or memoria.timestep == 0:
             return {"memory/working": 0.0, "memory/short_term": 0.0, "memory/long_term": 0.0}
-        # (B, C) uint8 EngramType per slot, NULL when free (Memoria has no public per-type count yet)
-        types = memoria.store.types
+        counts = memoria.type_counts().float().mean(0).tolist()  # mean per row, indexed by EngramType
         stats = {
-            "memory/working": (types == int(EngramType.WORKING)).sum(1).float().mean().item(),
-            "memory/short_term": (types == int(EngramType.SHORTTERM)).sum(1).float().mean().item(),
-            "memory/long_term": (types == int(EngramType.LONGTERM)).sum(1).float().mean().item(),
+            "memory/working": counts[int(EngramType.WORKING)],
+            "memory/short_term": counts[int(EngramType.SHORTTERM)],
+            "memory/long_term": counts[int(EngramType.LONGTERM)],
         }
         if self.last_lifespan_delta is not None and self.last_reminded_indices is not None:
             valid = self.last_reminded_indices >= 0

@@ -250,7 +250,7 @@ def test_second_segment_reminds_nothing_and_stays_finite():
     run(model, [s1])
     logits = run(model, [s2])[0]
     assert torch.isfinite(logits).all()
-    assert model.transformer.last_reminded_indices.shape == (3, 0)
+    assert bool((model.transformer.last_reminded_indices < 0).all())  # static width, all padding
 
 
 # ---------------------------------------------------------------- memory attention and the lifespan delta
