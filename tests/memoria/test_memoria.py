@@ -382,6 +382,8 @@ def test_add_mask_skips_rows():
     m.add_working_memory(torch.randn(2, 2, 3), mask=torch.tensor([True, False]))
     e = m.engrams
     assert (e.engrams_types[0] == W_).sum() == 2 and (e.engrams_types[1] == W_).sum() == 0
+    counts = m.type_counts()  # (B, 4) by EngramType; column 0 = free slots
+    assert counts[:, W_].tolist() == [2, 0] and counts.sum(1).tolist() == [m.store.capacity] * 2
 
 
 def test_static_shape_gives_the_same_engrams_padded():
