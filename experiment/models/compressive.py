@@ -2,24 +2,24 @@
 
 Every layer keeps a memory of the last `mem_len` states and a compressed memory of `cmem_len` older ones and
 attends over [cmem; mem; current]. States pushed out of `mem` are compressed by a strided Conv1d
-(kernel = stride = `compression_ratio`, 4 in the paper's configs) and appended to `cmem`; the oldest compressed
-states fall off the end.
+(kernel = stride = `compression_ratio`, 4 in the paper's configs) and appended to `cmem`; the oldest
+compressed states fall off the end.
 
 Choices where the paper leaves room (experiments.md §d.2):
 - Positions: a learned relative-position table per layer, one scalar bias per head and query-key distance,
-  added to the attention scores. Distances count key slots in [cmem; mem; current], so one compressed slot is one
-  step of distance, and positions restart nowhere: the model has no absolute positions at all.
+  added to the attention scores. Distances count key slots in [cmem; mem; current], so one compressed slot is
+  one step of distance, and positions restart nowhere: the model has no absolute positions at all.
 - Blocks are pre-LayerNorm (GPT-2 style); memories hold the un-normalised states and the layer's LayerNorm is
   applied to them with the current states.
 - Eviction takes a multiple of the compression ratio (the oldest states first), so no state is dropped
   uncompressed; `mem` then holds between mem_len - ratio + 1 and mem_len states.
-- Enhanced recurrence (`enhanced_recurrence`): layer l's memory stores the *output* of layer l (the input of the
-  layer above) instead of its input, so each layer sees memories one layer higher.
+- Enhanced recurrence (`enhanced_recurrence`): layer l's memory stores the *output* of layer l (the input of
+  the layer above) instead of its input, so each layer sees memories one layer higher.
 - Attention-reconstruction loss: for each layer that compressed something this step, the MSE between the
   content-based attention of the current queries over the evicted states and over their compression. It uses
-  detached copies of the layer's LayerNorm / query / key / value weights and detached states, out of place, so only
-  the compression network learns from it and no parameter is ever frozen (the reference froze every K/V weight with
-  an in-place detach_). aux_loss = reconstruction_loss_weight x mean over layers.
+  detached copies of the layer's LayerNorm / query / key / value weights and detached states, out of place, so
+  only the compression network learns from it and no parameter is ever frozen (the reference froze every K/V
+  weight with an in-place detach_). aux_loss = reconstruction_loss_weight x mean over layers.
 - Not implemented: GRU gating (off in every paper config), other compression functions, and the reference's
   K/V-freezing defect.
 """
@@ -30,17 +30,18 @@ import math
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
 from .protocol import MemoryModelOutput, MemoryProtocol
-from .transformer_xl import _check_rows, shifted_lm_loss
+from .transformer_xl import check_reset_rows, check_segment_inputs, shifted_lm_loss
 
 
 class CompressiveConfig(PretrainedConfig):
-    """Compressive Transformer hyperparameters. Defaults are the paper's sorting shape (compressive-former-sort)."""
+    """Compressive Transformer hyperparameters. Defaults are the paper's sorting shape
+    (compressive-former-sort)."""
 
     model_type = "memoria_compressive"
 
@@ -66,23 +67,32 @@ class CompressiveConfig(PretrainedConfig):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"CompressiveConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.d_model % self.n_head:
-            raise ValueError(f"CompressiveConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+            raise ValueError(
+                f"CompressiveConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
+            )
         if self.compression_ratio < 1:
-            raise ValueError(f"CompressiveConfig.compression_ratio must be >= 1, got {self.compression_ratio}")
+            raise ValueError(
+                f"CompressiveConfig.compression_ratio must be >= 1, got {self.compression_ratio}"
+            )
         if self.mem_len <= 0 or self.cmem_len <= 0:
             raise ValueError(
-                f"CompressiveConfig.mem_len and cmem_len must be > 0, got {self.mem_len} and {self.cmem_len}; "
+                f"CompressiveConfig.mem_len and cmem_len must be > 0, got {self.mem_len} and "
+                f"{self.cmem_len}; "
                 "without memory use model=gpt2, without compressed memory use model=transformer_xl."
             )
         if self.mem_len < self.compression_ratio:
             raise ValueError(
-                f"CompressiveConfig.mem_len ({self.mem_len}) must be >= compression_ratio ({self.compression_ratio}) "
-                "so evicted states can always be compressed in whole groups."
+                f"CompressiveConfig.mem_len ({self.mem_len}) must be >= compression_ratio "
+                f"({self.compression_ratio}) so evicted states can always be compressed in whole groups."
             )
         if self.reconstruction_loss_weight < 0:
-            raise ValueError(f"reconstruction_loss_weight must be >= 0, got {self.reconstruction_loss_weight}")
+            raise ValueError(
+                f"reconstruction_loss_weight must be >= 0, got {self.reconstruction_loss_weight}"
+            )
         if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.attn_dropout < 1.0):
-            raise ValueError(f"dropout and attn_dropout must be in [0, 1), got {self.dropout}, {self.attn_dropout}")
+            raise ValueError(
+                f"dropout and attn_dropout must be in [0, 1), got {self.dropout}, {self.attn_dropout}"
+            )
         super().__post_init__(**kwargs)
 
     @property
@@ -95,7 +105,7 @@ class CompressiveConfig(PretrainedConfig):
         return self.max_segment_length + self.mem_len + self.cmem_len - 1
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # building blocks
 
 
@@ -118,12 +128,14 @@ class CompressiveAttention(nn.Module):
         return x.view(B, L, self.n_head, self.d_head).transpose(1, 2)  # (B, H, L, Dh)
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """queries (B, T, d) normed current states; keys (B, K, d) normed [cmem; mem; current]; allowed (B, T, K)."""
+        """queries (B, T, d) normed current states; keys (B, K, d) normed [cmem; mem; current];
+        allowed (B, T, K)."""
         B, T, d = queries.shape
         K = keys.size(1)
         q = self.split_heads(self.q_proj(queries))  # (B, H, T, Dh)
         k, v = (self.split_heads(t) for t in self.kv_proj(keys).chunk(2, dim=-1))  # (B, H, K, Dh)
-        distance = (torch.arange(T, device=q.device)[:, None] + (K - T)) - torch.arange(K, device=q.device)[None]
+        query_index = torch.arange(T, device=q.device)[:, None] + (K - T)  # (T, 1) key index of each query
+        distance = query_index - torch.arange(K, device=q.device)[None]  # (T, K)
         bias = self.rel_pos_bias[:, distance.clamp(min=0)]  # (H, T, K); negative distances are masked below
         scores = (q @ k.transpose(-1, -2)) * self.scale + bias  # (B, H, T, K)
         scores = scores.float().masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
@@ -132,8 +144,9 @@ class CompressiveAttention(nn.Module):
         return self.resid_drop(self.out_proj(context))
 
     def content_attention_detached(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """Content-only attention (no positions, no mask) of queries (B, T, d) over memory (B, N, d) with detached
-        copies of the projection weights: gradient reaches `memory` only. Returns the per-head contexts (B, T, d)."""
+        """Content-only attention (no positions, no mask) of queries (B, T, d) over memory (B, N, d) with
+        detached copies of the projection weights: gradient reaches `memory` only. Returns the per-head
+        contexts (B, T, d)."""
         d = queries.size(-1)
         q = self.split_heads(F.linear(queries, self.q_proj.weight.detach(), self.q_proj.bias.detach()))
         kv = F.linear(memory, self.kv_proj.weight.detach(), self.kv_proj.bias.detach())
@@ -156,22 +169,30 @@ class CompressiveBlock(nn.Module):
         )
         # the compression function f_c: (B, d, ratio * n) -> (B, d, n)
         self.compress = nn.Conv1d(
-            config.d_model, config.d_model, kernel_size=config.compression_ratio, stride=config.compression_ratio
+            config.d_model,
+            config.d_model,
+            kernel_size=config.compression_ratio,
+            stride=config.compression_ratio,
         )
 
-    def forward(self, x: torch.Tensor, cmem: torch.Tensor, mem: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cmem: torch.Tensor, mem: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
         keys = self.ln_1(torch.cat([cmem, mem, x], dim=1))  # (B, C+M+T, d)
-        x = x + self.attn(keys[:, -x.size(1):], keys, allowed)
+        x = x + self.attn(keys[:, -x.size(1) :], keys, allowed)
         return x + self.mlp(self.ln_2(x))
 
     def compress_states(self, states: torch.Tensor) -> torch.Tensor:
         """(B, ratio * n, d) -> (B, n, d)."""
         return self.compress(states.transpose(1, 2)).transpose(1, 2)
 
-    def reconstruction_loss(self, x: torch.Tensor, old: torch.Tensor, compressed: torch.Tensor) -> torch.Tensor:
+    def reconstruction_loss(
+        self, x: torch.Tensor, old: torch.Tensor, compressed: torch.Tensor
+    ) -> torch.Tensor:
         """Rae et al.'s attention-reconstruction loss for this layer, learning only the compression network.
 
-        x (B, T, d) current layer input (the queries), old (B, ratio*n, d) evicted states, compressed (B, n, d).
+        x (B, T, d) current layer input (the queries), old (B, ratio*n, d) evicted states,
+        compressed (B, n, d).
         """
         w, b, eps = self.ln_1.weight.detach(), self.ln_1.bias.detach(), self.ln_1.eps
 
@@ -194,7 +215,8 @@ class CompressiveModel(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids, cmems, mems, cmem_valid, mem_valid, token_valid):
-        """Returns final hidden states (B, T, d), every layer's input and every layer's output (n_layer x (B, T, d))."""
+        """Returns final hidden states (B, T, d), every layer's input and every layer's output
+        (n_layer x (B, T, d))."""
         T = input_ids.size(1)
         C, M = cmem_valid.size(1), mem_valid.size(1)
         key_index = torch.arange(C + M + T, device=input_ids.device)
@@ -212,7 +234,7 @@ class CompressiveModel(nn.Module):
         return self.ln_f(x), inputs, outputs
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the LM model and its memory protocol
 
 
@@ -240,13 +262,14 @@ class CompressiveLMHeadModel(CompressivePreTrainedModel, MemoryProtocol):
     """Compressive Transformer language model carrying mems and cmems from one call to the next."""
 
     memory_kind = "compressive"
-    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}  # noqa: RUF012  (HF convention)
 
     def __init__(self, config: CompressiveConfig):
         super().__init__(config)
         self.transformer = CompressiveModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self._state: dict[str, Any] | None = None  # mems, cmems (n_layer x (B, L, d)), mem_valid, cmem_valid (B, L)
+        # mems, cmems (n_layer x (B, L, d)), mem_valid, cmem_valid (B, L)
+        self._state: dict[str, Any] | None = None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -269,25 +292,25 @@ class CompressiveLMHeadModel(CompressivePreTrainedModel, MemoryProtocol):
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MemoryModelOutput:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        if T > self.max_segment_length:
-            raise ValueError(
-                f"segment of {T} tokens is longer than this Compressive Transformer accepts "
-                f"({self.max_segment_length}, the size of its relative-position table); use a shorter segment_size "
-                "or raise model.config.max_segment_length."
-            )
-        state = self._memory_for(B, input_ids.device)
-        token_valid = (
-            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        token_valid = check_segment_inputs(
+            "Compressive Transformer",
+            input_ids,
+            attention_mask,
+            labels,
+            self.max_segment_length,
+            "max_segment_length",
         )
+        B = input_ids.size(0)
+        state = self._memory_for(B, input_ids.device)
         hidden, inputs, outputs = self.transformer(
             input_ids, state["cmems"], state["mems"], state["cmem_valid"], state["mem_valid"], token_valid
         )
         logits = self.lm_head(hidden)  # (B, T, V)
         new_states = outputs if self.config.enhanced_recurrence else inputs
-        aux_loss = self._update_memory(state, inputs, new_states, token_valid) * self.config.reconstruction_loss_weight
+        aux_loss = (
+            self._update_memory(state, inputs, new_states, token_valid)
+            * self.config.reconstruction_loss_weight
+        )
 
         loss = None
         if labels is not None:
@@ -303,13 +326,13 @@ class CompressiveLMHeadModel(CompressivePreTrainedModel, MemoryProtocol):
             return {"mems": [empty] * n, "cmems": [empty] * n, "mem_valid": no_valid, "cmem_valid": no_valid}
         if self._state["mem_valid"].size(0) != batch_size:
             raise ValueError(
-                f"Compressive Transformer memory holds {self._state['mem_valid'].size(0)} rows but the input has "
-                f"{batch_size}; call reset_memory() before changing the batch size."
+                f"Compressive Transformer memory holds {self._state['mem_valid'].size(0)} rows but the input "
+                f"has {batch_size}; call reset_memory() before changing the batch size."
             )
 
         def usable(t: torch.Tensor) -> torch.Tensor:
             t = t.to(device=device, dtype=dtype)
-            # memory written under inference_mode (evaluation) cannot be saved for backward: take a normal copy
+            # memory written under inference_mode (evaluation) cannot be saved for backward: use a copy
             return t.clone() if t.is_inference() and not torch.is_inference_mode_enabled() else t
 
         return {
@@ -320,41 +343,50 @@ class CompressiveLMHeadModel(CompressivePreTrainedModel, MemoryProtocol):
         }
 
     def _update_memory(self, state, inputs, new_states, token_valid) -> torch.Tensor:
-        """Push this segment into mem, compress what falls out into cmem; return the mean reconstruction loss."""
+        """Push this segment into mem, compress what falls out into cmem; return the mean reconstruction
+        loss."""
         config = self.config
         ratio = config.compression_ratio
         all_valid = torch.cat([state["mem_valid"], token_valid], dim=1)  # (B, M+T)
         overflow = all_valid.size(1) - config.mem_len
-        n_evict = 0 if overflow <= 0 else -(-overflow // ratio) * ratio  # whole groups of `ratio`, oldest first
+        # whole groups of `ratio`, oldest first
+        n_evict = 0 if overflow <= 0 else -(-overflow // ratio) * ratio
 
         mems, cmems, losses = [], [], []
         cmem_valid = state["cmem_valid"]
         if n_evict:
             evicted_valid = all_valid[:, :n_evict].view(-1, n_evict // ratio, ratio).any(dim=-1)  # (B, n)
-            cmem_valid = torch.cat([cmem_valid, evicted_valid], dim=1)[:, -config.cmem_len:]
-        for layer, x, mem, cmem, states in zip(self.transformer.layers, inputs, state["mems"], state["cmems"], new_states):
+            cmem_valid = torch.cat([cmem_valid, evicted_valid], dim=1)[:, -config.cmem_len :]
+        for layer, x, mem, cmem, states in zip(
+            self.transformer.layers, inputs, state["mems"], state["cmems"], new_states
+        ):
             all_states = torch.cat([mem, states.detach()], dim=1)  # (B, M+T, d)
             if n_evict:
                 old = all_states[:, :n_evict]
                 compressed = layer.compress_states(old)  # (B, n_evict / ratio, d), with grad for the aux loss
                 if config.reconstruction_loss_weight > 0:
                     losses.append(layer.reconstruction_loss(x, old, compressed))
-                cmem = torch.cat([cmem, compressed.detach()], dim=1)[:, -config.cmem_len:]
+                cmem = torch.cat([cmem, compressed.detach()], dim=1)[:, -config.cmem_len :]
             mems.append(all_states[:, n_evict:])
             cmems.append(cmem)
-        self._state = {"mems": mems, "cmems": cmems, "mem_valid": all_valid[:, n_evict:], "cmem_valid": cmem_valid}
+        self._state = {
+            "mems": mems,
+            "cmems": cmems,
+            "mem_valid": all_valid[:, n_evict:],
+            "cmem_valid": cmem_valid,
+        }
         if not losses:
             return self.transformer.wte.weight.new_zeros(())
         return torch.stack(losses).mean()
 
-    # ---- memory protocol --------------------------------------------------------------------------------------
+    # ---- memory protocol ----------------------------------------------------------------------------------
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:
         if rows is None or self._state is None:
             self._state = None
             return
         s = self._state
-        rows = _check_rows(rows, s["mem_valid"].size(0)).to(s["mem_valid"].device)
+        rows = check_reset_rows(rows, s["mem_valid"].size(0)).to(s["mem_valid"].device)
         self._state = {
             "mems": [m.masked_fill(rows[:, None, None], 0.0) for m in s["mems"]],
             "cmems": [m.masked_fill(rows[:, None, None], 0.0) for m in s["cmems"]],
@@ -380,18 +412,26 @@ class CompressiveLMHeadModel(CompressivePreTrainedModel, MemoryProtocol):
             self.reset_memory()
             return
         config = self.config
-        for key, limit, valid_key in (("mems", config.mem_len, "mem_valid"), ("cmems", config.cmem_len, "cmem_valid")):
+        for key, limit, valid_key in (
+            ("mems", config.mem_len, "mem_valid"),
+            ("cmems", config.cmem_len, "cmem_valid"),
+        ):
             tensors, valid = state[key], state[valid_key]
             if len(tensors) != config.n_layer:
-                raise ValueError(f"memory state has {len(tensors)} layers of {key}, this model has {config.n_layer}")
+                raise ValueError(
+                    f"memory state has {len(tensors)} layers of {key}, this model has {config.n_layer}"
+                )
             B, L = valid.shape
             if L > limit or B != state["mem_valid"].size(0):
-                raise ValueError(f"memory state's {key} of shape ({B}, {L}) does not fit this model (length <= {limit})")
+                raise ValueError(
+                    f"memory state's {key} of shape ({B}, {L}) does not fit this model (length <= {limit})"
+                )
             for t in tensors:
                 if tuple(t.shape) != (B, L, config.d_model):
                     raise ValueError(
-                        f"memory state tensor of shape {tuple(t.shape)} does not fit ({B}, {L}, {config.d_model}); "
-                        "it was written by a different Compressive Transformer configuration."
+                        f"memory state tensor of shape {tuple(t.shape)} does not fit ({B}, {L}, "
+                        f"{config.d_model}); it was written by a different Compressive Transformer "
+                        "configuration."
                     )
         device = self.transformer.wte.weight.device
         self._state = {

@@ -1,25 +1,27 @@
 """∞-former (Martins et al. 2022) on GPT-2 blocks: a continuous, unbounded long-term memory (LTM).
 
-Each block adds to GPT-2's causal self-attention over the current segment a long-term attention over a continuous
-signal that summarises everything before it (experiments.md §d.3):
+Each block adds to GPT-2's causal self-attention over the current segment a long-term attention over a
+continuous signal that summarises everything before it (experiments.md §d.3):
 
 1. Memory signal. Past states X (L x d) at positions t in [0, 1] are represented as x̄(t) = Bᵀ ψ(t), with
    ψ(t) = N Gaussian radial basis functions (centres evenly spread over [0, 1], one group per width in
-   `basis_widths`), and B (N x d) fitted by ridge regression:  B = (F W Fᵀ + λ I)⁻¹ F W X,  F = [ψ(t_1) .. ψ(t_L)].
+   `basis_widths`), and B (N x d) fitted by ridge regression:  B = (F W Fᵀ + λ I)⁻¹ F W X,  F = [ψ(t_1) ..
+   ψ(t_L)].
 2. Unbounded memory. After every segment the old signal is sampled at `num_samples` points, those samples are
    squeezed into [0, τ], the new segment's states are laid out over (τ, 1], and B is refitted on both.
    A row's first segment (empty memory) is laid out over (0, 1].
 3. Sticky memories. The sample points follow the attention the memory received in this segment: the Gaussians'
-   mass over `sticky_bins` equal bins of [0, 1], averaged over heads and queries, is a histogram; the points are its
-   (j + ½)/num_samples quantiles (a stratified, deterministic draw, so a saved state continues identically).
-4. Continuous attention. Per head, keys K = B W_K and values V = B W_V live on the basis. A query q gets a Gaussian
-   N(μ, σ²) with μ = sigmoid(w_μ · K q / √d_h + b_μ) and σ² = softplus(w_σ · K q / √d_h + b_σ) (the affine μ/σ
-   heads), and reads  z = E_{t~N(μ,σ²)}[v̄(t)] = Vᵀ r,  r_n = ∫ N(t; μ, σ²) ψ_n(t) dt = N(μ; c_n, σ² + w_n²)
-   in closed form.
-5. KL regulariser. aux_loss = kl_weight x mean KL(N(μ, σ²) || N(μ0, σ0²)). With `kl_mean_term: false` (default)
-   only the width term ½(σ²/σ0² − log(σ²/σ0²) − 1) is used: with the reference's μ0 = −1 (outside the memory's
-   [0, 1]) a mean term would pull every query to the oldest memories, so we read μ0 as unused; set
-   `kl_mean_term: true` for the full Gaussian KL.
+   mass over `sticky_bins` equal bins of [0, 1], averaged over heads and queries, is a histogram; the points
+   are its (j + ½)/num_samples quantiles (a stratified, deterministic draw, so a saved state continues
+   identically).
+4. Continuous attention. Per head, keys K = B W_K and values V = B W_V live on the basis. A query q gets a
+   Gaussian N(μ, σ²) with μ = sigmoid(w_μ · K q / √d_h + b_μ) and σ² = softplus(w_σ · K q / √d_h + b_σ) (the
+   affine μ/σ heads), and reads  z = E_{t~N(μ,σ²)}[v̄(t)] = Vᵀ r,  r_n = ∫ N(t; μ, σ²) ψ_n(t) dt = N(μ; c_n,
+   σ² + w_n²) in closed form.
+5. KL regulariser. aux_loss = kl_weight x mean KL(N(μ, σ²) || N(μ0, σ0²)). With `kl_mean_term: false`
+   (default) only the width term ½(σ²/σ0² − log(σ²/σ0²) − 1) is used: with the reference's μ0 = −1 (outside
+   the memory's [0, 1]) a mean term would pull every query to the oldest memories, so we read μ0 as unused;
+   set `kl_mean_term: true` for the full Gaussian KL.
 
 Differences from the reference, and what is not done:
 - The memory is reset with the others (the reference's LM task never reset it).
@@ -33,19 +35,20 @@ import math
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, PreTrainedModel
 from transformers import initialization as init
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2MLP
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
 from .protocol import MemoryModelOutput, MemoryProtocol
-from .transformer_xl import _check_rows, shifted_lm_loss
+from .transformer_xl import check_reset_rows, check_segment_inputs, shifted_lm_loss
 
 
 class InfinityFormerConfig(GPT2Config):
-    """GPT2Config plus the long-term memory's settings. Defaults: the paper's sorting shape (infinity-gpt2-sort).
+    """GPT2Config plus the long-term memory's settings. Defaults: the paper's sorting shape
+    (infinity-gpt2-sort).
 
     num_basis       N, Gaussian basis functions of the continuous memory (split evenly over basis_widths)
     num_samples     points the old signal is sampled at before each refit
@@ -89,15 +92,19 @@ class InfinityFormerConfig(GPT2Config):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(
                     f"{name}.{key} must be an integer > 0, got {value!r}"
-                    + ("; the continuous memory needs basis functions and samples" if key.startswith("num") else "")
+                    + (
+                        "; the continuous memory needs basis functions and samples"
+                        if key.startswith("num")
+                        else ""
+                    )
                 )
         widths = list(self.basis_widths)
         if not widths or any(w <= 0 for w in widths):
             raise ValueError(f"{name}.basis_widths must be a non-empty list of positive widths, got {widths}")
         if self.num_basis % len(widths):
             raise ValueError(
-                f"{name}.num_basis ({self.num_basis}) must be divisible by the number of basis_widths ({len(widths)}): "
-                "each width gets the same number of evenly spread centres."
+                f"{name}.num_basis ({self.num_basis}) must be divisible by the number of basis_widths "
+                f"({len(widths)}): each width gets the same number of evenly spread centres."
             )
         if not 0.0 < self.tau < 1.0:
             raise ValueError(f"{name}.tau must be in (0, 1), got {self.tau}")
@@ -112,7 +119,7 @@ class InfinityFormerConfig(GPT2Config):
             raise ValueError(f"{name}.add_cross_attention must be False")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the continuous memory: basis functions, ridge regression, closed-form Gaussian expectations, sticky sampling
 
 
@@ -121,7 +128,8 @@ def gaussian_pdf(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torc
 
 
 def basis_parameters(num_basis: int, widths) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centres (N,) and widths (N,): for each width, num_basis / len(widths) centres evenly spread over [0, 1]."""
+    """Centres (N,) and widths (N,): for each width, num_basis / len(widths) centres evenly spread over [0,
+    1]."""
     per_width = num_basis // len(widths)
     centres = torch.linspace(0.0, 1.0, per_width).repeat(len(widths))
     sigmas = torch.tensor([float(w) for w in widths]).repeat_interleave(per_width)
@@ -134,9 +142,15 @@ def evaluate_basis(t: torch.Tensor, centres: torch.Tensor, sigmas: torch.Tensor)
 
 
 def fit_coefficients(
-    positions: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, centres, sigmas, ridge_penalty: float
+    positions: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    centres,
+    sigmas,
+    ridge_penalty: float,
 ) -> torch.Tensor:
-    """Weighted ridge regression of values (B, P, d) at positions (B, P) onto the basis: coefficients (B, N, d).
+    """Weighted ridge regression of values (B, P, d) at positions (B, P) onto the basis: coefficients (B, N,
+    d).
 
     B = (Fᵀ W F + λ I)⁻¹ Fᵀ W X with F (B, P, N) the basis at the positions, W = diag(weights (B, P)).
     """
@@ -163,8 +177,8 @@ def bin_masses(mu: torch.Tensor, sigma: torch.Tensor, num_bins: int) -> torch.Te
 def sticky_positions(density: torch.Tensor, num_samples: int) -> torch.Tensor:
     """The (j + ½)/num_samples quantiles of the piecewise-uniform density over equal bins of [0, 1].
 
-    density (B, D) non-negative bin weights -> (B, num_samples) ascending positions in [0, 1]. A flat density gives
-    the uniform grid (j + ½)/num_samples.
+    density (B, D) non-negative bin weights -> (B, num_samples) ascending positions in [0, 1]. A flat density
+    gives the uniform grid (j + ½)/num_samples.
     """
     B, D = density.shape
     p = density.float().clamp(min=0) + 1e-6  # never an empty bin, never an all-zero histogram
@@ -201,7 +215,8 @@ class LongTermAttention(nn.Module):
         B, T, d = h.shape
         N = coefficients.size(1)
         q = self.q_proj(h).view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
-        k, v = self.kv_proj(coefficients.to(h.dtype)).chunk(2, dim=-1)  # (B, N, d) each: keys / values on the basis
+        # (B, N, d) each: keys / values on the basis
+        k, v = self.kv_proj(coefficients.to(h.dtype)).chunk(2, dim=-1)
         k = k.view(B, N, self.n_head, self.d_head).transpose(1, 2)  # (B, H, N, Dh)
         v = v.view(B, N, self.n_head, self.d_head).transpose(1, 2)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.d_head)  # (B, H, T, N)
@@ -213,7 +228,8 @@ class LongTermAttention(nn.Module):
 
 
 class InfinityFormerBlock(nn.Module):
-    """GPT-2 block whose attention output is self-attention (current segment) + long-term attention (memory)."""
+    """GPT-2 block whose attention output is self-attention (current segment) + long-term attention
+    (memory)."""
 
     def __init__(self, config: InfinityFormerConfig, layer_idx: int):
         super().__init__()
@@ -248,13 +264,15 @@ class InfinityFormerModel(nn.Module):
         self.register_buffer("basis_sigmas", sigmas, persistent=False)
 
     def forward(self, input_ids, token_valid, coefficients, memory_valid):
-        """Returns final hidden states (B, T, d), per layer: the normed inputs written to memory, mu and sigma."""
-        B, T = input_ids.shape
+        """Returns final hidden states (B, T, d), per layer: the normed inputs written to memory, mu and
+        sigma."""
+        B = input_ids.size(0)
         positions = torch.arange(T, device=input_ids.device)  # restart at 0 every segment
         x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, d)
         allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None] & token_valid[:, None, :]
         causal_mask = torch.zeros(B, 1, T, T, dtype=x.dtype, device=x.device)
-        causal_mask = causal_mask.masked_fill(~allowed[:, None], torch.finfo(x.dtype).min)  # additive (B, 1, T, T)
+        # additive (B, 1, T, T)
+        causal_mask = causal_mask.masked_fill(~allowed[:, None], torch.finfo(x.dtype).min)
 
         normed_inputs, mus, sigmas = [], [], []
         centres, widths = self.basis_centres, self.basis_sigmas
@@ -266,7 +284,7 @@ class InfinityFormerModel(nn.Module):
         return self.ln_f(x), normed_inputs, mus, sigmas
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the LM model and its memory protocol
 
 
@@ -299,13 +317,14 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
     """∞-former GPT-2 language model carrying its continuous memory from one call to the next."""
 
     memory_kind = "infinity_former"
-    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}  # noqa: RUF012  (HF convention)
 
     def __init__(self, config: InfinityFormerConfig):
         super().__init__(config)
         self.transformer = InfinityFormerModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # carried state: coefficients n_layer x (B, N, d) float32, valid (B,), density n_layer x (B, sticky_bins)
+        # carried state: coefficients n_layer x (B, N, d) float32, valid (B,),
+        # density n_layer x (B, sticky_bins)
         self._state: dict[str, Any] | None = None
         self.post_init()
 
@@ -329,18 +348,11 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MemoryModelOutput:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        if T > self.max_segment_length:
-            raise ValueError(
-                f"segment of {T} tokens is longer than this ∞-former's position table ({self.max_segment_length}); "
-                "use a shorter segment_size or raise model.config.n_positions."
-            )
-        state = self._memory_for(B, input_ids.device)
-        token_valid = (
-            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        token_valid = check_segment_inputs(
+            "∞-former", input_ids, attention_mask, labels, self.max_segment_length, "n_positions"
         )
+        B = input_ids.size(0)
+        state = self._memory_for(B, input_ids.device)
         hidden, normed_inputs, mus, sigmas = self.transformer(
             input_ids, token_valid, state["coefficients"], state["valid"]
         )
@@ -354,7 +366,8 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
         return MemoryModelOutput(loss=loss, logits=logits, aux_loss=aux_loss, hidden_states=hidden)
 
     def _kl(self, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Mean KL(N(mu, sigma²) || N(mu_0, sigma_0²)) over (B, H, T); the mean term only with kl_mean_term."""
+        """Mean KL(N(mu, sigma²) || N(mu_0, sigma_0²)) over (B, H, T); the mean term only with
+        kl_mean_term."""
         config = self.config
         ratio = (sigma / config.sigma_0) ** 2
         kl = 0.5 * (ratio - torch.log(ratio) - 1.0)
@@ -380,7 +393,7 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
 
         def usable(t: torch.Tensor) -> torch.Tensor:
             t = t.to(device)
-            # memory written under inference_mode (evaluation) cannot be saved for backward: take a normal copy
+            # memory written under inference_mode (evaluation) cannot be saved for backward: use a copy
             return t.clone() if t.is_inference() and not torch.is_inference_mode_enabled() else t
 
         return {
@@ -391,14 +404,16 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
 
     @torch.no_grad()
     def _update_memory(self, state, normed_inputs, mus, sigmas, token_valid) -> None:
-        """Sample the old signal (stickily), squeeze it into [0, tau], add the segment over (tau, 1], refit."""
+        """Sample the old signal (stickily), squeeze it into [0, tau], add the segment over (tau, 1],
+        refit."""
         config = self.config
         valid = state["valid"]  # (B,)
         B, T = token_valid.shape
         device = token_valid.device
         centres, widths = self.transformer.basis_centres, self.transformer.basis_sigmas
         fraction = (torch.arange(T, device=device, dtype=torch.float32) + 1) / T  # (T,) in (0, 1]
-        new_positions = torch.where(valid[:, None], config.tau + (1 - config.tau) * fraction, fraction)  # (B, T)
+        # (B, T)
+        new_positions = torch.where(valid[:, None], config.tau + (1 - config.tau) * fraction, fraction)
         old_weights = valid[:, None].float().expand(B, config.num_samples)
 
         coefficients, densities = [], []
@@ -408,13 +423,17 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
             if config.sticky_memories:
                 samples = sticky_positions(density, config.num_samples)  # (B, S)
             else:
-                grid = (torch.arange(config.num_samples, device=device, dtype=torch.float32) + 0.5) / config.num_samples
+                grid = (
+                    torch.arange(config.num_samples, device=device, dtype=torch.float32) + 0.5
+                ) / config.num_samples
                 samples = grid.expand(B, -1)
             old_values = evaluate_basis(samples, centres, widths) @ old_coeff.float()  # (B, S, d)
             positions = torch.cat([config.tau * samples, new_positions], dim=1)  # (B, S+T)
             values = torch.cat([old_values, h.detach().float()], dim=1)  # (B, S+T, d)
             weights = torch.cat([old_weights, token_valid.float()], dim=1)  # (B, S+T)
-            coefficients.append(fit_coefficients(positions, values, weights, centres, widths, config.ridge_penalty))
+            coefficients.append(
+                fit_coefficients(positions, values, weights, centres, widths, config.ridge_penalty)
+            )
 
             # where this segment's attention fell on the old signal: the next sample points (sticky memories)
             queries = token_valid[:, None, :, None].float()  # (B, 1, T, 1)
@@ -426,14 +445,14 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
             "density": densities,
         }
 
-    # ---- memory protocol --------------------------------------------------------------------------------------
+    # ---- memory protocol ----------------------------------------------------------------------------------
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:
         if rows is None or self._state is None:
             self._state = None
             return
         s = self._state
-        rows = _check_rows(rows, s["valid"].size(0)).to(s["valid"].device)
+        rows = check_reset_rows(rows, s["valid"].size(0)).to(s["valid"].device)
         self._state = {
             "coefficients": [c.masked_fill(rows[:, None, None], 0.0) for c in s["coefficients"]],
             "valid": s["valid"] & ~rows,
@@ -459,16 +478,17 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
         coefficients, valid, density = state["coefficients"], state["valid"], state["density"]
         if len(coefficients) != config.n_layer or len(density) != config.n_layer:
             raise ValueError(
-                f"memory state has {len(coefficients)} layers, this ∞-former has {config.n_layer}; it was written by a "
-                "different configuration."
+                f"memory state has {len(coefficients)} layers, this ∞-former has {config.n_layer}; it was "
+                "written by a different configuration."
             )
         B = valid.shape[0]
         for c, p in zip(coefficients, density):
-            if tuple(c.shape) != (B, config.num_basis, config.n_embd) or tuple(p.shape) != (B, config.sticky_bins):
+            coefficient_shape, density_shape = (B, config.num_basis, config.n_embd), (B, config.sticky_bins)
+            if tuple(c.shape) != coefficient_shape or tuple(p.shape) != density_shape:
                 raise ValueError(
                     f"memory state tensors of shapes {tuple(c.shape)} / {tuple(p.shape)} do not fit "
-                    f"({B}, {config.num_basis}, {config.n_embd}) / ({B}, {config.sticky_bins}); it was written by a "
-                    "different ∞-former configuration."
+                    f"{coefficient_shape} / {density_shape}; it was written by a different ∞-former "
+                    "configuration."
                 )
         device = self.transformer.wte.weight.device
         self._state = {

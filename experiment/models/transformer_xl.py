@@ -1,18 +1,18 @@
 """Transformer-XL (Dai et al. 2019), written from the published equations.
 
-Segment-level recurrence: every layer attends over [mem; current], where `mem` holds the detached inputs of that
-layer from the previous `mem_len` positions. Positions are relative: sinusoidal embeddings R of the query-key
-distance, and the attention score of query i and key j is (Dai et al. eq. in §3.3)
+Segment-level recurrence: every layer attends over [mem; current], where `mem` holds the detached inputs of
+that layer from the previous `mem_len` positions. Positions are relative: sinusoidal embeddings R of the
+query-key distance, and the attention score of query i and key j is (Dai et al. eq. in §3.3)
 
     A_ij = (q_i + u)^T k_j  +  (q_i + v)^T W_r R_{i-j}
            \\____ (a)+(c) __/    \\______ (b)+(d) _____/
 
 with two learned global biases u (content) and v (position), one pair per layer when `untie_r`.
-The output is a full softmax over the vocabulary: the paper's configs have a single adaptive-softmax cluster that
-covers the whole vocabulary (cutoffs = [vocab_size]), which is a full softmax.
+The output is a full softmax over the vocabulary: the paper's configs have a single adaptive-softmax cluster
+that covers the whole vocabulary (cutoffs = [vocab_size]), which is a full softmax.
 
-Carried state (the memory protocol): one (B, M, d_model) tensor per layer plus a (B, M) validity mask shared by
-all layers; M grows to `mem_len`. Rows whose memory was reset keep zeros marked invalid, so attention never
+Carried state (the memory protocol): one (B, M, d_model) tensor per layer plus a (B, M) validity mask shared
+by all layers; M grows to `mem_len`. Rows whose memory was reset keep zeros marked invalid, so attention never
 reads them.
 """
 
@@ -22,8 +22,8 @@ import math
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
@@ -59,17 +59,19 @@ class TransformerXLConfig(PretrainedConfig):
                 raise ValueError(f"TransformerXLConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.mem_len <= 0:
             raise ValueError(
-                f"TransformerXLConfig.mem_len must be > 0, got {self.mem_len}; Transformer-XL without memory is a "
-                "plain transformer: use model=gpt2 instead."
+                f"TransformerXLConfig.mem_len must be > 0, got {self.mem_len}; Transformer-XL without memory "
+                "is a plain transformer: use model=gpt2 instead."
             )
         if self.max_segment_length <= 0:
-            raise ValueError(f"TransformerXLConfig.max_segment_length must be > 0, got {self.max_segment_length}")
+            raise ValueError(
+                f"TransformerXLConfig.max_segment_length must be > 0, got {self.max_segment_length}"
+            )
         if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.dropatt < 1.0):
             raise ValueError(f"dropout and dropatt must be in [0, 1), got {self.dropout} and {self.dropatt}")
         super().__post_init__(**kwargs)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # building blocks
 
 
@@ -83,10 +85,10 @@ def sinusoid_embedding(distances: torch.Tensor, dim: int) -> torch.Tensor:
 def rel_shift(scores: torch.Tensor) -> torch.Tensor:
     """Turn scores against distances into scores against keys, in O(1) extra memory.
 
-    scores: (B, H, Q, K), column c holding the score of query i against distance K-1-c (the position embeddings
-    run from the farthest distance to 0). Returns (B, H, Q, K) whose [i, j] is the score against distance
-    (K - Q + i) - j, i.e. key j seen from query i, for every j <= K - Q + i. Entries above that diagonal are
-    garbage and must be masked (they are the causal mask's).
+    scores: (B, H, Q, K), column c holding the score of query i against distance K-1-c (the position
+    embeddings run from the farthest distance to 0). Returns (B, H, Q, K) whose [i, j] is the score against
+    distance (K - Q + i) - j, i.e. key j seen from query i, for every j <= K - Q + i. Entries above that
+    diagonal are garbage and must be masked (they are the causal mask's).
     """
     B, H, Q, K = scores.shape
     padded = torch.cat([scores.new_zeros(B, H, Q, 1), scores], dim=-1)  # (B, H, Q, K+1)
@@ -97,7 +99,8 @@ def rel_shift(scores: torch.Tensor) -> torch.Tensor:
 def attention_allowed(
     query_len: int, mem_len_now: int, window: int | None, device: torch.device
 ) -> torch.Tensor:
-    """(Q, M+Q) bool: query i (at key index M+i) may see key j when j <= M+i and, with a window, M+i-j < window."""
+    """(Q, M+Q) bool: query i (at key index M+i) may see key j when j <= M+i and, with a window, M+i-j <
+    window."""
     query_index = torch.arange(query_len, device=device)[:, None] + mem_len_now  # (Q, 1)
     key_index = torch.arange(mem_len_now + query_len, device=device)[None, :]  # (1, K)
     allowed = key_index <= query_index
@@ -200,11 +203,16 @@ class TransformerXLModel(nn.Module):
             self.r_r_bias = nn.Parameter(torch.zeros(config.n_head, config.d_head))
 
     def forward(
-        self, input_ids: torch.Tensor, mems: list[torch.Tensor], mem_valid: torch.Tensor, token_valid: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        mems: list[torch.Tensor],
+        mem_valid: torch.Tensor,
+        token_valid: torch.Tensor,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """input_ids (B, Q), mems n_layer x (B, M, d), mem_valid (B, M), token_valid (B, Q).
 
-        Returns the last hidden states (B, Q, d) and the input of every layer (n_layer x (B, Q, d)) for the memory.
+        Returns the last hidden states (B, Q, d) and the input of every layer (n_layer x (B, Q, d)) for the
+        memory.
         """
         config = self.config
         Q, M = input_ids.size(1), mem_valid.size(1)
@@ -229,7 +237,7 @@ class TransformerXLModel(nn.Module):
         return self.drop(h), layer_inputs
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the LM model and its memory protocol
 
 
@@ -258,7 +266,7 @@ class TransformerXLLMHeadModel(TransformerXLPreTrainedModel, MemoryProtocol):
     """Transformer-XL language model carrying its per-layer memories from one call to the next."""
 
     memory_kind = "transformer_xl"
-    _tied_weights_keys = {"lm_head.weight": "transformer.word_emb.weight"}
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_emb.weight"}  # noqa: RUF012  (HF convention)
 
     def __init__(self, config: TransformerXLConfig):
         super().__init__(config)
@@ -281,7 +289,7 @@ class TransformerXLLMHeadModel(TransformerXLPreTrainedModel, MemoryProtocol):
     def max_segment_length(self) -> int:
         return int(self.config.max_segment_length)
 
-    # ---- forward ----------------------------------------------------------------------------------------------
+    # ---- forward ------------------------------------------------------------------------------------------
 
     def forward(
         self,
@@ -290,18 +298,11 @@ class TransformerXLLMHeadModel(TransformerXLPreTrainedModel, MemoryProtocol):
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MemoryModelOutput:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
-        B, Q = input_ids.shape
-        if Q > self.max_segment_length:
-            raise ValueError(
-                f"segment of {Q} tokens is longer than this Transformer-XL accepts ({self.max_segment_length}); "
-                "use a shorter segment_size or raise model.config.max_segment_length."
-            )
-        mems, mem_valid = self._memory_for(B, input_ids.device)
-        token_valid = (
-            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        token_valid = check_segment_inputs(
+            "Transformer-XL", input_ids, attention_mask, labels, self.max_segment_length, "max_segment_length"
         )
+        B = input_ids.size(0)
+        mems, mem_valid = self._memory_for(B, input_ids.device)
 
         hidden, layer_inputs = self.transformer(input_ids, mems, mem_valid, token_valid)
         logits = self.lm_head(hidden)  # (B, Q, V)
@@ -326,7 +327,7 @@ class TransformerXLLMHeadModel(TransformerXLPreTrainedModel, MemoryProtocol):
             )
         mems = [m.to(device=device, dtype=dtype) for m in self._mems]
         if not torch.is_inference_mode_enabled():
-            # memory written under inference_mode (evaluation) cannot be saved for backward: take a normal copy
+            # memory written under inference_mode (evaluation) cannot be saved for backward: use a copy
             mems = [m.clone() if m.is_inference() else m for m in mems]
         return mems, self._mem_valid.to(device)
 
@@ -336,13 +337,13 @@ class TransformerXLLMHeadModel(TransformerXLPreTrainedModel, MemoryProtocol):
         self._mems = [torch.cat([m, h.detach()], dim=1)[:, -keep:] for m, h in zip(mems, layer_inputs)]
         self._mem_valid = torch.cat([mem_valid, token_valid], dim=1)[:, -keep:]
 
-    # ---- memory protocol --------------------------------------------------------------------------------------
+    # ---- memory protocol ----------------------------------------------------------------------------------
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:
         if rows is None or self._mems is None:
             self._mems, self._mem_valid = None, None
             return
-        rows = _check_rows(rows, self._mem_valid.size(0)).to(self._mem_valid.device)
+        rows = check_reset_rows(rows, self._mem_valid.size(0)).to(self._mem_valid.device)
         self._mems = [m.masked_fill(rows[:, None, None], 0.0) for m in self._mems]
         self._mem_valid = self._mem_valid & ~rows[:, None]
 
@@ -380,11 +381,13 @@ class TransformerXLLMHeadModel(TransformerXLPreTrainedModel, MemoryProtocol):
             return {"mem_length": 0.0, "mem_valid_fraction": 0.0}
         return {
             "mem_length": float(self._mem_valid.size(1)),
-            "mem_valid_fraction": float(self._mem_valid.float().mean().item()) if self._mem_valid.numel() else 0.0,
+            "mem_valid_fraction": float(self._mem_valid.float().mean().item())
+            if self._mem_valid.numel()
+            else 0.0,
         }
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # shared helpers
 
 
@@ -397,7 +400,7 @@ def shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
 
 
-def _check_rows(rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+def check_reset_rows(rows: torch.Tensor, batch_size: int) -> torch.Tensor:
     rows = torch.as_tensor(rows)
     if rows.dtype != torch.bool or rows.dim() != 1 or rows.numel() != batch_size:
         raise ValueError(
@@ -405,6 +408,30 @@ def _check_rows(rows: torch.Tensor, batch_size: int) -> torch.Tensor:
             f"{tuple(rows.shape)}; pass rows=None to reset every row."
         )
     return rows
+
+
+def check_segment_inputs(
+    model: str, input_ids: torch.Tensor, attention_mask, labels, max_length: int, length_key: str
+) -> torch.Tensor:
+    """Refuse a malformed segment before any compute; return the (B, T) bool mask of real tokens."""
+    if input_ids.dim() != 2 or input_ids.size(1) == 0:
+        raise ValueError(
+            f"input_ids must be a non-empty (batch, time) tensor, got shape {tuple(input_ids.shape)}"
+        )
+    T = input_ids.size(1)
+    if T > max_length:
+        raise ValueError(
+            f"segment of {T} tokens is longer than this {model} accepts ({max_length}); use a shorter "
+            f"segment_size or raise model.config.{length_key}."
+        )
+    for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
+        if tensor is not None and tuple(tensor.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(tensor.shape)}"
+            )
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    return attention_mask.to(input_ids.device).bool()
 
 
 AutoConfig.register(TransformerXLConfig.model_type, TransformerXLConfig, exist_ok=True)

@@ -5,10 +5,19 @@ from experiment.models.compressive import CompressiveConfig, CompressiveLMHeadMo
 
 
 def tiny_config(**overrides) -> CompressiveConfig:
-    kwargs = dict(
-        vocab_size=21, d_model=32, n_layer=2, n_head=2, d_inner=64, mem_len=8, cmem_len=4, compression_ratio=4,
-        max_segment_length=16, dropout=0.0, attn_dropout=0.0,
-    )
+    kwargs = {
+        "vocab_size": 21,
+        "d_model": 32,
+        "n_layer": 2,
+        "n_head": 2,
+        "d_inner": 64,
+        "mem_len": 8,
+        "cmem_len": 4,
+        "compression_ratio": 4,
+        "max_segment_length": 16,
+        "dropout": 0.0,
+        "attn_dropout": 0.0,
+    }
     kwargs.update(overrides)
     return CompressiveConfig(**kwargs)
 
@@ -147,7 +156,7 @@ def test_bad_input_raises_before_compute():
     model(torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="reset_memory"):
         model(torch.zeros(3, 4, dtype=torch.long))
-    for bad in (dict(mem_len=0), dict(cmem_len=-1), dict(mem_len=2), dict(n_head=3), dict(compression_ratio=0)):
+    for bad in ({"mem_len": 0}, {"cmem_len": -1}, {"mem_len": 2}, {"n_head": 3}, {"compression_ratio": 0}):
         with pytest.raises(ValueError):
             tiny_config(**bad)
 
@@ -167,8 +176,14 @@ def test_conf_entries_have_the_paper_shapes():
         entry = OmegaConf.load(conf / f"{name}.yaml")
         assert entry.name == name and entry.class_path.endswith("CompressiveLMHeadModel")
         config = CompressiveConfig(vocab_size=21, **entry.config)
-        got = (config.n_layer, config.d_model, config.n_head, config.mem_len, config.cmem_len,
-               config.max_segment_length)
+        got = (
+            config.n_layer,
+            config.d_model,
+            config.n_head,
+            config.mem_len,
+            config.cmem_len,
+            config.max_segment_length,
+        )
         assert got == shape, name
         assert config.compression_ratio == 4 and config.enhanced_recurrence
         assert config.reconstruction_loss_weight == 1.0

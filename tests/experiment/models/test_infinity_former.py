@@ -16,10 +16,20 @@ from experiment.models.infinity_former import (
 
 
 def tiny_config(**overrides) -> InfinityFormerConfig:
-    kwargs = dict(
-        vocab_size=21, n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=16, num_basis=16, num_samples=16,
-        sticky_bins=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
+    kwargs = {
+        "vocab_size": 21,
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 2,
+        "n_inner": 64,
+        "n_positions": 16,
+        "num_basis": 16,
+        "num_samples": 16,
+        "sticky_bins": 8,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
     kwargs.update(overrides)
     return InfinityFormerConfig(**kwargs)
 
@@ -34,7 +44,8 @@ def segments(batch=2, length=8, n=3, seed=1):
     return [torch.randint(0, 21, (batch, length), generator=g) for _ in range(n)]
 
 
-# ---- the continuous memory's pieces -----------------------------------------------------------------------------
+# ---- the continuous memory's pieces
+# -----------------------------------------------------------------------------
 
 
 def test_basis_groups_one_evenly_spread_set_of_centres_per_width():
@@ -46,7 +57,8 @@ def test_basis_groups_one_evenly_spread_set_of_centres_per_width():
 def test_ridge_regression_reconstructs_a_smooth_signal():
     centres, sigmas = basis_parameters(64, [0.02, 0.04])
     positions = torch.linspace(0, 1, 200)[None]  # (1, P)
-    signal = torch.stack([torch.sin(2 * math.pi * positions[0]), positions[0] ** 2], dim=-1)[None]  # (1, P, 2)
+    # (1, P, 2)
+    signal = torch.stack([torch.sin(2 * math.pi * positions[0]), positions[0] ** 2], dim=-1)[None]
     coeff = fit_coefficients(positions, signal, torch.ones(1, 200), centres, sigmas, ridge_penalty=1e-4)
     reconstruction = evaluate_basis(positions, centres, sigmas) @ coeff
     assert (reconstruction - signal).abs().max() < 0.05
@@ -71,7 +83,9 @@ def test_closed_form_expectation_matches_numerical_integration():
 
 def test_sticky_positions_follow_the_attention_density():
     flat = torch.ones(1, 4)
-    torch.testing.assert_close(sticky_positions(flat, 4), torch.tensor([[0.125, 0.375, 0.625, 0.875]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        sticky_positions(flat, 4), torch.tensor([[0.125, 0.375, 0.625, 0.875]]), atol=1e-5, rtol=0
+    )
     peaked = torch.tensor([[0.0, 0.0, 1.0, 0.0]])  # all attention on [0.5, 0.75)
     samples = sticky_positions(peaked, 10)
     assert ((samples >= 0.5) & (samples <= 0.75)).all()
@@ -80,7 +94,8 @@ def test_sticky_positions_follow_the_attention_density():
     assert masses[0, 2] > 0.99
 
 
-# ---- the model ----------------------------------------------------------------------------------------------------
+# ---- the model
+# ----------------------------------------------------------------------------------------------------
 
 
 def test_forward_backward_reaches_every_parameter_and_kl_is_included():
@@ -185,7 +200,13 @@ def test_bad_input_raises_before_compute():
     model(torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="reset_memory"):
         model(torch.zeros(3, 4, dtype=torch.long))
-    for bad in (dict(num_basis=0), dict(num_samples=-1), dict(num_basis=15), dict(tau=1.0), dict(ridge_penalty=0.0)):
+    for bad in (
+        {"num_basis": 0},
+        {"num_samples": -1},
+        {"num_basis": 15},
+        {"tau": 1.0},
+        {"ridge_penalty": 0.0},
+    ):
         with pytest.raises(ValueError):
             tiny_config(**bad)
 
@@ -205,7 +226,13 @@ def test_conf_entries_have_the_paper_shapes():
         entry = OmegaConf.load(conf / f"{name}.yaml")
         assert entry.name == name and entry.class_path.endswith("InfinityFormerLMHeadModel")
         config = InfinityFormerConfig(vocab_size=21, **OmegaConf.to_container(entry.config))
-        assert (config.n_layer, config.n_embd, config.n_head, config.num_basis, config.num_samples) == shape, name
+        assert (
+            config.n_layer,
+            config.n_embd,
+            config.n_head,
+            config.num_basis,
+            config.num_samples,
+        ) == shape, name
         assert list(config.basis_widths) == [0.005, 0.01] and config.tau == 0.5 and config.kl_weight == 1e-6
         assert config.sticky_memories and config.mu_0 == -1.0 and config.sigma_0 == 0.05
     assert InfinityFormerConfig(**OmegaConf.load(conf / "infinity_former_sort.yaml").config).n_inner == 2048

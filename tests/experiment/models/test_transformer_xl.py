@@ -10,10 +10,19 @@ from experiment.models.transformer_xl import (
 
 
 def tiny_config(**overrides) -> TransformerXLConfig:
-    kwargs = dict(
-        vocab_size=21, d_model=32, n_layer=2, n_head=2, d_head=8, d_inner=64, mem_len=12,
-        max_segment_length=16, dropout=0.0, dropatt=0.0, clamp_len=1000,
-    )
+    kwargs = {
+        "vocab_size": 21,
+        "d_model": 32,
+        "n_layer": 2,
+        "n_head": 2,
+        "d_head": 8,
+        "d_inner": 64,
+        "mem_len": 12,
+        "max_segment_length": 16,
+        "dropout": 0.0,
+        "dropatt": 0.0,
+        "clamp_len": 1000,
+    }
     kwargs.update(overrides)
     return TransformerXLConfig(**kwargs)
 
