@@ -264,9 +264,9 @@ class InfinityFormerModel(nn.Module):
         self.register_buffer("basis_sigmas", sigmas, persistent=False)
 
     def forward(self, input_ids, token_valid, coefficients, memory_valid):
-        """Returns final hidden states (B, T, d), per layer: the normed inputs written to memory, mu and
-        sigma."""
-        B = input_ids.size(0)
+        """Returns final hidden states (B, T, d) and, per layer, the normed inputs written to memory, mu
+        and sigma."""
+        B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device)  # restart at 0 every segment
         x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, d)
         allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None] & token_valid[:, None, :]

@@ -211,3 +211,15 @@ def test_sorting_steps_through_the_cli(tmp_path):
     results = run(cfg, run_dir=tmp_path)
     assert results["global_step"] == 2
     assert math.isfinite(results["test"]["test/loss"]) and 0.0 <= results["test"]["test/acc-final"] <= 1.0
+
+
+def test_malformed_segments_are_refused():
+    model = tiny_model()
+    x = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="non-empty"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must have the shape"):
+        model(x, attention_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        model(x, labels=torch.zeros(2, 3, dtype=torch.long))
+    assert model.memory_stats()["mem_length"] == 0.0  # refused before any compute: nothing was written
