@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from .errors import DataUnavailableError
@@ -152,9 +153,16 @@ class LMDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         if split not in self.streams:
             self.setup({"train": "fit", "valid": "validate", "test": "test"}[split])
-        return DataLoader(
-            self.streams[split], batch_size=None, num_workers=self.num_workers, persistent_workers=False
+        # A private generator: creating the loader's iterator draws a seed from it, and a draw from the global
+        # RNG would shift dropout after a resume (the iterator is created at a different point of the run).
+        loader_class = _TrainLaneLoader if split == "train" else DataLoader
+        loader = loader_class(
+            self.streams[split], batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+            generator=torch.Generator().manual_seed(0),
         )
+        if split == "train":
+            loader.datamodule = self
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -190,6 +198,18 @@ class LMDataModule(L.LightningDataModule):
         self._train_epoch = int(state_dict["train_epoch"])
         self._train_next_step = int(state_dict["train_next_step"])
         self._resume = (self._train_epoch, self._train_next_step)
+
+
+class _TrainLaneLoader(DataLoader):
+    """The training loader, resumable in Lightning's sense: its state is the DataModule's stream position."""
+
+    datamodule: LMDataModule
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.datamodule.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.datamodule.load_state_dict(state_dict)
 
 
 # -- text datasets: GPT-2 BPE through transformers -----------------------------------------------------------------
