@@ -376,7 +376,10 @@ class CompressiveLMHeadModel(CompressivePreTrainedModel, MemoryProtocol):
             "cmem_valid": cmem_valid,
         }
         if not losses:
-            return self.transformer.wte.weight.new_zeros(())
+            # nothing compressed: an exact zero that still touches the compression network, so DDP sees
+            # every parameter used on every step (experiments.md §f.4)
+            compression = [p for layer in self.transformer.layers for p in layer.compress.parameters()]
+            return 0.0 * sum(p.sum() for p in compression)
         return torch.stack(losses).mean()
 
     # ---- memory protocol ----------------------------------------------------------------------------------

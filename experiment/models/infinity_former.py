@@ -405,7 +405,11 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
     @torch.no_grad()
     def _update_memory(self, state, normed_inputs, mus, sigmas, token_valid) -> None:
         """Sample the old signal (stickily), squeeze it into [0, tau], add the segment over (tau, 1],
-        refit."""
+        refit. Always in float32: under autocast the ridge regression would lose its precision."""
+        with torch.autocast(device_type=token_valid.device.type, enabled=False):
+            self._refit_memory(state, normed_inputs, mus, sigmas, token_valid)
+
+    def _refit_memory(self, state, normed_inputs, mus, sigmas, token_valid) -> None:
         config = self.config
         valid = state["valid"]  # (B,)
         B, T = token_valid.shape

@@ -201,3 +201,28 @@ def test_sorting_steps_through_the_cli(tmp_path):
     results = run(cfg, run_dir=tmp_path)
     assert results["global_step"] == 2
     assert math.isfinite(results["test"]["test/loss"]) and 0.0 <= results["test"]["test/acc-final"] <= 1.0
+
+
+@pytest.mark.cuda
+def test_runs_on_cuda_like_on_cpu():
+    model = tiny_model()
+    seg1, seg2, *_ = segments()
+    on_cpu = [model(seg1).logits, model(seg2).logits]
+    model.reset_memory()
+    model.cuda()
+    on_gpu = [model(seg1.cuda()).logits.cpu(), model(seg2.cuda()).logits.cpu()]
+    for gpu, cpu in zip(on_gpu, on_cpu):
+        torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=2e-3)
+    state = model.get_memory_state()
+    model.cpu()
+    model.set_memory_state(state)  # a CUDA state restored onto a CPU model lands on the model's device
+    assert model(seg1).logits.device.type == "cpu"
+
+
+def test_nothing_compressed_still_keeps_the_compression_in_the_graph():
+    model = tiny_model()
+    out = model(segments(n=1)[0])  # first segment: nothing is evicted yet
+    assert out.aux_loss.item() == 0.0
+    out.aux_loss.backward()
+    grad = model.transformer.layers[0].compress.weight.grad
+    assert grad is not None and torch.count_nonzero(grad) == 0  # used (for DDP), but contributes exactly zero

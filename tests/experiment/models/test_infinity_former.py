@@ -248,3 +248,38 @@ def test_sorting_steps_through_the_cli(tmp_path):
     results = run(cfg, run_dir=tmp_path)
     assert results["global_step"] == 2
     assert math.isfinite(results["test"]["test/loss"]) and 0.0 <= results["test"]["test/acc-final"] <= 1.0
+
+
+@pytest.mark.cuda
+def test_runs_on_cuda_like_on_cpu():
+    model = tiny_model()
+    seg1, seg2, *_ = segments()
+    on_cpu = [model(seg1).logits, model(seg2).logits]
+    model.reset_memory()
+    model.cuda()
+    on_gpu = [model(seg1.cuda()).logits.cpu(), model(seg2.cuda()).logits.cpu()]
+    for gpu, cpu in zip(on_gpu, on_cpu):
+        torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=2e-3)
+    state = model.get_memory_state()
+    model.cpu()
+    model.set_memory_state(state)  # a CUDA state restored onto a CPU model lands on the model's device
+    assert model(seg1).logits.device.type == "cpu"
+
+
+def test_memory_refit_stays_float32_under_autocast():
+    model = tiny_model()
+    seg1, seg2, _ = segments()
+    model(seg1)
+    expected = model.get_memory_state()["coefficients"][0]
+    model.reset_memory()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(seg1)
+        model(seg2)
+    assert torch.isfinite(out.logits).all()
+    model.reset_memory()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(seg1)
+    got = model.get_memory_state()["coefficients"][0]
+    assert got.dtype == torch.float32
+    # only the bf16 forward differs, not the fit: the coefficients stay close to the float32 run's
+    torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max().item(), rtol=0.1)

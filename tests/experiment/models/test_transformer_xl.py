@@ -223,3 +223,19 @@ def test_malformed_segments_are_refused():
     with pytest.raises(ValueError, match="labels must have the shape"):
         model(x, labels=torch.zeros(2, 3, dtype=torch.long))
     assert model.memory_stats()["mem_length"] == 0.0  # refused before any compute: nothing was written
+
+
+@pytest.mark.cuda
+def test_runs_on_cuda_like_on_cpu():
+    model = tiny_model()
+    seg1, seg2, *_ = segments()
+    on_cpu = [model(seg1).logits, model(seg2).logits]
+    model.reset_memory()
+    model.cuda()
+    on_gpu = [model(seg1.cuda()).logits.cpu(), model(seg2.cuda()).logits.cpu()]
+    for gpu, cpu in zip(on_gpu, on_cpu):
+        torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=2e-3)
+    state = model.get_memory_state()
+    model.cpu()
+    model.set_memory_state(state)  # a CUDA state restored onto a CPU model lands on the model's device
+    assert model(seg1).logits.device.type == "cpu"
