@@ -132,7 +132,7 @@ class Enwik8DataModule(LMDataModule):
 
         try:
             self._source = Path(datasets.DownloadManager(dataset_name="enwik8").download(self.url))
-        except Exception as error:  # offline or the server is gone
+        except Exception as error:  # noqa: BLE001  (offline or the server is gone: any failure means no data)
             raise DataUnavailableError(
                 f"enwik8: cannot download {self.url} ({type(error).__name__}). Either connect to the internet, or "
                 f"point task.data.path at a local enwik8 or enwik8.zip; tokenised splits are cached under "

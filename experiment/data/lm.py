@@ -224,8 +224,8 @@ def load_tokenizer(name_or_path: str, dataset: str):
     except (OSError, ValueError) as error:
         raise DataUnavailableError(
             f"{dataset}: cannot load the tokenizer {name_or_path!r} ({type(error).__name__}). Point "
-            f"task.data.tokenizer at a local tokenizer directory (e.g. a saved 'gpt2' tokenizer), or run once with "
-            f"internet so the Hugging Face cache holds it."
+            f"task.data.tokenizer at a local tokenizer directory (e.g. a saved 'gpt2' tokenizer), or run once "
+            f"with internet so the Hugging Face cache holds it (offline, HF_HUB_OFFLINE=1 skips the retries)."
         ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"tokenizer {name_or_path!r} is not a fast tokenizer; install `tokenizers` or use a fast one")
@@ -310,7 +310,7 @@ def load_hub_split(dataset: str, hub_id: str, hub_config: str | None, revision: 
 
     try:
         return datasets.load_dataset(hub_id, hub_config, revision=revision, split=split)
-    except Exception as error:  # offline, unknown revision, missing repo: all mean "cannot get the data"
+    except Exception as error:  # noqa: BLE001  (offline, unknown revision, missing repo: all mean no data)
         raise DataUnavailableError(
             f"{dataset}: cannot load {split!r} of {hub_id}"
             + (f" ({hub_config})" if hub_config else "")
@@ -326,5 +326,5 @@ def resolve_hub_commit(hub_id: str, revision: str | None) -> str | None:
         from huggingface_hub import HfApi
 
         return HfApi().dataset_info(hub_id, revision=revision).sha
-    except Exception:
+    except Exception:  # noqa: BLE001  (only recorded when it can be had)
         return None

@@ -31,7 +31,7 @@ _URL_ID = re.compile(r"(\d+)/?$")
 
 def percent_slice_count(num_items: int, percent: float) -> int:
     """How many items `split[:percent%]` takes (the `datasets` slicing rule: round to the closest)."""
-    return int(round(percent * num_items / 100.0))
+    return round(percent * num_items / 100.0)
 
 
 def book_id_from_url(url: str) -> str:

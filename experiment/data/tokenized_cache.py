@@ -69,7 +69,7 @@ class TokenWriter:
 
     def __init__(self, directory: Path, dtype: np.dtype):
         self.dtype = np.dtype(dtype)
-        self._file = open(directory / "tokens.bin", "wb")
+        self._file = open(directory / "tokens.bin", "wb")  # noqa: SIM115  (closed by close())
         self._lengths: list[int] = []
         self._max_id = np.iinfo(self.dtype).max
 

@@ -13,6 +13,7 @@ Tokens: GPT-2 BPE per article, no separator between articles.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,7 +33,7 @@ HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 def split_articles(text: str) -> list[str]:
     """Cut a whole split into articles at top-level headings; strip them and drop empty ones."""
     cuts = [0] + [max(match.start() - 1, 0) for match in TOP_LEVEL_HEADING.finditer(text)] + [len(text)]
-    articles = (text[begin:end].strip() for begin, end in zip(cuts[:-1], cuts[1:]))
+    articles = (text[begin:end].strip() for begin, end in itertools.pairwise(cuts))
     return [article for article in articles if article]
 
 

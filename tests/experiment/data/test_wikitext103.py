@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from experiment.data import DataUnavailableError
-from experiment.data import tokenized_cache
+from experiment.data import DataUnavailableError, tokenized_cache
 from experiment.data.wikitext103 import WikiText103DataModule, split_articles
 
 from .lm_fixtures import make_tokenizer, write_wikitext103
