@@ -43,6 +43,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from experiment.data.errors import DataUnavailableError
+
 log = logging.getLogger("memoria-exp")
 
 
@@ -214,6 +216,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     from experiment.models import build_model
 
     started = time.time()
+    if logging.getLogger().hasHandlers():
+        # Hydra's logging is set up: let Lightning's records go through it instead of its own extra handler.
+        logging.getLogger("lightning").handlers.clear()
     if run_dir is None:
         if not HydraConfig.initialized():
             raise ConfigError("run() outside a Hydra app needs run_dir=<output folder>.")
@@ -227,25 +232,36 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = _instantiate(cfg.task.data, "task.data")
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    model = build_model(cfg.model, datamodule.vocab_size)
+    early_vocab = getattr(datamodule, "vocab_size", None)
+    if early_vocab is None:  # the vocabulary is only known from the data: load it first
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    # Model and task first when possible: their checks (segment vs positions) fail before data is generated.
+    model = build_model(cfg.model, early_vocab or datamodule.vocab_size)
     module = _instantiate(cfg.task.module, "task.module", model=model)
+    if early_vocab is not None:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        if datamodule.vocab_size != early_vocab:
+            raise ConfigError(f"the data has {datamodule.vocab_size} symbols, not the {early_vocab} the data module "
+                              "announced; check task.data.data_file.")
 
     limit_val = cfg.trainer.get("limit_val_batches")
     monitor = None if limit_val == 0 else cfg.task.monitor
-    checkpoint = ModelCheckpoint(
+    checkpoint = ModelCheckpoint(  # the best by the task's metric
         dirpath=str(run_dir / "checkpoints"),
         filename="best-epoch{epoch}-step{step}",
         auto_insert_metric_name=False,
         monitor=monitor,
         mode=cfg.task.monitor_mode,
         save_top_k=1,
-        save_last=True,
     )
+    # last.ckpt from its own callback: Lightning's save_last only refreshes it when the best one changes.
+    last_checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="last", monitor=None,
+                                      save_top_k=1, enable_version_counter=False)
     logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved,
                           resume_from=cfg.ckpt_path if mode is Mode.train else None)
-    trainer = instantiate(cfg.trainer, callbacks=[checkpoint], logger=logger, default_root_dir=str(run_dir))
+    trainer = instantiate(cfg.trainer, callbacks=[checkpoint, last_checkpoint], logger=logger, default_root_dir=str(run_dir))
     record_wandb_run_id(logger, run_dir)
 
     results: dict[str, Any] = {
@@ -265,7 +281,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             results["val"] = {k: v for k, v in _plain(dict(trainer.callback_metrics)).items() if k.startswith("val/")}
             results["best_checkpoint"] = checkpoint.best_model_path or None
             results["best_score"] = _plain(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
-            results["last_checkpoint"] = checkpoint.last_model_path or None
+            results["last_checkpoint"] = last_checkpoint.best_model_path or None
             results["global_step"] = trainer.global_step
             tested = results["last_checkpoint"]  # the paper tests the last checkpoint, not the best
             results["tested_checkpoint"] = tested
@@ -319,6 +335,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as error:
         log.error("memoria-exp: error: %s", error)
         sys.exit(2)
+    except DataUnavailableError as error:  # offline / missing dataset: the message names the fix
+        log.error("memoria-exp: data unavailable: %s", error)
+        sys.exit(3)
 
 
 def main() -> None:

@@ -1,0 +1,233 @@
+"""The `memoria-exp` runner: config composition, runs in-process and as a subprocess, multirun, resume, eval, bad
+input, loggers."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from experiment.cli import ConfigError, format_summary, run, validate_config
+from experiment.loggers import build_logger, wandb_should_be_offline
+from tests.conftest import CONF_DIR, PYTHON, REPO_ROOT, TINY_SORTING, compose_config, subprocess_env
+
+TASKS = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
+TINY_MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*_tiny.yaml"))
+FAST = ["trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+
+
+def cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "experiment.cli", *args], cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_discovery_finds_the_sorting_task_and_tiny_models():
+    assert "sorting" in TASKS
+    assert {"memoria_gpt2_tiny", "gpt2_tiny"} <= set(TINY_MODELS)
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_every_task_model_pair_composes_and_validates(task, model):
+    cfg = compose_config([f"task={task}", f"model={model}"])
+    validate_config(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert resolved["task"]["name"] == task and resolved["model"]["name"] == model
+    assert resolved["trainer"]["inference_mode"] is False
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_sorting_runs_a_few_steps_with_every_tiny_model(model, tmp_path):
+    cfg = compose_config([f"model={model}", *TINY_SORTING, *FAST, "trainer.max_steps=2", "logger=none"])
+    results = run(cfg, run_dir=tmp_path)
+    assert results["global_step"] == 2
+    assert 0.0 <= results["test"]["test/acc-final"] <= 1.0
+    assert Path(results["last_checkpoint"]).is_file() and Path(results["best_checkpoint"]).is_file()
+    assert json.loads((tmp_path / "results.json").read_text())["test"] == results["test"]
+
+
+def test_cli_subprocess_trains_tests_and_saves_everything(tmp_path):
+    run_dir = tmp_path / "run"
+    done = cli([*TINY_SORTING, *FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "memoria-exp summary" in done.stdout and "test/acc-final" in done.stdout
+    assert (run_dir / "config_resolved.yaml").is_file()
+    assert (run_dir / "metrics.csv").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["tested_checkpoint"].endswith("last.ckpt")  # the paper tests the last checkpoint
+    saved = OmegaConf.load(run_dir / "config_resolved.yaml")
+    assert saved.task.data.length == 60 and saved.model.name == "memoria_gpt2_tiny"
+
+
+def test_multirun_gives_each_job_its_own_directory(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = cli(["-m", "seed=1,2", "memory.initial_lifespan=5,9", *TINY_SORTING, *FAST, "trainer.max_steps=1",
+                "logger=none", "print_summary=false", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    assert len(jobs) == 4
+    seen = {(OmegaConf.load(job / "config_resolved.yaml").seed,
+             OmegaConf.load(job / "config_resolved.yaml").memory.initial_lifespan) for job in jobs}
+    assert seen == {(1, 5), (1, 9), (2, 5), (2, 9)}
+    assert all((job / "checkpoints" / "last.ckpt").is_file() for job in jobs)
+
+
+def _final_weights(results: dict) -> dict:
+    return torch.load(results["last_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    from experiment.tasks.sorting import SortingTask
+
+    base = [*TINY_SORTING, "logger=csv", "print_summary=false", "model.config.n_positions=32",
+            "trainer.max_epochs=2"]
+    straight = run(compose_config(base), run_dir=tmp_path / "straight")
+    with monkeypatch.context() as patch:  # the same run, interrupted after its first epoch
+        patch.setattr(SortingTask, "on_train_epoch_end", lambda self: setattr(self.trainer, "should_stop", True))
+        first = run(compose_config(base), run_dir=tmp_path / "first")
+    resumed = run(compose_config([*base, f"ckpt_path={first['last_checkpoint']}"]), run_dir=tmp_path / "resumed")
+    assert first["global_step"] == 2 and resumed["global_step"] == straight["global_step"] == 4
+    expected, got = _final_weights(straight), _final_weights(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+    assert resumed["test"]["test/acc-final"] == pytest.approx(straight["test"]["test/acc-final"])
+
+
+def test_eval_mode_tests_a_checkpoint_without_training(tmp_path):
+    trained = run(compose_config([*TINY_SORTING, *FAST, "trainer.max_steps=1", "logger=none"]), run_dir=tmp_path / "a")
+    evaluated = run(compose_config([*TINY_SORTING, "logger=none", "mode=eval",
+                                    f"ckpt_path={trained['last_checkpoint']}"]), run_dir=tmp_path / "b")
+    assert evaluated["mode"] == "eval" and "global_step" not in evaluated
+    assert "val/acc-final" in evaluated["val"] and "test/acc-final" in evaluated["test"]
+    assert not (tmp_path / "b" / "checkpoints").exists() or not list((tmp_path / "b" / "checkpoints").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bad input
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("no_such_key=1", "no_such_key"),  # unknown key: Hydra's error names it
+        ("task.data.lenght=3", "task.data.lenght"),
+        ("seed=abc", "seed"),  # wrong type: Hydra's error names the key
+        ("mode=training", "mode"),
+    ],
+)
+def test_hydra_rejects_unknown_keys_and_wrong_types(override, named, tmp_path):
+    done = cli([override], cwd=tmp_path, timeout=120)
+    assert done.returncode != 0
+    assert f"full_key: {named}" in done.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("results.json"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task.module.segment_size=300"], r"task\.module\.segment_size=300 is longer than the model's 256 positions"),
+        (["memory.initial_lifespan=0"], r"memory\.initial_lifespan=0 is not allowed; set memory\.initial_lifespan to"),
+        (["memory.stm_capacity=-4"], r"memory\.stm_capacity=-4 is not allowed"),
+        (["memory.num_reminded_stm=-1"], r"memory\.num_reminded_stm=-1 is not allowed; .* >= 0"),
+        (["mode=eval"], r"add ckpt_path="),
+        (["ckpt_path=/nonexistent/last.ckpt"], r"is not a file"),
+        (["task.data.length=abc"], r"task\.data\.length='abc' has the wrong type; it must be int"),
+        (["task.module.learning_rate=0"], r"learning_rate must be > 0"),
+    ],
+)
+def test_impossible_settings_fail_before_training(overrides, message, tmp_path):
+    cfg = compose_config([*TINY_SORTING, "logger=none", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, run_dir=tmp_path)
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_reports_a_config_error_in_one_line_and_exit_code_2(tmp_path):
+    done = cli([*TINY_SORTING, "task.module.segment_size=300", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert done.returncode == 2
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "memoria-exp: error:" in line]
+    assert len(errors) == 1 and "lower task.module.segment_size to at most 256" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_run_never_writes_results_before_it_finished(tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pl.Trainer, "test", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config([*TINY_SORTING, *FAST, "trainer.max_steps=1", "logger=none"]), run_dir=tmp_path)
+    assert not (tmp_path / "results.json").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# loggers and output
+def test_wandb_goes_offline_without_key_or_network(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no stored key
+    offline, reason = wandb_should_be_offline("auto")
+    assert offline and "API key" in reason
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    offline, reason = wandb_should_be_offline("auto")
+    assert offline and "cannot be reached" in reason
+    assert wandb_should_be_offline(False) == (False, "offline=false")
+    with caplog.at_level("WARNING"):
+        logger = build_logger({"kind": "wandb", "project": "test", "entity": None, "group": None, "tags": [],
+                               "offline": "auto"}, tmp_path, "run")
+    assert type(logger).__name__ == "WandbLogger" and logger._offline
+    assert len([r for r in caplog.records if "wandb: logging offline" in r.getMessage()]) == 1
+
+
+def test_wandb_is_imported_only_when_chosen(tmp_path):
+    code = (
+        "import sys; from experiment.loggers import build_logger; import experiment.cli, experiment.tasks.sorting;"
+        f"build_logger({{'kind': 'csv'}}, {str(tmp_path)!r}, 'x'); build_logger({{'kind': 'none'}}, '.', 'x');"
+        "assert 'wandb' not in sys.modules, 'wandb imported'"
+    )
+    done = subprocess.run([PYTHON, "-c", code], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_unknown_logger_kind_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="choose one of csv, tensorboard, wandb, none"):
+        build_logger({"kind": "mlflow"}, tmp_path, "x")
+
+
+def test_summary_table_lists_the_metrics():
+    table = format_summary({"task": "sorting", "model": "m", "seed": 1, "mode": "train", "run_dir": "/r",
+                            "num_parameters": 1234, "global_step": 5, "best_score": 0.5, "monitor": "val/acc-final",
+                            "val": {"val/acc-final": 0.5}, "test": {"test/acc-final": 0.25},
+                            "tested_checkpoint": "/r/last.ckpt", "wall_time_s": 1.0})
+    assert re.search(r"\| test/acc-final +\| 0\.2500 +\|", table) and "1,234" in table and table.splitlines()[0].startswith("+")
+
+
+@pytest.mark.slow
+def test_configs_are_found_from_an_installed_wheel(tmp_path):
+    """Non-editable install into a folder, run from outside the repository: configs come from the package."""
+    site = tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                            "--target", str(site), str(REPO_ROOT)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    assert (site / "conf" / "config.yaml").is_file() and (site / "conf" / "task" / "sorting.yaml").is_file()
+    env = subprocess_env()
+    env["PYTHONPATH"] = str(site)
+    done = subprocess.run([sys.executable, "-c", "import conf, sys; print(conf.__file__); "
+                           "sys.argv = ['memoria-exp', '--cfg', 'job']; from experiment.cli import main; main()"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert str(site) in done.stdout.splitlines()[0]
+    assert "name: memoria_gpt2_tiny" in done.stdout
