@@ -1,0 +1,297 @@
+"""Benchmark Memoria's bookkeeping: one step = add_working_memory + remind + adjust_lifespan_and_memories.
+
+Measures the time per step and the peak memory of our implementation (`--impl ours`, the repository's `memoria/`)
+and of the reference package memoria-pytorch (`--impl reference`, run with the reference venv's python, see
+scripts/setup_reference_venv.sh) at the paper's three configurations (algorithm.md §f):
+
+    lm       B 8,  H 768, W 50,  stm_capacity 400,  r_stm 50,  r_ltm 50,  depth 10, lambda0 9
+    enwik8   B 8,  H 512, W 128, stm_capacity 1536, r_stm 192, r_ltm 192, depth 10, lambda0 9
+    sort     B 32, H 512, W 128, stm_capacity 512,  r_stm 256, r_ltm 640, depth 10, lambda0 5
+
+Inputs are random: working memory ~ N(0, 1) of shape (B, W, H), and lifespan deltas derived as a model would
+(algorithm.md §e.1): attention probabilities = softmax of random logits over the valid reminded engrams,
+delta = prob * M_valid * alpha (alpha = 8). The data come from a private generator, so both implementations see the
+same inputs (the reference also draws from the global RNG for tie-breaks, defect D11).
+
+Every (config, impl, device) runs in a fresh subprocess, which prints one JSON line. Peak memory:
+- CUDA: torch.cuda.max_memory_allocated() over the warm-up and timed steps;
+- CPU: the process's peak resident set size (resource.getrusage ru_maxrss). tracemalloc does not see torch's
+  allocations. The RSS includes the interpreter and torch itself, so the RSS right after import (baseline) is
+  reported too, and the table shows peak minus baseline.
+
+Examples:
+    python scripts/bench_memoria.py --configs lm --impl ours reference --warmup 100 --steps 30
+    python scripts/bench_memoria.py --configs sort --batch-size 4 --steps 10 --device cpu
+    python scripts/bench_memoria.py --configs lm enwik8 sort --device cuda --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_REFERENCE_PYTHON = os.path.join(REPO_ROOT, "refvenv", "bin", "python")
+LIFESPAN_EXTEND_SCALE = 8.0
+
+# The paper's configurations (algorithm.md §f, experiments.md §b.1).
+CONFIGS = {
+    "lm": dict(batch_size=8, hidden=768, num_memories=50, stm_capacity=400, num_reminded_stm=50,
+               num_final_ltms=50, ltm_search_depth=10, initial_lifespan=9),
+    "enwik8": dict(batch_size=8, hidden=512, num_memories=128, stm_capacity=1536, num_reminded_stm=192,
+                   num_final_ltms=192, ltm_search_depth=10, initial_lifespan=9),
+    "sort": dict(batch_size=32, hidden=512, num_memories=128, stm_capacity=512, num_reminded_stm=256,
+                 num_final_ltms=640, ltm_search_depth=10, initial_lifespan=5),
+}
+
+
+# ====================================================================== worker (one config, one impl, one device)
+def import_memoria(impl: str):
+    """Our memoria from the repository, or the reference from the running venv's site-packages."""
+    if impl == "ours":
+        sys.path.insert(0, REPO_ROOT)
+    import memoria
+
+    in_repo = os.path.abspath(memoria.__file__).startswith(os.path.join(REPO_ROOT, "memoria"))
+    if (impl == "ours") != in_repo:
+        raise SystemExit(f"--impl {impl} imported memoria from {memoria.__file__}; "
+                         "the reference must be run with the reference venv's python")
+    return memoria
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def engrams_per_row(memory, impl: str) -> float:
+    """Mean live engrams per row (the view's non-NULL slots)."""
+    engrams = memory.engrams
+    if engrams.data.numel() == 0:
+        return 0.0
+    return float((engrams.engrams_types != 0).sum().item()) / engrams.data.shape[0]
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    baseline_rss = peak_rss_mib()
+    memoria = import_memoria(args.impl)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but CUDA is not available")
+    torch.set_num_threads(args.threads) if args.threads else None
+    cfg = dict(CONFIGS[args.config])
+    if args.batch_size:
+        cfg["batch_size"] = args.batch_size
+    B, H, W = cfg["batch_size"], cfg["hidden"], cfg["num_memories"]
+    kwargs = dict(num_reminded_stm=cfg["num_reminded_stm"], stm_capacity=cfg["stm_capacity"],
+                  ltm_search_depth=cfg["ltm_search_depth"], initial_lifespan=cfg["initial_lifespan"],
+                  num_final_ltms=cfg["num_final_ltms"], device=device)
+    ours_options = {}
+    if args.impl == "ours":
+        ours_options = dict(weight_form=args.weight_form, static_shape=args.static_shape,
+                            validate=not args.no_validate)
+        if args.ltm_capacity:
+            ours_options["ltm_capacity"] = args.ltm_capacity
+        kwargs.update(ours_options)
+    memory = memoria.Memoria(**kwargs)
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    import_rss = peak_rss_mib()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> int:
+        data = torch.randn(B, W, H, generator=generator, device=device)  # (B, W, H)
+        memory.add_working_memory(data)
+        _, indices = memory.remind()  # (B, M)
+        valid = indices >= 0
+        logits = torch.randn(indices.shape, generator=generator, device=device)
+        probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=1).nan_to_num(0.0)  # rows with M_b = 0
+        delta = probs * valid.sum(1, keepdim=True) * LIFESPAN_EXTEND_SCALE  # (B, M): ~alpha per engram
+        memory.adjust_lifespan_and_memories(indices, delta)
+        return indices.shape[1]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            step()
+        sync()
+        times, widths = [], []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            widths.append(step())
+            sync()
+            times.append(time.perf_counter() - start)
+
+    result = {
+        "impl": args.impl, "config": args.config, "device": str(device), "batch_size": B,
+        "warmup": args.warmup, "steps": args.steps, "threads": torch.get_num_threads(),
+        "ms_median": 1000 * statistics.median(times), "ms_mean": 1000 * statistics.fmean(times),
+        "ms_min": 1000 * min(times), "ms_max": 1000 * max(times),
+        "reminded_width_mean": statistics.fmean(widths),
+        "engrams_per_row": engrams_per_row(memory, args.impl),
+        "torch": torch.__version__, "options": {k: str(v) for k, v in ours_options.items()},
+    }
+    if args.impl == "reference":
+        import importlib.metadata
+
+        result["reference_version"] = importlib.metadata.version("memoria-pytorch")
+    if device.type == "cuda":
+        result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_kind"] = "cuda max_memory_allocated"
+        result["gpu"] = torch.cuda.get_device_name()
+    else:
+        result["peak_mib"] = peak_rss_mib() - import_rss
+        result["peak_kind"] = "peak RSS minus RSS after import"
+        result["rss_peak_mib"] = peak_rss_mib()
+        result["rss_after_import_mib"] = import_rss
+        result["rss_after_torch_import_mib"] = baseline_rss
+    return result
+
+
+# ====================================================================== driver
+def worker_command(args: argparse.Namespace, impl: str, config: str, device: str) -> list:
+    if impl == "reference":
+        python = args.reference_python
+        if not os.path.exists(python):
+            raise SystemExit(f"no reference venv at {python}: run scripts/setup_reference_venv.sh "
+                             "or pass --reference-python")
+    else:
+        python = sys.executable
+    command = [python, os.path.abspath(__file__), "--worker", "--impl", impl, "--configs", config,
+               "--device", device, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--seed", str(args.seed), "--weight-form", args.weight_form]
+    for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads),
+                        ("--ltm-capacity", args.ltm_capacity)):
+        if value:
+            command += [flag, str(value)]
+    if args.static_shape:
+        command.append("--static-shape")
+    if args.no_validate:
+        command.append("--no-validate")
+    return command
+
+
+def run_one(args: argparse.Namespace, impl: str, config: str, device: str) -> dict:
+    command = worker_command(args, impl, config, device)
+    # Run outside the repository so the reference's `import memoria` cannot pick up the repository's package.
+    completed = subprocess.run(command, capture_output=True, text=True, cwd="/", timeout=args.timeout)
+    if completed.returncode != 0:
+        return {"impl": impl, "config": config, "device": device,
+                "error": (completed.stderr.strip().splitlines() or ["exit code %d" % completed.returncode])[-1]}
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def machine_description() -> dict:
+    """CPU model, core count and load, for the record (Linux)."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as file:
+            cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_at_start": load}
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def format_table(results: list) -> str:
+    lines = ["| config | device | B | impl | steps (warm-up) | ms/step median (mean) | engrams/row | peak MiB | "
+             "ref/ours time | ref/ours memory |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    by_key = {(r["config"], r["device"], r["impl"]): r for r in results}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['device']} | | {r['impl']} | failed: {r['error']} | | | | | |")
+            continue
+        ratio_t = ratio_m = ""
+        ours, ref = by_key.get((r["config"], r["device"], "ours")), by_key.get((r["config"], r["device"], "reference"))
+        if r["impl"] == "reference" and ours and ref and "error" not in ours:
+            ratio_t = f"{ref['ms_median'] / ours['ms_median']:.1f}x"
+            ratio_m = f"{ref['peak_mib'] / max(ours['peak_mib'], 1e-9):.1f}x"
+        impl = r["impl"] if r["impl"] == "ours" else f"reference {r.get('reference_version', '')}"
+        if r["impl"] == "ours" and r["options"]:
+            impl += " (" + ", ".join(f"{k}={v}" for k, v in r["options"].items()) + ")"
+        lines.append(
+            f"| {r['config']} | {r['device']} | {r['batch_size']} | {impl} | {r['steps']} ({r['warmup']}) | "
+            f"{r['ms_median']:.1f} ({r['ms_mean']:.1f}) | {r['engrams_per_row']:.0f} | {r['peak_mib']:.0f} | "
+            f"{ratio_t} | {ratio_m} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--impl", nargs="+", choices=["ours", "reference"], default=["ours", "reference"])
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["lm"])
+    parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=None,
+                        help="default: cpu, plus cuda when available")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=50,
+                        help="untimed steps first: the store grows for about lambda0 + stm_capacity / W steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="override every config's batch size")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weight-form", choices=["exp", "neg_sq"], default="exp",
+                        help="ours only (the reference 1.1.0 always uses neg_sq, 1.0.0 exp)")
+    parser.add_argument("--static-shape", action="store_true", help="ours: full-width remind output")
+    parser.add_argument("--no-validate", action="store_true", help="ours: skip the value checks (host syncs)")
+    parser.add_argument("--ltm-capacity", type=int, default=None, help="ours: cap the LTM (default unbounded)")
+    parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("steps", "warmup"):
+        if getattr(args, name) < (1 if name == "steps" else 0):
+            parser.error(f"--{name} must be {'positive' if name == 'steps' else 'non-negative'}")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size must be positive")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        args.impl, args.config = args.impl[0], args.configs[0]
+        args.device = args.device[0] if args.device else "cpu"
+        print(json.dumps(run_worker(args)))
+        return
+    devices = args.device or (["cpu", "cuda"] if cuda_available() else ["cpu"])
+    machine = machine_description()
+    print(json.dumps(machine), file=sys.stderr, flush=True)
+    results = []
+    for config in args.configs:
+        for device in devices:
+            for impl in args.impl:
+                result = run_one(args, impl, config, device)
+                results.append(result)
+                print(json.dumps(result), file=sys.stderr, flush=True)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"argv": sys.argv[1:], "machine": machine, "results": results}, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()

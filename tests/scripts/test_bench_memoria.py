@@ -1,0 +1,71 @@
+"""scripts/bench_memoria.py: argument checks, the table, and one tiny real run of our implementation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_memoria.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_memoria", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_result(impl: str, ms: float, peak: float) -> dict:
+    return {"impl": impl, "config": "lm", "device": "cpu", "batch_size": 8, "warmup": 5, "steps": 10,
+            "ms_median": ms, "ms_mean": ms, "engrams_per_row": 1000.0, "peak_mib": peak,
+            "options": {} if impl == "reference" else {"weight_form": "exp"}, "reference_version": "1.1.0"}
+
+
+def test_table_shows_reference_over_ours_ratios() -> None:
+    bench = load_bench()
+    table = bench.format_table([fake_result("ours", 10.0, 50.0), fake_result("reference", 250.0, 400.0)])
+    reference_line = next(line for line in table.splitlines() if "reference 1.1.0" in line)
+    assert "| 25.0x | 8.0x |" in reference_line
+    ours_line = next(line for line in table.splitlines() if "| ours" in line)
+    assert ours_line.endswith("|  |  |")
+
+
+def test_failed_worker_is_reported_in_the_table() -> None:
+    bench = load_bench()
+    table = bench.format_table([{"impl": "reference", "config": "sort", "device": "cpu", "error": "boom"}])
+    assert "failed: boom" in table
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--warmup", "-1"], ["--batch-size", "0"],
+                                  ["--configs", "nope"]])
+def test_bad_arguments_are_refused(argv: list) -> None:
+    bench = load_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+
+
+def test_missing_reference_venv_names_the_fix(tmp_path) -> None:
+    bench = load_bench()
+    args = bench.parse_args(["--impl", "reference", "--reference-python", str(tmp_path / "none" / "python")])
+    with pytest.raises(SystemExit, match="setup_reference_venv"):
+        bench.run_one(args, "reference", "lm", "cpu")
+
+
+def test_tiny_run_of_ours(tmp_path, capsys) -> None:
+    """One real worker subprocess: LM shapes at batch size 1, two timed steps."""
+    bench = load_bench()
+    out = tmp_path / "bench.json"
+    bench.main(["--impl", "ours", "--configs", "lm", "--device", "cpu", "--batch-size", "1", "--warmup", "1",
+                "--steps", "2", "--threads", "1", "--json", str(out)])
+    record = json.loads(out.read_text())
+    (result,) = record["results"]
+    assert "error" not in result, result
+    assert result["impl"] == "ours" and result["batch_size"] == 1 and result["steps"] == 2
+    assert result["ms_median"] > 0 and result["peak_mib"] >= 0
+    # Step 1 has no STM, step 2 recalls all 50 STMs (W = 50 = r_stm), step 3 recalls 50 of 100.
+    assert result["reminded_width_mean"] == 50
+    assert result["engrams_per_row"] == 150  # 3 steps x W 50, none expired yet (lambda0 = 9)
+    assert "| lm | cpu | 1 | ours" in capsys.readouterr().out
