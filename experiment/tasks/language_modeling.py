@@ -27,42 +27,45 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric
 
 from .base import MemoryTask
 
 IGNORE_INDEX = -100
 
 
-class SplitNLL(Metric):
-    """Σ NLL, Σ scored tokens, Σ per-step perplexities and the step count over an evaluation; summed across ranks."""
+class SplitNLL:
+    """Σ NLL, Σ scored tokens, Σ per-step perplexities and the step count over an evaluation.
 
-    full_state_update = False
+    Plain tensors (not module buffers: nothing may broadcast or checkpoint them); `compute(reduce_sum)` sums them
+    across ranks first, so the ratio is taken over the whole split, never averaged per rank.
+    """
 
     def __init__(self):
-        super().__init__()
-        self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("step_ppl_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("steps", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.sums: torch.Tensor | None = None  # (4,) float64: nll, tokens, per-step ppl, steps
 
     def update(self, nll_sum: torch.Tensor, tokens: torch.Tensor) -> None:
-        nll_sum = nll_sum.detach().double()
-        self.nll_sum += nll_sum
-        self.tokens += tokens.long()
+        nll_sum, tokens = nll_sum.detach().double(), tokens.double()
         # The reference logs exp(mean loss of the batch) per step and averages those (experiments.md §c.1).
-        self.step_ppl_sum += torch.exp(nll_sum / tokens.clamp(min=1).double())
-        self.steps += 1
+        step_ppl = torch.exp(nll_sum / tokens.clamp(min=1))
+        values = torch.stack([nll_sum, tokens, step_ppl, torch.ones_like(nll_sum)])
+        self.sums = values if self.sums is None else self.sums + values
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        mean_nll = self.nll_sum / self.tokens.clamp(min=1).double()
+    def compute(self, reduce_sum=None) -> dict[str, torch.Tensor]:
+        sums = self.sums if self.sums is not None else torch.zeros(4, dtype=torch.float64)
+        if reduce_sum is not None:
+            sums = reduce_sum(sums.clone())
+        nll, tokens, step_ppl, steps = sums.unbind()
+        mean_nll = nll / tokens.clamp(min=1)
         return {
             "loss": mean_nll,
             "ppl": torch.exp(mean_nll),
             "bpc": mean_nll / math.log(2.0),
-            "ppl_mean_of_batches": self.step_ppl_sum / self.steps.clamp(min=1).double(),
-            "scored_tokens": self.tokens.double(),
+            "ppl_mean_of_batches": step_ppl / steps.clamp(min=1),
+            "scored_tokens": tokens,
         }
+
+    def reset(self) -> None:
+        self.sums = None
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,11 +186,14 @@ class LanguageModelingTask(MemoryTask):
         self._eval_step(batch, batch_idx, self.test_nll)
 
     def _log_split(self, stage: str, metric: SplitNLL) -> None:
-        values = metric.compute()  # reduced across ranks (sums), then divided
+        strategy = self.trainer.strategy
+        if metric.sums is None:  # a rank without evaluation steps still joins the reduction
+            metric.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        values = metric.compute(lambda sums: strategy.reduce(sums, reduce_op="sum"))  # Σ across ranks, then ÷
         names = ["loss", "ppl", "ppl_mean_of_batches", "scored_tokens"] + (["bpc"] if self.bits_per_character else [])
         for name in names:
-            self.log(f"{stage}/{name}", values[name].float(), prog_bar=name in ("ppl", "bpc"), sync_dist=False,
-                     rank_zero_only=False)
+            # Every rank holds the same reduced value: the sync (a mean) changes nothing but keeps Lightning quiet.
+            self.log(f"{stage}/{name}", values[name].float(), prog_bar=name in ("ppl", "bpc"), sync_dist=True)
         metric.reset()
 
     def on_validation_epoch_end(self) -> None:
