@@ -5,28 +5,29 @@ continuous signal that summarises everything before it (experiments.md §d.3):
 
 1. Memory signal. Past states X (L x d) at positions t in [0, 1] are represented as x̄(t) = Bᵀ ψ(t), with
    ψ(t) = N Gaussian radial basis functions (centres evenly spread over [0, 1], one group per width in
-   `basis_widths`), and B (N x d) fitted by ridge regression:  B = (F W Fᵀ + λ I)⁻¹ F W X,  F = [ψ(t_1) ..
-   ψ(t_L)].
-2. Unbounded memory. After every segment the old signal is sampled at `num_samples` points, those samples are
-   squeezed into [0, τ], the new segment's states are laid out over (τ, 1], and B is refitted on both.
-   A row's first segment (empty memory) is laid out over (0, 1].
-3. Sticky memories. The sample points follow the attention the memory received in this segment: the Gaussians'
-   mass over `sticky_bins` equal bins of [0, 1], averaged over heads and queries, is a histogram; the points
-   are its (j + ½)/num_samples quantiles (a stratified, deterministic draw, so a saved state continues
-   identically).
-4. Continuous attention. Per head, keys K = B W_K and values V = B W_V live on the basis. A query q gets a
-   Gaussian N(μ, σ²) with μ = sigmoid(w_μ · K q / √d_h + b_μ) and σ² = softplus(w_σ · K q / √d_h + b_σ) (the
-   affine μ/σ heads), and reads  z = E_{t~N(μ,σ²)}[v̄(t)] = Vᵀ r,  r_n = ∫ N(t; μ, σ²) ψ_n(t) dt = N(μ; c_n,
-   σ² + w_n²) in closed form.
-5. KL regulariser. aux_loss = kl_weight x mean KL(N(μ, σ²) || N(μ0, σ0²)). With `kl_mean_term: false`
-   (default) only the width term ½(σ²/σ0² − log(σ²/σ0²) − 1) is used: with the reference's μ0 = −1 (outside
-   the memory's [0, 1]) a mean term would pull every query to the oldest memories, so we read μ0 as unused;
-   set `kl_mean_term: true` for the full Gaussian KL.
+   `basis_widths`), and B (N x d) fitted by ridge regression:  B = (Fᵀ W F + λ I)⁻¹ Fᵀ W X  with
+   F = [ψ(t_1) .. ψ(t_L)]ᵀ and W the 0/1 weights of real (non-padding) states.
+2. Unbounded memory. At the start of a segment the signal is rebuilt: the previous signal is sampled at
+   `num_samples` points, the samples are squeezed into [0, τ], the previous segment's states (the block's
+   inputs, detached) are laid out over (τ, 1], and B is refitted on both. A row without older memory lays the
+   previous segment out over (0, 1]; a row with nothing at all reads nothing.
+3. CNN mask (`mask_type: cnn`): before the fit the previous segment's states are gated by
+   sigmoid(Conv1d(d, d, 3)) over time; the fit is differentiable, so the gate learns from the LM loss.
+4. Sticky memories. The sample points follow the attention the signal received: the Gaussians' mass over
+   `sticky_bins` equal bins of [0, 1], summed over heads and queries, is a histogram; the points are its
+   (j + ½)/num_samples quantiles (a stratified, deterministic draw where the reference draws bins at random,
+   so a saved state continues identically).
+5. Continuous attention. Per head, keys K = B W_K and values V = B W_V live on the basis. The block's
+   self-attention query q gets a Gaussian N(μ, σ²) with μ = sigmoid(w_μ · K q / √d_h) and
+   σ² = softplus(w_σ · K q / √d_h), clamped at sigma_min² (the affine μ/σ heads), and reads
+   z = E_{t~N(μ,σ²)}[v̄(t)] = Vᵀ r,  r_n = ∫ N(t; μ, σ²) ψ_n(t) dt = N(μ; c_n, σ² + w_n²)  in closed form.
+6. KL regulariser. aux_loss = kl_weight x mean KL(N(μ, σ²) || N(μ0, σ0²)) over layers, heads and queries.
+   `kl_mean_term: true` (the paper configs, as the reference computes it for μ0 = −1) is the full Gaussian KL;
+   false keeps only the width term ½(σ²/σ0² − log(σ²/σ0²) − 1).
 
-Differences from the reference, and what is not done:
-- The memory is reset with the others (the reference's LM task never reset it).
-- No short-term (Transformer-XL style) memory: the self-attention sees the current segment only, as in GPT-2.
-- The reference's CNN mask over the memory (`mask_type=cnn`) is not implemented.
+Differences from the reference: the memory is reset with the others (its LM task never reset it); sticky
+samples are deterministic quantiles (above); the fit has no padding positions outside [0, 1]; no short-term
+(Transformer-XL style) memory, as in the reference.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from transformers.pytorch_utils import Conv1D
 from .protocol import MemoryModelOutput, MemoryProtocol
 from .transformer_xl import check_reset_rows, check_segment_inputs, shifted_lm_loss
 
+MASK_TYPES = ("cnn", "none")
+
 
 class InfinityFormerConfig(GPT2Config):
     """GPT2Config plus the long-term memory's settings. Defaults: the paper's sorting shape
@@ -59,6 +62,8 @@ class InfinityFormerConfig(GPT2Config):
     sticky_bins     histogram bins over [0, 1] for sticky memories
     kl_weight, mu_0, sigma_0, kl_mean_term   the KL regulariser towards N(mu_0, sigma_0²)
     sigma_min       floor on the attention Gaussian's standard deviation
+    mask_type       "cnn": gate the states by a learned Conv1d before the fit; "none": no gate
+    mask_dropout    dropout on the states before the gate
     """
 
     model_type = "memoria_infinity_former"
@@ -75,14 +80,16 @@ class InfinityFormerConfig(GPT2Config):
     num_samples: int = 1024
     basis_widths: list[float] | tuple[float, ...] = (0.005, 0.01)
     tau: float = 0.5
-    ridge_penalty: float = 1.0
+    ridge_penalty: float = 0.5
     sticky_memories: bool = True
     sticky_bins: int = 128
     kl_weight: float = 1e-6
     mu_0: float = -1.0
     sigma_0: float = 0.05
-    kl_mean_term: bool = False
-    sigma_min: float = 1e-3
+    kl_mean_term: bool = True
+    sigma_min: float = 0.01
+    mask_type: str = "cnn"
+    mask_dropout: float = 0.1
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -117,6 +124,10 @@ class InfinityFormerConfig(GPT2Config):
             raise ValueError(f"{name}.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.add_cross_attention:
             raise ValueError(f"{name}.add_cross_attention must be False")
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"{name}.mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}")
+        if not 0.0 <= self.mask_dropout < 1.0:
+            raise ValueError(f"{name}.mask_dropout must be in [0, 1), got {self.mask_dropout}")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -192,62 +203,107 @@ def sticky_positions(density: torch.Tensor, num_samples: int) -> torch.Tensor:
     return (bins + within) / D
 
 
-class LongTermAttention(nn.Module):
-    """Continuous (Gaussian) attention of the current queries over one layer's continuous memory."""
+class LongTermMemory(nn.Module):
+    """One layer's continuous memory: rebuilds the signal from the previous segment, then attends over it."""
 
     def __init__(self, config: InfinityFormerConfig):
         super().__init__()
         d = config.n_embd
+        self.config = config
         self.n_head, self.d_head = config.n_head, d // config.n_head
-        self.q_proj = nn.Linear(d, d)
-        self.kv_proj = nn.Linear(d, 2 * d)
-        self.out_proj = nn.Linear(d, d)
-        self.mu_head = nn.Linear(config.num_basis, 1)  # affine map of the basis scores to μ (before sigmoid)
-        self.sigma_head = nn.Linear(config.num_basis, 1)  # ... and to σ² (before softplus)
-        self.resid_drop = nn.Dropout(config.resid_pdrop)
-        self.sigma_min = config.sigma_min
+        self.kv_proj = nn.Linear(d, 2 * d, bias=False)  # W_K, W_V applied to the basis coefficients
+        self.out_proj = nn.Linear(d, d, bias=False)
+        self.mu_head = nn.Linear(config.num_basis, 1, bias=False)  # affine map of basis scores to μ (sigmoid)
+        self.sigma_head = nn.Linear(config.num_basis, 1, bias=False)  # ... and to σ² (softplus)
+        self.mask_net = nn.Conv1d(d, d, kernel_size=3, padding=1) if config.mask_type == "cnn" else None
+        self.mask_drop = nn.Dropout(config.mask_dropout)
 
-    def forward(self, h: torch.Tensor, coefficients: torch.Tensor, centres, sigmas):
-        """h (B, T, d) normed current states; coefficients (B, N, d) the memory signal.
+    def build_signal(self, memory: dict[str, torch.Tensor], centres, widths) -> torch.Tensor:
+        """The signal (B, N, d) float32: samples of the old signal in [0, tau] + the previous segment after
+        it.
 
-        Returns the long-term context (B, T, d) and the attention Gaussians' mu, sigma (B, H, T).
+        memory: prev_states (B, P, d), prev_valid (B, P), coefficients (B, N, d) the old signal, past_valid
+        (B,), density (B, D). Differentiable in prev_states' gate (the CNN mask); everything else is detached
+        state.
         """
-        B, T, d = h.shape
+        config = self.config
+        states = self.mask_drop(memory["prev_states"])  # (B, P, d)
+        if self.mask_net is not None:
+            gate = torch.sigmoid(self.mask_net(states.transpose(1, 2))).transpose(1, 2)  # (B, P, d)
+            states = states * gate
+        past_valid = memory["past_valid"]  # (B,)
+        B, P, _ = states.shape
+        device = states.device
+        with torch.autocast(device_type=device.type, enabled=False):  # the regression needs float32
+            if config.sticky_memories:
+                samples = sticky_positions(memory["density"], config.num_samples)  # (B, S)
+            else:
+                grid = torch.arange(config.num_samples, device=device, dtype=torch.float32) + 0.5
+                samples = (grid / config.num_samples).expand(B, -1)
+            old_values = (
+                evaluate_basis(samples, centres, widths) @ memory["coefficients"].float()
+            )  # (B, S, d)
+            fraction = (torch.arange(P, device=device, dtype=torch.float32) + 1) / P  # (P,) in (0, 1]
+            new_positions = torch.where(
+                past_valid[:, None], config.tau + (1 - config.tau) * fraction, fraction
+            )
+            positions = torch.cat([config.tau * samples, new_positions], dim=1)  # (B, S+P)
+            values = torch.cat([old_values, states.float()], dim=1)  # (B, S+P, d)
+            weights = torch.cat(
+                [past_valid[:, None].float().expand(B, config.num_samples), memory["prev_valid"].float()],
+                dim=1,
+            )
+            return fit_coefficients(positions, values, weights, centres, widths, config.ridge_penalty)
+
+    def forward(self, q: torch.Tensor, coefficients: torch.Tensor, centres, widths):
+        """q (B, H, T, Dh) the block's self-attention queries; coefficients (B, N, d) the signal.
+
+        Returns the long-term context (B, T, d) and the attention Gaussians' mu, sigma (B, H, T) in float32.
+        """
+        B, H, T, _ = q.shape
         N = coefficients.size(1)
-        q = self.q_proj(h).view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
-        # (B, N, d) each: keys / values on the basis
-        k, v = self.kv_proj(coefficients.to(h.dtype)).chunk(2, dim=-1)
-        k = k.view(B, N, self.n_head, self.d_head).transpose(1, 2)  # (B, H, N, Dh)
-        v = v.view(B, N, self.n_head, self.d_head).transpose(1, 2)
+        k, v = self.kv_proj(coefficients.to(q.dtype)).chunk(2, dim=-1)  # (B, N, d) each: keys / values
+        k = k.view(B, N, H, self.d_head).transpose(1, 2)  # (B, H, N, Dh)
+        v = v.view(B, N, H, self.d_head).transpose(1, 2)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.d_head)  # (B, H, T, N)
         mu = torch.sigmoid(self.mu_head(scores).squeeze(-1)).float()  # (B, H, T)
-        var = F.softplus(self.sigma_head(scores).squeeze(-1)).float() + self.sigma_min**2
-        r = expected_basis(mu, var, centres, sigmas)  # (B, H, T, N)
-        context = (r.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, d)  # (B, T, d)
-        return self.resid_drop(self.out_proj(context)), mu, var.sqrt()
+        var = F.softplus(self.sigma_head(scores).squeeze(-1)).float().clamp(min=self.config.sigma_min**2)
+        r = expected_basis(mu, var, centres, widths)  # (B, H, T, N)
+        context = (r.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, H * self.d_head)  # (B, T, d)
+        return self.out_proj(context), mu, var.sqrt()
 
 
 class InfinityFormerBlock(nn.Module):
     """GPT-2 block whose attention output is self-attention (current segment) + long-term attention
-    (memory)."""
+    (memory), both read with the same queries."""
 
     def __init__(self, config: InfinityFormerConfig, layer_idx: int):
         super().__init__()
         d = config.n_embd
         self.ln_1 = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, layer_idx=layer_idx)
-        self.ltm = LongTermAttention(config)
+        self.ltm = LongTermMemory(config)
         self.ln_2 = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config.n_inner or 4 * d, config)
+        self.resid_drop = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, causal_mask, coefficients, memory_valid, centres, sigmas):
+    def forward(self, x, causal_mask, memory, centres, widths):
+        """x (B, T, d); memory: this layer's carried state. Returns x, the signal (B, N, d), its row validity
+        (B,), and the attention Gaussians' mu, sigma (B, H, T)."""
+        B, T, d = x.shape
         h = self.ln_1(x)  # (B, T, d)
         self_context, _ = self.attn(h, attention_mask=causal_mask)
-        long_context, mu, sigma = self.ltm(h, coefficients, centres, sigmas)
+        # the self-attention's queries serve the long-term attention too (c_attn is a Conv1D: x @ W + b)
+        q = h @ self.attn.c_attn.weight[:, :d] + self.attn.c_attn.bias[:d]
+        q = q.view(B, T, self.ltm.n_head, self.ltm.d_head).transpose(1, 2)  # (B, H, T, Dh)
+        signal = self.ltm.build_signal(memory, centres, widths)  # (B, N, d)
+        signal_valid = memory["past_valid"] | memory["prev_valid"].any(dim=1)  # (B,)
+        long_context, mu, sigma = self.ltm(q, signal, centres, widths)
         # rows with an empty memory read nothing (multiplying keeps the path in the graph for DDP)
-        x = x + self_context + long_context * memory_valid[:, None, None].to(long_context.dtype)
+        long_context = long_context * signal_valid[:, None, None].to(long_context.dtype)
+        x = x + self.resid_drop(long_context) + self_context
         x = x + self.mlp(self.ln_2(x))
-        return x, h, mu, sigma
+        return x, signal, signal_valid, mu, sigma
 
 
 class InfinityFormerModel(nn.Module):
@@ -263,9 +319,9 @@ class InfinityFormerModel(nn.Module):
         self.register_buffer("basis_centres", centres, persistent=False)
         self.register_buffer("basis_sigmas", sigmas, persistent=False)
 
-    def forward(self, input_ids, token_valid, coefficients, memory_valid):
-        """Returns final hidden states (B, T, d) and, per layer, the normed inputs written to memory, mu
-        and sigma."""
+    def forward(self, input_ids, token_valid, memories):
+        """memories: one carried state per layer. Returns the final hidden states (B, T, d) and, per layer,
+        the block input (the next segment's memory), the signal, its row validity, mu and sigma."""
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device)  # restart at 0 every segment
         x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, d)
@@ -274,14 +330,14 @@ class InfinityFormerModel(nn.Module):
         # additive (B, 1, T, T)
         causal_mask = causal_mask.masked_fill(~allowed[:, None], torch.finfo(x.dtype).min)
 
-        normed_inputs, mus, sigmas = [], [], []
-        centres, widths = self.basis_centres, self.basis_sigmas
-        for block, coeff in zip(self.h, coefficients):
-            x, h, mu, sigma = block(x, causal_mask, coeff, memory_valid, centres, widths)
-            normed_inputs.append(h)
-            mus.append(mu)
-            sigmas.append(sigma)
-        return self.ln_f(x), normed_inputs, mus, sigmas
+        per_layer = []
+        for block, memory in zip(self.h, memories):
+            block_input = x
+            x, signal, signal_valid, mu, sigma = block(
+                x, causal_mask, memory, self.basis_centres, self.basis_sigmas
+            )
+            per_layer.append((block_input, signal, signal_valid, mu, sigma))
+        return self.ln_f(x), per_layer
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -323,8 +379,6 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
         super().__init__(config)
         self.transformer = InfinityFormerModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # carried state: coefficients n_layer x (B, N, d) float32, valid (B,),
-        # density n_layer x (B, sticky_bins)
         self._state: dict[str, Any] | None = None
         self.post_init()
 
@@ -351,14 +405,12 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
         token_valid = check_segment_inputs(
             "∞-former", input_ids, attention_mask, labels, self.max_segment_length, "n_positions"
         )
-        B = input_ids.size(0)
-        state = self._memory_for(B, input_ids.device)
-        hidden, normed_inputs, mus, sigmas = self.transformer(
-            input_ids, token_valid, state["coefficients"], state["valid"]
-        )
+        memories = self._memories_for(input_ids.size(0), input_ids.device)
+        hidden, per_layer = self.transformer(input_ids, token_valid, memories)
         logits = self.lm_head(hidden)  # (B, T, V)
-        aux_loss = self.config.kl_weight * torch.stack([self._kl(m, s) for m, s in zip(mus, sigmas)]).mean()
-        self._update_memory(state, normed_inputs, mus, sigmas, token_valid)
+        kl = torch.stack([self._kl(mu, sigma) for *_, mu, sigma in per_layer]).mean()
+        aux_loss = self.config.kl_weight * kl
+        self._carry_memory(per_layer, token_valid)
 
         loss = None
         if labels is not None:
@@ -375,19 +427,30 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
             kl = kl + (mu - config.mu_0) ** 2 / (2 * config.sigma_0**2)
         return kl.mean()
 
-    def _memory_for(self, batch_size: int, device: torch.device) -> dict[str, Any]:
-        config = self.config
-        if self._state is None:
-            zeros = torch.zeros(batch_size, config.num_basis, config.n_embd, device=device)
-            flat = torch.ones(batch_size, config.sticky_bins, device=device) / config.sticky_bins
-            return {
-                "coefficients": [zeros] * config.n_layer,
-                "valid": torch.zeros(batch_size, dtype=torch.bool, device=device),
-                "density": [flat] * config.n_layer,
-            }
-        if self._state["valid"].size(0) != batch_size:
+    # ---- carried state ------------------------------------------------------------------------------------
+    # per layer: prev_states (B, P, d) the previous segment's block inputs, coefficients (B, N, d) the signal
+    # built at the previous segment (float32), density (B, sticky_bins) where its attention fell;
+    # shared by the layers: prev_valid (B, P) real tokens of the previous segment, past_valid (B,) rows whose
+    # signal holds anything.
+
+    def _empty_state(self, batch_size: int, device: torch.device) -> dict[str, Any]:
+        config, n = self.config, self.config.n_layer
+        one_empty_step = torch.zeros(batch_size, 1, config.n_embd, device=device)  # keeps shapes static
+        coefficients = torch.zeros(batch_size, config.num_basis, config.n_embd, device=device)
+        flat = torch.ones(batch_size, config.sticky_bins, device=device)
+        return {
+            "prev_states": [one_empty_step] * n,
+            "prev_valid": torch.zeros(batch_size, 1, dtype=torch.bool, device=device),
+            "coefficients": [coefficients] * n,
+            "past_valid": torch.zeros(batch_size, dtype=torch.bool, device=device),
+            "density": [flat] * n,
+        }
+
+    def _memories_for(self, batch_size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+        state = self._state if self._state is not None else self._empty_state(batch_size, device)
+        if state["past_valid"].size(0) != batch_size:
             raise ValueError(
-                f"∞-former memory holds {self._state['valid'].size(0)} rows but the input has {batch_size}; "
+                f"∞-former memory holds {state['past_valid'].size(0)} rows but the input has {batch_size}; "
                 "call reset_memory() before changing the batch size."
             )
 
@@ -396,56 +459,34 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
             # memory written under inference_mode (evaluation) cannot be saved for backward: use a copy
             return t.clone() if t.is_inference() and not torch.is_inference_mode_enabled() else t
 
-        return {
-            "coefficients": [usable(c) for c in self._state["coefficients"]],
-            "valid": self._state["valid"].to(device),
-            "density": [usable(p) for p in self._state["density"]],
-        }
+        dtype = self.transformer.wte.weight.dtype
+        return [
+            {
+                "prev_states": usable(state["prev_states"][i]).to(dtype),
+                "prev_valid": usable(state["prev_valid"]),
+                "coefficients": usable(state["coefficients"][i]),
+                "past_valid": usable(state["past_valid"]),
+                "density": usable(state["density"][i]),
+            }
+            for i in range(self.config.n_layer)
+        ]
 
     @torch.no_grad()
-    def _update_memory(self, state, normed_inputs, mus, sigmas, token_valid) -> None:
-        """Sample the old signal (stickily), squeeze it into [0, tau], add the segment over (tau, 1],
-        refit. Always in float32: under autocast the ridge regression would lose its precision."""
-        with torch.autocast(device_type=token_valid.device.type, enabled=False):
-            self._refit_memory(state, normed_inputs, mus, sigmas, token_valid)
-
-    def _refit_memory(self, state, normed_inputs, mus, sigmas, token_valid) -> None:
-        config = self.config
-        valid = state["valid"]  # (B,)
-        B, T = token_valid.shape
-        device = token_valid.device
-        centres, widths = self.transformer.basis_centres, self.transformer.basis_sigmas
-        fraction = (torch.arange(T, device=device, dtype=torch.float32) + 1) / T  # (T,) in (0, 1]
-        # (B, T)
-        new_positions = torch.where(valid[:, None], config.tau + (1 - config.tau) * fraction, fraction)
-        old_weights = valid[:, None].float().expand(B, config.num_samples)
-
-        coefficients, densities = [], []
-        for old_coeff, density, h, mu, sigma in zip(
-            state["coefficients"], state["density"], normed_inputs, mus, sigmas
-        ):
-            if config.sticky_memories:
-                samples = sticky_positions(density, config.num_samples)  # (B, S)
-            else:
-                grid = (
-                    torch.arange(config.num_samples, device=device, dtype=torch.float32) + 0.5
-                ) / config.num_samples
-                samples = grid.expand(B, -1)
-            old_values = evaluate_basis(samples, centres, widths) @ old_coeff.float()  # (B, S, d)
-            positions = torch.cat([config.tau * samples, new_positions], dim=1)  # (B, S+T)
-            values = torch.cat([old_values, h.detach().float()], dim=1)  # (B, S+T, d)
-            weights = torch.cat([old_weights, token_valid.float()], dim=1)  # (B, S+T)
-            coefficients.append(
-                fit_coefficients(positions, values, weights, centres, widths, config.ridge_penalty)
-            )
-
-            # where this segment's attention fell on the old signal: the next sample points (sticky memories)
-            queries = token_valid[:, None, :, None].float()  # (B, 1, T, 1)
-            masses = (bin_masses(mu.detach(), sigma.detach(), config.sticky_bins) * queries).sum(dim=(1, 2))
-            densities.append(torch.where(valid[:, None], masses, torch.ones_like(masses)))  # (B, D)
+    def _carry_memory(self, per_layer, token_valid: torch.Tensor) -> None:
+        """Keep this segment's block inputs for the next signal, the signal just read, and where it was
+        read."""
+        bins = self.config.sticky_bins
+        queries = token_valid[:, None, :, None].float()  # (B, 1, T, 1)
+        signal_valid = per_layer[0][2]
+        densities = []
+        for _, _, _, mu, sigma in per_layer:
+            masses = (bin_masses(mu.detach(), sigma.detach(), bins) * queries).sum(dim=(1, 2))  # (B, D)
+            densities.append(torch.where(signal_valid[:, None], masses, torch.ones_like(masses)))
         self._state = {
-            "coefficients": coefficients,
-            "valid": valid | token_valid.any(dim=1),
+            "prev_states": [block_input.detach() for block_input, *_ in per_layer],
+            "prev_valid": token_valid.clone(),
+            "coefficients": [signal.detach().float() for _, signal, *_ in per_layer],
+            "past_valid": signal_valid.clone(),
             "density": densities,
         }
 
@@ -456,21 +497,20 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
             self._state = None
             return
         s = self._state
-        rows = check_reset_rows(rows, s["valid"].size(0)).to(s["valid"].device)
+        rows = check_reset_rows(rows, s["past_valid"].size(0)).to(s["past_valid"].device)
         self._state = {
-            "coefficients": [c.masked_fill(rows[:, None, None], 0.0) for c in s["coefficients"]],
-            "valid": s["valid"] & ~rows,
-            "density": [p.masked_fill(rows[:, None], 1.0) for p in s["density"]],
+            "prev_states": [t.masked_fill(rows[:, None, None], 0.0) for t in s["prev_states"]],
+            "prev_valid": s["prev_valid"] & ~rows[:, None],
+            "coefficients": [t.masked_fill(rows[:, None, None], 0.0) for t in s["coefficients"]],
+            "past_valid": s["past_valid"] & ~rows,
+            "density": [t.masked_fill(rows[:, None], 1.0) for t in s["density"]],
         }
 
     def get_memory_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"memory_kind": self.memory_kind}
         if self._state is not None:
-            state.update(
-                coefficients=[c.detach().clone() for c in self._state["coefficients"]],
-                valid=self._state["valid"].clone(),
-                density=[p.detach().clone() for p in self._state["density"]],
-            )
+            for key, value in self._state.items():
+                state[key] = [t.detach().clone() for t in value] if isinstance(value, list) else value.clone()
         return state
 
     def set_memory_state(self, state: dict[str, Any]) -> None:
@@ -479,32 +519,45 @@ class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):
             self.reset_memory()
             return
         config = self.config
-        coefficients, valid, density = state["coefficients"], state["valid"], state["density"]
-        if len(coefficients) != config.n_layer or len(density) != config.n_layer:
+        B = state["past_valid"].shape[0]
+        P = state["prev_valid"].shape[1] if state["prev_valid"].dim() == 2 else -1
+        expected = {
+            "prev_states": (B, P, config.n_embd),
+            "coefficients": (B, config.num_basis, config.n_embd),
+            "density": (B, config.sticky_bins),
+        }
+        if not 0 < P <= config.n_positions or tuple(state["prev_valid"].shape) != (B, P):
             raise ValueError(
-                f"memory state has {len(coefficients)} layers, this ∞-former has {config.n_layer}; it was "
-                "written by a different configuration."
+                f"memory state's prev_valid of shape {tuple(state['prev_valid'].shape)} does not fit "
+                f"(batch {B}, at most {config.n_positions} positions)."
             )
-        B = valid.shape[0]
-        for c, p in zip(coefficients, density):
-            coefficient_shape, density_shape = (B, config.num_basis, config.n_embd), (B, config.sticky_bins)
-            if tuple(c.shape) != coefficient_shape or tuple(p.shape) != density_shape:
+        for key, shape in expected.items():
+            tensors = state[key]
+            if len(tensors) != config.n_layer:
                 raise ValueError(
-                    f"memory state tensors of shapes {tuple(c.shape)} / {tuple(p.shape)} do not fit "
-                    f"{coefficient_shape} / {density_shape}; it was written by a different ∞-former "
-                    "configuration."
+                    f"memory state has {len(tensors)} layers of {key}, this ∞-former has {config.n_layer}; "
+                    "it was written by a different configuration."
                 )
+            for t in tensors:
+                if tuple(t.shape) != shape:
+                    raise ValueError(
+                        f"memory state's {key} of shape {tuple(t.shape)} does not fit {shape}; it was "
+                        "written by a different ∞-former configuration."
+                    )
         device = self.transformer.wte.weight.device
         self._state = {
-            "coefficients": [c.detach().clone().float().to(device) for c in coefficients],
-            "valid": valid.clone().bool().to(device),
-            "density": [p.detach().clone().float().to(device) for p in density],
+            "prev_states": [t.detach().clone().float().to(device) for t in state["prev_states"]],
+            "prev_valid": state["prev_valid"].clone().bool().to(device),
+            "coefficients": [t.detach().clone().float().to(device) for t in state["coefficients"]],
+            "past_valid": state["past_valid"].clone().bool().to(device),
+            "density": [t.detach().clone().float().to(device) for t in state["density"]],
         }
 
     def memory_stats(self) -> dict[str, float]:
         if self._state is None:
             return {"ltm_valid_fraction": 0.0}
-        return {"ltm_valid_fraction": float(self._state["valid"].float().mean().item())}
+        filled = self._state["past_valid"] | self._state["prev_valid"].any(dim=1)
+        return {"ltm_valid_fraction": float(filled.float().mean().item())}
 
 
 AutoConfig.register(InfinityFormerConfig.model_type, InfinityFormerConfig, exist_ok=True)

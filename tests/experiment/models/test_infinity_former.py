@@ -136,16 +136,31 @@ def test_memory_is_carried_and_reset_forgets_it(sticky):
 
 
 def test_the_memory_signal_holds_the_previous_segment():
-    # with many narrow basis functions the first segment's states are recoverable from the signal
-    model = tiny_model(num_basis=64, basis_widths=[0.01, 0.02], ridge_penalty=1e-3)
-    seg1 = segments(n=1)[0]
+    # with many narrow basis functions (and no gate) the first segment's states are recoverable from the
+    # signal the second segment read
+    model = tiny_model(num_basis=64, basis_widths=[0.01, 0.02], ridge_penalty=1e-3, mask_type="none")
+    seg1, seg2, _ = segments()
     model(seg1)
+    model(seg2)
     state = model.get_memory_state()
-    h = model.transformer.h[0].ln_1(model.transformer.wte(seg1) + model.transformer.wpe(torch.arange(8)))
-    positions = ((torch.arange(8) + 1) / 8.0).expand(2, 8)
+    block_input = model.transformer.wte(seg1) + model.transformer.wpe(torch.arange(8))  # layer 0's input
+    positions = ((torch.arange(8) + 1) / 8.0).expand(2, 8)  # no older memory: laid out over (0, 1]
     centres, sigmas = basis_parameters(64, [0.01, 0.02])
     recalled = evaluate_basis(positions, centres, sigmas) @ state["coefficients"][0]
-    assert (recalled - h).abs().max() < 0.05 * h.abs().max()
+    assert (recalled - block_input).abs().max() < 0.05 * block_input.abs().max()
+
+
+def test_cnn_mask_learns_from_the_lm_loss():
+    model = tiny_model().train()
+    seg1, seg2, _ = segments()
+    model(seg1)
+    model.zero_grad()
+    model(seg2, labels=seg2).loss.backward()  # seg2 reads the signal built from seg1 through the gate
+    for block in model.transformer.h:
+        assert block.ltm.mask_net.weight.grad.abs().sum() > 0
+    assert tiny_model(mask_type="none").transformer.h[0].ltm.mask_net is None
+    with pytest.raises(ValueError, match="mask_type"):
+        tiny_config(mask_type="affine")
 
 
 def test_per_row_reset_only_forgets_that_row():
@@ -176,7 +191,7 @@ def test_get_set_state_continues_identically_and_refuses_foreign_state():
         torch.testing.assert_close(g, e)
     with pytest.raises(ValueError, match="kind"):
         model.set_memory_state({"memory_kind": "gpt2_with_memoria"})
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="does not fit"):
         model.set_memory_state(dict(state, coefficients=[c[:, :4] for c in state["coefficients"]]))
     with pytest.raises(ValueError, match="layers"):
         model.set_memory_state(dict(state, density=state["density"][:1]))
@@ -234,7 +249,10 @@ def test_conf_entries_have_the_paper_shapes():
             config.num_samples,
         ) == shape, name
         assert list(config.basis_widths) == [0.005, 0.01] and config.tau == 0.5 and config.kl_weight == 1e-6
-        assert config.sticky_memories and config.mu_0 == -1.0 and config.sigma_0 == 0.05
+        assert (
+            config.sticky_memories and config.mu_0 == -1.0 and config.sigma_0 == 0.05 and config.kl_mean_term
+        )
+        assert config.mask_type == "cnn" and config.ridge_penalty == 0.5
     assert InfinityFormerConfig(**OmegaConf.load(conf / "infinity_former_sort.yaml").config).n_inner == 2048
 
 
@@ -268,18 +286,21 @@ def test_runs_on_cuda_like_on_cpu():
 
 def test_memory_refit_stays_float32_under_autocast():
     model = tiny_model()
-    seg1, seg2, _ = segments()
+    seg1, seg2, seg3 = segments()
     model(seg1)
+    model(seg2)
     expected = model.get_memory_state()["coefficients"][0]
     model.reset_memory()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(seg1)
+        model(seg1)
         model(seg2)
+        out = model(seg3)
     assert torch.isfinite(out.logits).all()
     model.reset_memory()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(seg1)
+        model(seg2)
     got = model.get_memory_state()["coefficients"][0]
     assert got.dtype == torch.float32
-    # only the bf16 forward differs, not the fit: the coefficients stay close to the float32 run's
+    # only the bf16 gate differs, not the fit: the coefficients stay close to the float32 run's
     torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max().item(), rtol=0.1)
