@@ -14,7 +14,8 @@ Choices where the paper leaves room (experiments.md §d.2):
 - Eviction takes a multiple of the compression ratio (the oldest states first), so no state is dropped
   uncompressed; `mem` then holds between mem_len - ratio + 1 and mem_len states.
 - Enhanced recurrence (`enhanced_recurrence`): layer l's memory stores the *output* of layer l (the input of
-  the layer above) instead of its input, so each layer sees memories one layer higher.
+  the layer above) instead of its input, so each layer sees memories one layer higher. The top layer keeps
+  its own output (rolling the per-layer memories by one would hand it the embeddings instead).
 - Attention-reconstruction loss: for each layer that compressed something this step, the MSE between the
   content-based attention of the current queries over the evicted states and over their compression. It uses
   detached copies of the layer's LayerNorm / query / key / value weights and detached states, out of place, so
