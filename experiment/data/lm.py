@@ -146,6 +146,20 @@ class LMDataModule(L.LightningDataModule):
             start = self._resume_start if training else None
             self.streams[split] = LaneStream(entry.tokens, table, num_lanes, lanes, start_step=start)
 
+    @property
+    def source(self) -> dict[str, Any]:
+        """What the run read, for results.json: per loaded split its source, revision, order and counts, and the
+        protocol switches in force."""
+        skip = {"key", "book_ids", "vocabulary", "format"}
+        return {
+            "dataset": self.dataset_name,
+            "protocol": {"segment_length": self.segment_length, "eval_segment_length": self.eval_segment_length,
+                         "lanes": self.lanes, "eval_lanes": self.eval_lanes,
+                         "score_all_tokens": self.score_all_tokens, "keep_remainders": self.keep_remainders},
+            "splits": {split: {k: v for k, v in entry.meta.items() if k not in skip}
+                       for split, entry in self.splits.items()},
+        }
+
     def segment_table(self, split: str) -> SegmentTable:
         return self.streams[split].table
 

@@ -1,0 +1,168 @@
+"""Time one training step of Memoria GPT-2 against plain GPT-2 at the WikiText-103 shape, fp32 and bf16.
+
+One step = forward of one segment (the model carries its memory from the previous step), cross-entropy over the
+T - 1 in-segment predictions, backward, gradient clipping to 1.0, Adam step, zero grad: what the LM task does per
+optimizer step, without Lightning's loop around it. Inputs are random token ids from a private generator.
+
+Shapes (experiments.md §b.1, §b.2):
+    default   12 layers x 768 wide x 12 heads, vocab 50257, batch 8, 150 tokens; Memoria with memory=lm
+              (50 engrams/step, STM 400, reminded 50/50, depth 10)
+    --tiny    the *_tiny model configs (2 x 64 x 2) with memory=tiny, vocab 1000, batch 2, 16 tokens (CPU smoke)
+
+The memory is reset once before the warm-up; the timed steps follow `--warmup` steps, so they measure a memory that
+has filled its STM and started an LTM (the LM task resets every 500 steps). Each (model, precision) pair runs in
+this process one after the other; CUDA timings synchronise around every step.
+
+Examples:
+    python scripts/bench_step.py                          # GPU: fp32 and bf16, both models
+    python scripts/bench_step.py --tiny --device cpu --precisions fp32
+    python scripts/bench_step.py --warmup 50 --steps 100 --json bench_step.json
+The target (issue 5): Memoria GPT-2 <= 1.3x the plain step on one H100 (plain is about 34 ms fp32 there).
+Record results in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import torch
+import torch.nn.functional as F
+
+MODELS = {  # label -> (model config, memory config) at full and tiny size
+    "memoria_gpt2": ("memoria_gpt2", "lm"),
+    "gpt2": ("gpt2", "lm"),
+}
+
+
+def build(model_name: str, memory_name: str, vocab_size: int, device: torch.device):
+    from hydra import compose, initialize_config_module
+
+    import experiment.cli  # noqa: F401  (registers the root config schema)
+    from experiment.models import build_model
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={model_name}", f"memory={memory_name}"])
+    return build_model(cfg.model, vocab_size).to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(model, optimizer, batches, device, dtype, warmup: int) -> list[float]:
+    """Seconds per training step for each batch after the first `warmup` ones."""
+    model.train()
+    model.reset_memory()
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bf16"
+                else contextlib.nullcontext())
+    times = []
+    for i, input_ids in enumerate(batches):
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            output = model(input_ids)
+            logits = output.logits[:, :-1]  # (B, T-1, V): the reference scores T - 1 predictions per segment
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
+            if output.aux_loss is not None:
+                loss = loss + output.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny models and shapes (CPU smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batch-size", type=int, default=None, help="default 8 (tiny: 2)")
+    parser.add_argument("--seq-len", type=int, default=None, help="default 150 (tiny: 16)")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if args.warmup < 0 or args.steps < 1:
+        parser.error("--warmup must be >= 0 and --steps >= 1")
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA GPU is visible; use --device cpu (with --tiny)")
+    batch_size = args.batch_size or (2 if args.tiny else 8)
+    seq_len = args.seq_len or (16 if args.tiny else 150)
+    vocab_size = 1000 if args.tiny else 50257
+    generator = torch.Generator().manual_seed(args.seed)
+    batches = [torch.randint(vocab_size, (batch_size, seq_len), generator=generator).to(device)
+               for _ in range(args.warmup + args.steps)]
+
+    rows = []
+    for label in args.models:
+        model_name, memory_name = MODELS[label]
+        if args.tiny:
+            model_name, memory_name = f"{model_name}_tiny", "tiny"
+        for precision in args.precisions:
+            torch.manual_seed(args.seed)
+            model = build(model_name, memory_name, vocab_size, device)
+            optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = time_steps(model, optimizer, batches, device, precision, args.warmup)
+            rows.append({
+                "model": label, "config": model_name, "precision": precision, "device": str(device),
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "batch_size": batch_size, "seq_len": seq_len, "warmup": args.warmup, "steps": args.steps,
+                "median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times),
+                "min_ms": 1e3 * min(times),
+                "tokens_per_s": batch_size * seq_len / statistics.median(times),
+                "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            })
+            del model, optimizer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    plain = {r["precision"]: r["median_ms"] for r in rows if r["model"] == "gpt2"}
+    for row in rows:
+        row["x_plain"] = row["median_ms"] / plain[row["precision"]] if row["precision"] in plain else None
+    print(format_table(rows, device, batch_size, seq_len))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+    return rows
+
+
+def format_table(rows: list[dict], device: torch.device, batch_size: int, seq_len: int) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    header = ["model", "precision", "median ms", "mean ms", "min ms", "tokens/s", "x plain", "peak GiB"]
+    body = []
+    for r in rows:
+        body.append([
+            r["config"], r["precision"], f"{r['median_ms']:.1f}", f"{r['mean_ms']:.1f}", f"{r['min_ms']:.1f}",
+            f"{r['tokens_per_s']:,.0f}", "-" if r["x_plain"] is None else f"{r['x_plain']:.2f}",
+            "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}",
+        ])
+    widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(header)]
+    lines = [f"one training step, batch {batch_size} x {seq_len} tokens, {name}",
+             "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in body]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
