@@ -243,3 +243,28 @@ def test_cli_reports_missing_data_without_a_traceback(tmp_path):
     assert "Traceback" not in output
     assert "enwik8" in output and "task.data.path" in output
     assert not list((tmp_path / "cache").glob("enwik8-*"))  # nothing half-written
+
+
+def test_cli_evaluates_a_checkpoint_with_other_segment_length_and_lanes(wikitext, tmp_path):
+    from experiment.cli import run
+    from experiment.data.wikitext103 import WikiText103DataModule
+
+    raw, tokenizer = wikitext
+    common = [
+        "task=wikitext103", "model=memoria_gpt2_tiny", "memory=tiny", f"task.data.path={raw}",
+        f"task.data.tokenizer={tokenizer}", f"task.data.segment_length={SEGMENT}", "task.data.lanes=2",
+        "trainer.enable_progress_bar=false", "logger=none", "print_summary=false",
+    ]
+    trained = run(compose_config([*common, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                                  "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]),
+                  run_dir=tmp_path / "train")
+    evaluated = run(compose_config([*common, "mode=eval", f"ckpt_path={trained['last_checkpoint']}",
+                                    "task.data.eval_segment_length=8", "task.data.eval_lanes=2"]),
+                    run_dir=tmp_path / "eval")
+    dm = WikiText103DataModule(path=str(raw), tokenizer=tokenizer, segment_length=SEGMENT, eval_segment_length=8,
+                               eval_lanes=2)
+    dm.setup("test")
+    stream = dm.streams["test"]
+    assert stream.table.segment_length == 8 and stream.num_lanes == 2
+    assert evaluated["test"]["test/scored_tokens"] == len(stream) * 2 * 7  # every step: 2 lanes x (8 - 1) tokens
+    assert math.isfinite(evaluated["val"]["val/ppl"]) and math.isfinite(evaluated["test"]["test/ppl"])
