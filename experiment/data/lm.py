@@ -56,8 +56,14 @@ class LMDataModule(L.LightningDataModule):
         keep_remainders: bool = False,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        **unknown: Any,
     ):
         super().__init__()
+        if unknown:  # dataset subclasses pass their other options through: whatever arrives here is a typo
+            raise ValueError(
+                f"{type(self).__name__} has no option(s) {sorted(unknown)}; check the names under task.data "
+                f"(see conf/task/{self.dataset_name}.yaml)."
+            )
         for name, value in (("segment_length", segment_length), ("lanes", lanes), ("eval_lanes", eval_lanes)):
             if int(value) < 1:
                 raise ValueError(f"task.data.{name} must be >= 1, got {value}")

@@ -96,3 +96,8 @@ def test_offline_download_raises_data_unavailable(tmp_path, monkeypatch):
     dm = Enwik8DataModule(path=None, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataUnavailableError, match=r"enwik8.*task.data.path"):
         dm.setup("fit")
+
+
+def test_an_unknown_option_is_named():
+    with pytest.raises(ValueError, match=r"segment_lenght.*task.data"):
+        Enwik8DataModule(segment_lenght=8)
