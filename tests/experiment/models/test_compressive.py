@@ -189,20 +189,6 @@ def test_conf_entries_have_the_paper_shapes():
         assert config.reconstruction_loss_weight == 1.0
 
 
-def test_sorting_steps_through_the_cli(tmp_path):
-    import math
-
-    from experiment.cli import run
-    from tests.conftest import TINY_SORTING, compose_config
-
-    # "++": trainer flags go through whether or not conf/trainer lists them
-    overrides = ["++" + o if o.startswith("trainer.") else o for o in TINY_SORTING]
-    cfg = compose_config(overrides + ["model=compressive_tiny", "logger=none"])
-    results = run(cfg, run_dir=tmp_path)
-    assert results["global_step"] == 2
-    assert math.isfinite(results["test"]["test/loss"]) and 0.0 <= results["test"]["test/acc-final"] <= 1.0
-
-
 @pytest.mark.cuda
 def test_runs_on_cuda_like_on_cpu():
     model = tiny_model()
