@@ -13,6 +13,7 @@ Tokens: GPT-2 BPE per article, no separator between articles.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 from collections.abc import Iterable
@@ -83,7 +84,7 @@ class WikiText103DataModule(TextLMDataModule):
             # empty, so both sources give the same articles and tokens.
             with open(file, encoding="utf-8") as lines:
                 text = "".join(line if line.strip() else "" for line in lines)
-            return text, {"source": str(file.resolve())}
+            return text, {"source": str(file.resolve()), "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
         rows = load_hub_split("wikitext103", self.hub_id, self.hub_config, self.revision, HUB_SPLITS[split])
         # Each row is one line of the original file with its newline (blank lines are empty rows).
         text = "".join(rows["text"])

@@ -16,7 +16,7 @@ afterwards, so validation neither corrupts nor drops it). Metrics over a whole s
     {stage}/ppl_mean_of_batches   the reference's number: the mean over steps of exp(mean NLL of that step)
     {stage}/loss             Σ NLL / Σ scored tokens (nats)
     {stage}/scored_tokens    how many tokens were scored
-Training logs train/loss, train/ppl (per step) and train/tokens_per_s.
+Training logs train/loss, train/ppl (per step) and train/tokens_per_s (input tokens of all ranks per second).
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ class LanguageModelingTask(MemoryTask):
             rate = self._last_batch_tokens / max(now - self._last_batch_start, 1e-9)
             self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, prog_bar=True)
         self._last_batch_start = now
-        self._last_batch_tokens = batch["input_ids"].numel()
+        # All ranks step in lockstep on equal shapes: the global rate is the local one times the world size.
+        self._last_batch_tokens = batch["input_ids"].numel() * self.trainer.world_size
 
     def on_train_epoch_end(self) -> None:
         self._last_batch_start = None  # do not count validation time as a training step

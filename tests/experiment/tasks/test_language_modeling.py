@@ -268,3 +268,13 @@ def test_cli_evaluates_a_checkpoint_with_other_segment_length_and_lanes(wikitext
     assert stream.table.segment_length == 8 and stream.num_lanes == 2
     assert evaluated["test"]["test/scored_tokens"] == len(stream) * 2 * 7  # every step: 2 lanes x (8 - 1) tokens
     assert math.isfinite(evaluated["val"]["val/ppl"]) and math.isfinite(evaluated["test"]["test/ppl"])
+
+
+def test_a_segment_longer_than_the_model_positions_is_refused():
+    class ShortModel(RecordingLM):
+        max_segment_length = 8
+
+    with pytest.raises(ValueError, match=r"task.data.segment_length=16.*8 positions"):
+        LanguageModelingTask(ShortModel(10), segment_length=16)
+    with pytest.raises(ValueError, match=r"task.data.eval_segment_length=512"):
+        LanguageModelingTask(ShortModel(10), segment_length=8, eval_segment_length=512)
