@@ -138,12 +138,12 @@ def gaussian_pdf(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torc
     return torch.exp(-0.5 * (x - mean) ** 2 / var) / torch.sqrt(2 * math.pi * var)
 
 
-def basis_parameters(num_basis: int, widths) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centres (N,) and widths (N,): for each width, num_basis / len(widths) centres evenly spread over [0,
-    1]."""
+def basis_parameters(num_basis: int, widths, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centres (N,) and widths (N,) in float32: for each width, num_basis / len(widths) centres evenly spread
+    over [0, 1]."""
     per_width = num_basis // len(widths)
-    centres = torch.linspace(0.0, 1.0, per_width).repeat(len(widths))
-    sigmas = torch.tensor([float(w) for w in widths]).repeat_interleave(per_width)
+    centres = torch.linspace(0.0, 1.0, per_width, device=device).repeat(len(widths))
+    sigmas = torch.tensor([float(w) for w in widths], device=device).repeat_interleave(per_width)
     return centres, sigmas
 
 
@@ -315,9 +315,6 @@ class InfinityFormerModel(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([InfinityFormerBlock(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        centres, sigmas = basis_parameters(config.num_basis, config.basis_widths)
-        self.register_buffer("basis_centres", centres, persistent=False)
-        self.register_buffer("basis_sigmas", sigmas, persistent=False)
 
     def forward(self, input_ids, token_valid, memories):
         """memories: one carried state per layer. Returns the final hidden states (B, T, d) and, per layer,
@@ -330,12 +327,13 @@ class InfinityFormerModel(nn.Module):
         # additive (B, 1, T, T)
         causal_mask = causal_mask.masked_fill(~allowed[:, None], torch.finfo(x.dtype).min)
 
+        # the basis is rebuilt in float32 on every call (cheap), never stored: a buffer would be cast to bf16
+        # with the model and lose the centres' spacing
+        centres, widths = basis_parameters(self.config.num_basis, self.config.basis_widths, x.device)
         per_layer = []
         for block, memory in zip(self.h, memories):
             block_input = x
-            x, signal, signal_valid, mu, sigma = block(
-                x, causal_mask, memory, self.basis_centres, self.basis_sigmas
-            )
+            x, signal, signal_valid, mu, sigma = block(x, causal_mask, memory, centres, widths)
             per_layer.append((block_input, signal, signal_valid, mu, sigma))
         return self.ln_f(x), per_layer
 
@@ -363,10 +361,6 @@ class InfinityFormerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         if isinstance(module, (GPT2Attention, GPT2MLP)):  # GPT-2's scaled init of the residual projections
             init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
-        if isinstance(module, InfinityFormerModel):
-            centres, sigmas = basis_parameters(self.config.num_basis, self.config.basis_widths)
-            init.copy_(module.basis_centres, centres)
-            init.copy_(module.basis_sigmas, sigmas)
 
 
 class InfinityFormerLMHeadModel(InfinityFormerPreTrainedModel, MemoryProtocol):

@@ -292,3 +292,12 @@ def test_memory_refit_stays_float32_under_autocast():
     assert got.dtype == torch.float32
     # only the bf16 gate differs, not the fit: the coefficients stay close to the float32 run's
     torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max().item(), rtol=0.1)
+
+
+def test_bf16_weights_keep_a_float32_basis():
+    model = tiny_model().to(torch.bfloat16)
+    seg1, seg2, _ = segments()
+    model(seg1)
+    out = model(seg2)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+    assert model.get_memory_state()["coefficients"][0].dtype == torch.float32
