@@ -212,3 +212,13 @@ def test_nothing_compressed_still_keeps_the_compression_in_the_graph():
     out.aux_loss.backward()
     grad = model.transformer.layers[0].compress.weight.grad
     assert grad is not None and torch.count_nonzero(grad) == 0  # used (for DDP), but contributes exactly zero
+
+
+def test_memory_written_under_inference_mode_can_be_trained_on():
+    model = tiny_model().train()
+    seg1, seg2, *_ = segments()
+    with torch.inference_mode():  # Lightning's evaluation default
+        model(seg1)
+    model(seg2, labels=seg2).loss.backward()
+    model.reset_memory(rows=torch.tensor([True, False]))
+    model(seg1, labels=seg1).loss.backward()

@@ -301,3 +301,13 @@ def test_bf16_weights_keep_a_float32_basis():
     out = model(seg2)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
     assert model.get_memory_state()["coefficients"][0].dtype == torch.float32
+
+
+def test_memory_written_under_inference_mode_can_be_trained_on():
+    model = tiny_model().train()
+    seg1, seg2, *_ = segments()
+    with torch.inference_mode():  # Lightning's evaluation default
+        model(seg1)
+    model(seg2, labels=seg2).loss.backward()
+    model.reset_memory(rows=torch.tensor([True, False]))
+    model(seg1, labels=seg1).loss.backward()

@@ -225,3 +225,13 @@ def test_runs_on_cuda_like_on_cpu():
     model.cpu()
     model.set_memory_state(state)  # a CUDA state restored onto a CPU model lands on the model's device
     assert model(seg1).logits.device.type == "cpu"
+
+
+def test_memory_written_under_inference_mode_can_be_trained_on():
+    model = tiny_model().train()
+    seg1, seg2, *_ = segments()
+    with torch.inference_mode():  # Lightning's evaluation default
+        model(seg1)
+    model(seg2, labels=seg2).loss.backward()
+    model.reset_memory(rows=torch.tensor([True, False]))
+    model(seg1, labels=seg1).loss.backward()
