@@ -123,6 +123,20 @@ class LanguageModelingTask(MemoryTask):
             super().on_train_start()
         self._memory_restored = False
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # ModelCheckpoint saves in on_validation_end *before* this module's on_validation_end restores the training
+        # memory: a checkpoint written then must hold the training memory (the snapshot), not validation's.
+        snapshot = self._train_memory_snapshot
+        if snapshot is None:
+            super().on_save_checkpoint(checkpoint)
+            return
+        during_validation = self.model.get_memory_state()
+        self.model.set_memory_state(snapshot)
+        try:
+            super().on_save_checkpoint(checkpoint)
+        finally:
+            self.model.set_memory_state(during_validation)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self._memory_restored = self._trainer is not None and self.trainer.state.fn == "fit"

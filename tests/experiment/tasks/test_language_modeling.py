@@ -178,20 +178,24 @@ def fit_memoria(tmp_path, enwik8_file, name, max_steps, ckpt_path=None, every=No
     if every:
         callbacks.append(ModelCheckpoint(dirpath=str(tmp_path / name), every_n_train_steps=every, save_top_k=-1,
                                          filename="{step}"))
+        # and one written at the end of each validation, as the CLI's monitored checkpoint is
+        callbacks.append(ModelCheckpoint(dirpath=str(tmp_path / name), every_n_epochs=1, save_top_k=-1,
+                                         save_on_train_epoch_end=False, filename="val-{epoch}"))
     run = trainer(tmp_path / name, max_steps=max_steps, limit_train_batches=5, limit_val_batches=2, max_epochs=-1,
-                  callbacks=callbacks, enable_checkpointing=bool(every))
+                  val_check_interval=3, callbacks=callbacks, enable_checkpointing=bool(every))
     run.fit(task, datamodule=dm, ckpt_path=ckpt_path)
     return recorder.losses
 
 
 def test_resumed_training_matches_uninterrupted(enwik8_file, tmp_path):
-    # 5 steps per epoch, validation after each epoch, memory reset every 4 optimizer steps, dropout on.
-    whole = fit_memoria(tmp_path, enwik8_file, "whole", max_steps=9, every=1)
-    assert len(whole) == 9
-    for step in (3, 5):  # mid-epoch; at the end of an epoch, before its validation
-        ckpt = tmp_path / "whole" / f"step={step}.ckpt"
-        resumed = fit_memoria(tmp_path, enwik8_file, f"resumed{step}", max_steps=9, ckpt_path=str(ckpt))
-        assert sorted(resumed) == list(range(step + 1, 10))
+    # 5 steps per epoch, validation after the 3rd step of each epoch, memory reset every 4 optimizer steps, dropout.
+    whole = fit_memoria(tmp_path, enwik8_file, "whole", max_steps=12, every=1)
+    assert len(whole) == 12
+    checkpoints = {2: "step=2", 5: "step=5", 3: "val-epoch=0"}
+    for step, name in checkpoints.items():  # mid-epoch; end of an epoch; written by validation in mid-epoch
+        ckpt = tmp_path / "whole" / f"{name}.ckpt"
+        resumed = fit_memoria(tmp_path, enwik8_file, f"resumed{step}", max_steps=12, ckpt_path=str(ckpt))
+        assert sorted(resumed) == list(range(step + 1, 13))
         for global_step, loss in resumed.items():
             assert loss == pytest.approx(whole[global_step], rel=1e-6, abs=1e-6), (step, global_step)
 
