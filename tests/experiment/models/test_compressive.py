@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 
@@ -124,6 +126,10 @@ def test_get_set_state_continues_identically_and_refuses_foreign_state():
     state = model.get_memory_state()
     expected = [model(seg3).logits, model(seg1).logits]
     model.reset_memory()
+    # a checkpoint stores the state with torch.save; it must load back safely (weights_only)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     model.set_memory_state(state)
     got = [model(seg3).logits, model(seg1).logits]
     for e, g in zip(expected, got):

@@ -1,3 +1,4 @@
+import io
 import math
 
 import pytest
@@ -185,6 +186,10 @@ def test_get_set_state_continues_identically_and_refuses_foreign_state():
     state = model.get_memory_state()
     expected = [model(seg2).logits, model(seg3).logits]
     model.reset_memory()
+    # a checkpoint stores the state with torch.save; it must load back safely (weights_only)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     model.set_memory_state(state)
     got = [model(seg2).logits, model(seg3).logits]
     for e, g in zip(expected, got):
