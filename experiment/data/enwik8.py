@@ -54,7 +54,7 @@ def split_bytes(data: np.ndarray, valid_bytes: int, test_bytes: int) -> dict[str
 
 
 def encode_bytes(data: np.ndarray, vocabulary: np.ndarray, protocol: str) -> np.ndarray:
-    """Map bytes to symbol ids (uint8); newline bytes are dropped under protocol=reference; unseen bytes are an error."""
+    """Map bytes to symbol ids (uint8); newlines are dropped under protocol=reference; an unseen byte is an error."""
     if protocol == "reference":
         data = data[data != NEWLINE]
     lookup = np.full(256, -1, dtype=np.int16)

@@ -112,7 +112,8 @@ class LMDataModule(L.LightningDataModule):
         if split not in self.splits:
             key = {"dataset": self.dataset_name, "split": split, **self._cache_key(split)}
             entry = load_or_build(self.cache_dir, key, self._token_dtype(), lambda w: self._build_split(split, w))
-            log.info("%s %s: %d documents, %d tokens (%s)", self.dataset_name, split, entry.num_docs, entry.num_tokens, entry.path)
+            log.info("%s %s: %d documents, %d tokens (%s)", self.dataset_name, split, entry.num_docs,
+                     entry.num_tokens, entry.path)
             self.splits[split] = entry
         return self.splits[split]
 

@@ -78,7 +78,9 @@ class TokenWriter:
         if ids.ndim != 1:
             raise ValueError(f"a document must be a 1-D sequence of token ids, got shape {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() > self._max_id):
-            raise ValueError(f"token ids must lie in [0, {self._max_id}] for dtype {self.dtype}; got {ids.min()}..{ids.max()}")
+            raise ValueError(
+                f"token ids must lie in [0, {self._max_id}] for dtype {self.dtype}; got {ids.min()}..{ids.max()}"
+            )
         ids.astype(self.dtype.newbyteorder("<"), copy=False).tofile(self._file)
         self._lengths.append(int(ids.size))
 

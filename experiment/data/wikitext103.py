@@ -6,8 +6,9 @@ Sources:
   configured revision, one row per line.
 
 Documents: the split's lines are concatenated, whitespace-only lines as empty strings (as the Hub copy and the
-reference's loader hold them); the text is cut into articles at every top-level heading (`= Title =` on its own line, never
-`= = Section = =`), one character before the heading's newline; articles are stripped and empty ones dropped.
+reference's loader hold them); the text is cut into articles at every top-level heading (`= Title =` on its own
+line, never `= = Section = =`), one character before the heading's newline; articles are stripped and empty ones
+dropped.
 Tokens: GPT-2 BPE per article, no separator between articles.
 """
 

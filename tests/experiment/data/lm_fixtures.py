@@ -9,7 +9,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-WORDS = ["the", "of", "and", "to", "in", "a", "is", "was", "for", "on", "as", "with", "by", "he", "at", "from", "his", "that", "it", "an", "were", "are", "which", "this", "be", "river", "castle", "music", "album", "song", "team", "season", "war", "city", "ship", "game", "film", "army", "king", "church", "station", "road"]
+WORDS = (
+    "the", "of", "and", "to", "in", "a", "is", "was", "for", "on", "as", "with", "by", "he", "at", "from",
+    "his", "that", "it", "an", "were", "are", "which", "this", "be", "river", "castle", "music", "album",
+    "song", "team", "season", "war", "city", "ship", "game", "film", "army", "king", "church", "station",
+    "road",
+)
 
 
 def sentence(rng: random.Random, n_words: int = 12) -> str:
@@ -17,7 +22,7 @@ def sentence(rng: random.Random, n_words: int = 12) -> str:
 
 
 def make_tokenizer(directory: Path, vocab_size: int = 300) -> str:
-    """Train a byte-level BPE (the GPT-2 scheme) on generated text; save it as a GPT-2 fast tokenizer. Returns the path."""
+    """Train a byte-level BPE (the GPT-2 scheme) on generated text, saved as a GPT-2 fast tokenizer; returns its path."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2TokenizerFast
 

@@ -28,10 +28,12 @@ def test_articles_split_at_top_level_headings_only(wt_dir):
 
 
 def test_split_rule_on_a_handwritten_text():
-    text = " \n = A = \n \n Alpha text . \n \n = = S = = \n \n more . \n \n = B = \n Beta . \n=C=\n \n = D =\n Delta \n"
+    text = (" \n = A = \n \n Alpha text . \n \n = = S = = \n \n more . \n \n = B = \n Beta . \n=C=\n \n"
+            " = D =\n Delta \n")
     articles = split_articles(text)
     # "=C=" lacks the spaces of a heading; " = D =\n" has no space before the newline (optional) and counts.
-    assert articles == ["= A = \n \n Alpha text . \n \n = = S = = \n \n more .", "= B = \n Beta . \n=C=", "= D =\n Delta"]
+    assert articles == ["= A = \n \n Alpha text . \n \n = = S = = \n \n more .", "= B = \n Beta . \n=C=",
+                        "= D =\n Delta"]
 
 
 def test_split_point_is_one_character_before_the_heading_match():
@@ -54,7 +56,8 @@ def test_hub_rows_give_the_same_articles_as_the_raw_file(wt_dir):
 
 def make_dm(directory, tokenizer_dir, cache_dir, **kwargs):
     return WikiText103DataModule(path=str(directory), tokenizer=tokenizer_dir, cache_dir=str(cache_dir),
-                                 segment_length=kwargs.pop("segment_length", 16), lanes=kwargs.pop("lanes", 2), **kwargs)
+                                 segment_length=kwargs.pop("segment_length", 16), lanes=kwargs.pop("lanes", 2),
+                                 **kwargs)
 
 
 def test_local_raw_files_tokenise_each_article(wt_dir, tokenizer_dir, tmp_path):
