@@ -7,6 +7,7 @@ import subprocess
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -282,3 +283,22 @@ def test_a_segment_longer_than_the_model_positions_is_refused():
         LanguageModelingTask(ShortModel(10), segment_length=16)
     with pytest.raises(ValueError, match=r"task.data.eval_segment_length=512"):
         LanguageModelingTask(ShortModel(10), segment_length=8, eval_segment_length=512)
+
+
+def test_cli_protocol_switches_score_every_token_but_each_documents_first(wikitext, tmp_path):
+    from experiment.cli import run
+    from experiment.data.wikitext103 import WikiText103DataModule
+
+    raw, tokenizer = wikitext
+    results = run(compose_config([
+        "task=wikitext103", "model=memoria_gpt2_tiny", "memory=tiny", f"task.data.path={raw}",
+        f"task.data.tokenizer={tokenizer}", f"task.data.segment_length={SEGMENT}", "task.data.lanes=2",
+        "task.data.score_all_tokens=true", "task.data.keep_remainders=true", "task.module.reset_on_document_end=true",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false", "logger=none",
+        "print_summary=false",
+    ]), run_dir=tmp_path / "run")
+    dm = WikiText103DataModule(path=str(raw), tokenizer=tokenizer)
+    for split, stage in (("valid", "val"), ("test", "test")):
+        lengths = np.diff(dm.load_split(split).offsets)
+        assert results[stage][f"{stage}/scored_tokens"] == int((lengths - 1).sum())  # one eval lane: whole split
+        assert math.isfinite(results[stage][f"{stage}/ppl"])
