@@ -66,19 +66,22 @@ def case_params() -> list:
     return params
 
 
-def our_memoria(config: dict, weight_form: str) -> Memoria:
+def our_memoria(config: dict, weight_form: str, static_shape: bool = False) -> Memoria:
     # No ties occur in the fixtures (the generator enforces a score margin); deterministic mode keeps it that way.
-    return Memoria(**config, track_age=True, track_id=True, weight_form=weight_form, deterministic=True)
+    # static_shape=True, validate=False is the sync-free path the models use.
+    return Memoria(**config, track_age=True, track_id=True, weight_form=weight_form, deterministic=True,
+                   static_shape=static_shape, validate=not static_shape)
 
 
 class ParityReplay:
     """Replays one fixture case on our Memoria and compares every view with the reference's."""
 
-    def __init__(self, case: dict, weight_form: str) -> None:
+    def __init__(self, case: dict, weight_form: str, static_shape: bool = False) -> None:
         self.case = case
         self.name = case["name"]
         self.config = case["config"]
-        self.memory = our_memoria(self.config, weight_form)
+        self.static_shape = static_shape
+        self.memory = our_memoria(self.config, weight_form, static_shape)
         self.data_by_id: dict[int, torch.Tensor] = {}  # engram id -> the vector added (ids are ours, see D4 note)
         self.spurious_counts: Counter = Counter()  # (id_i, id_j) -> count increments only the reference made (D4)
         self.last_indices: torch.Tensor | None = None
@@ -102,7 +105,15 @@ class ParityReplay:
         assert indices.dtype == torch.int64 and memories.dtype == torch.float32
         assert indices.shape[0] == 1 and memories.shape[:2] == indices.shape
         ours = indices[0].tolist()
-        # One row: no padding, so no -1 anywhere (the reference's -1 columns are D12).
+        if self.static_shape:
+            # Full width r_stm + r_ltm; -1 only as trailing padding, with zero memories.
+            width = self.config["num_reminded_stm"] + self.config["num_final_ltms"]
+            assert len(ours) == width, f"{self.name} step {step}: static width {len(ours)}, expected {width}"
+            valid = sum(1 for i in ours if i >= 0)
+            assert all(i == -1 for i in ours[valid:]), f"{self.name} step {step}: -1 not only at the end: {ours}"
+            assert not memories[0, valid:].any()
+            ours = ours[:valid]
+        # One row: no padding, so no -1 among the valid entries (the reference's -1 columns are D12).
         assert -1 not in ours, f"{self.name} step {step}: our remind returned -1 in a single row: {ours}"
         assert len(set(ours)) == len(ours), f"{self.name} step {step}: duplicate indices {ours}"
         k = min(self.config["num_reminded_stm"], num_stm)
@@ -139,7 +150,7 @@ class ParityReplay:
             # Our own remind indices, each with the delta the fixture gave that view position.
             indices = self.last_indices.clone()
             delta_by_position = torch.tensor(op["delta_by_position"], dtype=torch.float32)
-            delta = delta_by_position[indices]
+            delta = torch.where(indices >= 0, delta_by_position[indices.clamp(min=0)], 0.0)
         else:
             indices = torch.tensor(op["indices"], dtype=torch.int64).reshape(1, -1)
             delta = torch.tensor(op["delta"], dtype=torch.float32).reshape(1, -1)
@@ -187,11 +198,12 @@ class ParityReplay:
             self.compare_view(op["view"], f"{self.name} op {step} ({op['op']})")
 
 
+@pytest.mark.parametrize("static_shape", [False, True], ids=["trimmed", "static"])
 @pytest.mark.parametrize("version,case_name", case_params())
-def test_single_operations_match_reference(version: str, case_name: str) -> None:
+def test_single_operations_match_reference(version: str, case_name: str, static_shape: bool) -> None:
     fixture = load_fixture(version)
     case = next(c for c in fixture["cases"] if c["name"] == case_name)
-    ParityReplay(case, fixture["meta"]["weight_form"]).run()
+    ParityReplay(case, fixture["meta"]["weight_form"], static_shape).run()
 
 
 @pytest.mark.parametrize("version", list(FIXTURE_FILES))
