@@ -169,6 +169,10 @@ class LanguageModelingTask(MemoryTask):
         self._last_batch_tokens = batch["input_ids"].numel() * self.trainer.world_size
 
     def on_train_epoch_end(self) -> None:
+        self._last_batch_start = None  # an epoch boundary is no training step
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
         self._last_batch_start = None  # do not count validation time as a training step
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
