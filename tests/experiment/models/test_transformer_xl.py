@@ -241,3 +241,43 @@ def test_memory_written_under_inference_mode_can_be_trained_on():
     model(seg2, labels=seg2).loss.backward()
     model.reset_memory(rows=torch.tensor([True, False]))
     model(seg1, labels=seg1).loss.backward()
+
+
+@pytest.mark.slow
+def test_learns_to_recall_the_previous_segment():
+    # segment 1: random symbols; segment 2: separators only. The last position of segment 2 must name
+    # the first symbol of segment 1, which only the carried memory holds (chance: 0.1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest and spares a shared machine
+    try:
+        model = tiny_model(mem_len=16).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+
+        def example(batch):
+            seg1 = torch.randint(0, 10, (batch, 8), generator=g)
+            return seg1, torch.full((batch, 8), 20), seg1[:, 0]
+
+        for _ in range(300):
+            seg1, seg2, target = example(32)
+            model.reset_memory()
+            with torch.no_grad():
+                model(seg1)
+            out = model(seg2)
+            loss = torch.nn.functional.cross_entropy(out.logits[:, -1], target) + out.aux_loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        model.eval()
+        seg1, seg2, target = example(256)
+        with torch.no_grad():
+            model.reset_memory()
+            model(seg1)
+            recalled = (model(seg2).logits[:, -1].argmax(-1) == target).float().mean().item()
+            model.reset_memory()  # without the memory the answer is a guess
+            guessed = (model(seg2).logits[:, -1].argmax(-1) == target).float().mean().item()
+    finally:
+        torch.set_num_threads(threads)
+    assert recalled > 0.9, recalled
+    assert guessed < 0.2, guessed
