@@ -34,7 +34,7 @@ import typing
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -58,7 +58,7 @@ class RunSchema:
     """Types of the top-level keys: a wrong type fails in Hydra with the key named (e.g. `seed=abc`)."""
 
     mode: Mode = Mode.train
-    ckpt_path: Optional[str] = None
+    ckpt_path: str | None = None
     seed: int = 42
     run_name: str = MISSING
     print_summary: bool = True
@@ -121,14 +121,14 @@ def check_target_arguments(node: DictConfig, prefix: str, skip: tuple[str, ...] 
         raise ConfigError(f"{prefix} needs a _target_ naming the class to build.")
     try:
         target = get_object(node._target_)
-    except Exception as error:  # ImportError, AttributeError: report which _target_ is wrong
+    except (ImportError, AttributeError, ValueError) as error:  # report which _target_ is wrong
         raise ConfigError(f"{prefix}._target_={node._target_} cannot be imported ({error}); fix the class path.") from error
     init = target.__init__ if inspect.isclass(target) else target
     parameters = inspect.signature(init).parameters
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     try:
         hints = typing.get_type_hints(init)
-    except Exception:  # unresolvable annotations: skip the type check, keep the name check
+    except (NameError, TypeError):  # unresolvable annotations: skip the type check, keep the name check
         hints = {}
     for key, value in node.items():
         if key.startswith("_") or key in skip:

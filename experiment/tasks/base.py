@@ -52,6 +52,10 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int):
     return multiplier
 
 
+def constant_multiplier(step: int) -> float:
+    return 1.0
+
+
 class MemoryTask(L.LightningModule):
     """Base of every task. Subclasses call `super().__init__(model, ...)` with the optimizer settings."""
 
@@ -103,7 +107,7 @@ class MemoryTask(L.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         if self.schedule == "constant":
-            multiplier = lambda step: 1.0  # noqa: E731
+            multiplier = constant_multiplier
         else:
             total_steps = int(self.trainer.estimated_stepping_batches)
             warmup_steps = int(total_steps * self.warmup_ratio)

@@ -24,7 +24,7 @@ FAST = ["trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 
 def cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "-m", "experiment.cli", *args], cwd=cwd, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def test_discovery_finds_the_sorting_task_and_tiny_models():
@@ -198,7 +198,7 @@ def test_wandb_is_imported_only_when_chosen(tmp_path):
         "assert 'wandb' not in sys.modules, 'wandb imported'"
     )
     done = subprocess.run([PYTHON, "-c", code], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -220,14 +220,32 @@ def test_configs_are_found_from_an_installed_wheel(tmp_path):
     """Non-editable install into a folder, run from outside the repository: configs come from the package."""
     site = tmp_path / "site"
     build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-                            "--target", str(site), str(REPO_ROOT)], capture_output=True, text=True, timeout=600)
+                            "--target", str(site), str(REPO_ROOT)], capture_output=True, text=True, timeout=600,
+                           check=False)
     assert build.returncode == 0, build.stderr[-2000:]
     assert (site / "conf" / "config.yaml").is_file() and (site / "conf" / "task" / "sorting.yaml").is_file()
     env = subprocess_env()
     env["PYTHONPATH"] = str(site)
-    done = subprocess.run([sys.executable, "-c", "import conf, sys; print(conf.__file__); "
-                           "sys.argv = ['memoria-exp', '--cfg', 'job']; from experiment.cli import main; main()"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    code = ("import conf, sys; print(conf.__file__); "
+            "sys.argv = ['memoria-exp', '--cfg', 'job']; from experiment.cli import main; main()")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert str(site) in done.stdout.splitlines()[0]
     assert "name: memoria_gpt2_tiny" in done.stdout
+
+
+@pytest.mark.slow
+def test_ddp_spawn_on_two_cpu_processes(tmp_path):
+    """trainer=ddp spawns its workers: one run directory, results from rank 0, exact sums across ranks."""
+    run_dir = tmp_path / "run"
+    done = cli([*TINY_SORTING, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                "task.data.batch_size=4", "task.data.num_dev=7", "logger=csv", f"hydra.run.dir={run_dir}"],
+               cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["global_step"] == 2  # 16 examples / (2 ranks x 4)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no extra Hydra directories from workers
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert len(state["memory_state_per_rank"]) == 2

@@ -43,9 +43,9 @@ def datamodule(tmp_path_factory):
 
 
 def tiny_trainer(tmp_path, **kwargs):
-    settings = dict(accelerator="cpu", devices=1, max_epochs=1, inference_mode=False, logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    settings = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "inference_mode": False, "logger": False,
+                "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+                "num_sanity_val_steps": 0, "default_root_dir": str(tmp_path)}
     settings.update(kwargs)
     return L.Trainer(**settings)
 
@@ -185,3 +185,26 @@ def test_validation_keeps_the_training_memory(datamodule, tmp_path):
     assert model.get_memory_state()["prev_hidden"] is None  # evaluation starts from empty memory
     task.on_validation_end()
     assert torch.equal(model.get_memory_state()["prev_hidden"], before)
+
+
+def _train_steps_with_precision(datamodule, tmp_path, accelerator, precision):
+    model = memoria_model()
+    task = SortingTask(model, segment_size=32, warmup_ratio=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = tiny_trainer(tmp_path, accelerator=accelerator, precision=precision, max_steps=2, limit_val_batches=1)
+    trainer.fit(task, datamodule=datamodule)
+    assert trainer.global_step == 2
+    after = [p.detach().cpu() for p in model.parameters()]
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a.cpu(), b) for a, b in zip(before, after))
+    assert 0.0 <= trainer.callback_metrics["val/acc-final"].item() <= 1.0
+
+
+def test_bf16_mixed_precision_on_cpu(datamodule, tmp_path):
+    _train_steps_with_precision(datamodule, tmp_path, "cpu", "bf16-mixed")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_on_gpu(datamodule, tmp_path, precision):
+    _train_steps_with_precision(datamodule, tmp_path, "gpu", precision)
