@@ -212,7 +212,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from experiment.loggers import build_logger, finish_logger, record_wandb_run_id
+    from experiment.loggers import build_logger, finish_logger
     from experiment.models import build_model
 
     started = time.time()
@@ -262,7 +262,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved,
                           resume_from=cfg.ckpt_path if mode is Mode.train else None)
     trainer = instantiate(cfg.trainer, callbacks=[checkpoint, last_checkpoint], logger=logger, default_root_dir=str(run_dir))
-    record_wandb_run_id(logger, run_dir)
 
     results: dict[str, Any] = {
         "mode": mode.value,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import secrets
 import socket
 from pathlib import Path
 from typing import Any
@@ -91,25 +92,28 @@ def _build_wandb(cfg: dict[str, Any], save_dir: Path, run_name: str, config: dic
     from lightning.pytorch.loggers import WandbLogger
 
     try:
-        import wandb  # noqa: F401  (imported here only: runs without W&B never import it)
+        import wandb  # noqa: F401  (imported here only, to fail early: runs without W&B never import it)
     except ModuleNotFoundError as error:
         raise ValueError("logger=wandb needs the wandb package; pip install wandb or choose logger=csv.") from error
     offline, reason = wandb_should_be_offline(cfg.pop("offline", "auto"))
     if offline and reason not in ("offline=true",):
         log.warning("wandb: logging offline (%s); sync later with `wandb sync %s`", reason, save_dir / "wandb")
-    run_id = _previous_wandb_run_id(resume_from)
+    # Our own run id (the previous run's when resuming), recorded in the run directory before anything starts, so
+    # `ckpt_path=<this run's checkpoint>` continues the same W&B run even after a crash.
+    run_id = _previous_wandb_run_id(resume_from) or secrets.token_hex(4)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / WANDB_RUN_ID_FILE).write_text(run_id)
     tags = list(cfg.pop("tags", None) or [])
-    logger = WandbLogger(
+    return WandbLogger(
         name=run_name,
         save_dir=str(save_dir),
         offline=offline,
         id=run_id,
-        resume="allow" if run_id else None,
+        resume="allow",
         tags=tags,
         config=config,
         **{key: value for key, value in cfg.items() if value is not None},
     )
-    return logger
 
 
 def _previous_wandb_run_id(resume_from: str | Path | None) -> str | None:
@@ -118,15 +122,6 @@ def _previous_wandb_run_id(resume_from: str | Path | None) -> str | None:
         return None
     record = Path(resume_from).expanduser().resolve().parent.parent / WANDB_RUN_ID_FILE
     return record.read_text().strip() if record.exists() else None
-
-
-def record_wandb_run_id(logger: Any, save_dir: str | Path) -> None:
-    """Write the W&B run id into the run directory, so `ckpt_path=<this run's checkpoint>` resumes the same run."""
-    if type(logger).__name__ != "WandbLogger":
-        return
-    run_id = getattr(logger, "version", None)
-    if run_id:
-        Path(save_dir, WANDB_RUN_ID_FILE).write_text(str(run_id))
 
 
 def finish_logger(logger: Any) -> None:

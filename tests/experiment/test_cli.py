@@ -189,6 +189,11 @@ def test_wandb_goes_offline_without_key_or_network(tmp_path, monkeypatch, caplog
                                "offline": "auto"}, tmp_path, "run")
     assert type(logger).__name__ == "WandbLogger" and logger._offline
     assert len([r for r in caplog.records if "wandb: logging offline" in r.getMessage()]) == 1
+    run_id = (tmp_path / "wandb_run_id.txt").read_text()
+    assert logger.version == run_id  # recorded before the run starts
+    resumed = build_logger({"kind": "wandb", "offline": True}, tmp_path / "resumed", "run",
+                           resume_from=tmp_path / "checkpoints" / "last.ckpt")
+    assert resumed.version == run_id  # resuming this run's checkpoint continues the same W&B run
 
 
 def test_wandb_is_imported_only_when_chosen(tmp_path):
