@@ -42,12 +42,36 @@ LIFESPAN_EXTEND_SCALE = 8.0
 
 # The paper's configurations (algorithm.md §f, experiments.md §b.1).
 CONFIGS = {
-    "lm": dict(batch_size=8, hidden=768, num_memories=50, stm_capacity=400, num_reminded_stm=50,
-               num_final_ltms=50, ltm_search_depth=10, initial_lifespan=9),
-    "enwik8": dict(batch_size=8, hidden=512, num_memories=128, stm_capacity=1536, num_reminded_stm=192,
-                   num_final_ltms=192, ltm_search_depth=10, initial_lifespan=9),
-    "sort": dict(batch_size=32, hidden=512, num_memories=128, stm_capacity=512, num_reminded_stm=256,
-                 num_final_ltms=640, ltm_search_depth=10, initial_lifespan=5),
+    "lm": {
+        "batch_size": 8,
+        "hidden": 768,
+        "num_memories": 50,
+        "stm_capacity": 400,
+        "num_reminded_stm": 50,
+        "num_final_ltms": 50,
+        "ltm_search_depth": 10,
+        "initial_lifespan": 9,
+    },
+    "enwik8": {
+        "batch_size": 8,
+        "hidden": 512,
+        "num_memories": 128,
+        "stm_capacity": 1536,
+        "num_reminded_stm": 192,
+        "num_final_ltms": 192,
+        "ltm_search_depth": 10,
+        "initial_lifespan": 9,
+    },
+    "sort": {
+        "batch_size": 32,
+        "hidden": 512,
+        "num_memories": 128,
+        "stm_capacity": 512,
+        "num_reminded_stm": 256,
+        "num_final_ltms": 640,
+        "ltm_search_depth": 10,
+        "initial_lifespan": 5,
+    },
 }
 
 
@@ -60,8 +84,10 @@ def import_memoria(impl: str):
 
     in_repo = os.path.abspath(memoria.__file__).startswith(os.path.join(REPO_ROOT, "memoria"))
     if (impl == "ours") != in_repo:
-        raise SystemExit(f"--impl {impl} imported memoria from {memoria.__file__}; "
-                         "the reference must be run with the reference venv's python")
+        raise SystemExit(
+            f"--impl {impl} imported memoria from {memoria.__file__}; "
+            "the reference must be run with the reference venv's python"
+        )
     return memoria
 
 
@@ -90,13 +116,21 @@ def run_worker(args: argparse.Namespace) -> dict:
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
     B, H, W = cfg["batch_size"], cfg["hidden"], cfg["num_memories"]
-    kwargs = dict(num_reminded_stm=cfg["num_reminded_stm"], stm_capacity=cfg["stm_capacity"],
-                  ltm_search_depth=cfg["ltm_search_depth"], initial_lifespan=cfg["initial_lifespan"],
-                  num_final_ltms=cfg["num_final_ltms"], device=device)
+    kwargs = {
+        "num_reminded_stm": cfg["num_reminded_stm"],
+        "stm_capacity": cfg["stm_capacity"],
+        "ltm_search_depth": cfg["ltm_search_depth"],
+        "initial_lifespan": cfg["initial_lifespan"],
+        "num_final_ltms": cfg["num_final_ltms"],
+        "device": device,
+    }
     ours_options = {}
     if args.impl == "ours":
-        ours_options = dict(weight_form=args.weight_form, static_shape=args.static_shape,
-                            validate=not args.no_validate)
+        ours_options = {
+            "weight_form": args.weight_form,
+            "static_shape": args.static_shape,
+            "validate": not args.no_validate,
+        }
         if args.ltm_capacity:
             ours_options["ltm_capacity"] = args.ltm_capacity
         kwargs.update(ours_options)
@@ -114,7 +148,9 @@ def run_worker(args: argparse.Namespace) -> dict:
         _, indices = memory.remind()  # (B, M)
         valid = indices >= 0
         logits = torch.randn(indices.shape, generator=generator, device=device)
-        probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=1).nan_to_num(0.0)  # rows with M_b = 0
+        probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=1).nan_to_num(
+            0.0
+        )  # rows with M_b = 0
         delta = probs * valid.sum(1, keepdim=True) * LIFESPAN_EXTEND_SCALE  # (B, M): ~alpha per engram
         memory.adjust_lifespan_and_memories(indices, delta)
         return indices.shape[1]
@@ -136,15 +172,23 @@ def run_worker(args: argparse.Namespace) -> dict:
             cpu_times.append(time.process_time() - cpu_start)
 
     result = {
-        "impl": args.impl, "config": args.config, "device": str(device), "batch_size": B,
-        "warmup": args.warmup, "steps": args.steps, "threads": torch.get_num_threads(),
-        "ms_median": 1000 * statistics.median(times), "ms_mean": 1000 * statistics.fmean(times),
-        "ms_min": 1000 * min(times), "ms_max": 1000 * max(times),
+        "impl": args.impl,
+        "config": args.config,
+        "device": str(device),
+        "batch_size": B,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "ms_median": 1000 * statistics.median(times),
+        "ms_mean": 1000 * statistics.fmean(times),
+        "ms_min": 1000 * min(times),
+        "ms_max": 1000 * max(times),
         # CPU time of this process (all its threads): on a shared machine it moves less than wall time.
         "cpu_ms_median": 1000 * statistics.median(cpu_times),
         "reminded_width_mean": statistics.fmean(widths),
         "engrams_per_row": engrams_per_row(memory, args.impl),
-        "torch": torch.__version__, "options": {k: str(v) for k, v in ours_options.items()},
+        "torch": torch.__version__,
+        "options": {k: str(v) for k, v in ours_options.items()},
     }
     if args.impl == "reference":
         import importlib.metadata
@@ -168,15 +212,36 @@ def worker_command(args: argparse.Namespace, impl: str, config: str, device: str
     if impl == "reference":
         python = args.reference_python
         if not os.path.exists(python):
-            raise SystemExit(f"no reference venv at {python}: run scripts/setup_reference_venv.sh "
-                             "or pass --reference-python")
+            raise SystemExit(
+                f"no reference venv at {python}: run scripts/setup_reference_venv.sh "
+                "or pass --reference-python"
+            )
     else:
         python = sys.executable
-    command = [python, os.path.abspath(__file__), "--worker", "--impl", impl, "--configs", config,
-               "--device", device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--seed", str(args.seed), "--weight-form", args.weight_form]
-    for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads),
-                        ("--ltm-capacity", args.ltm_capacity)):
+    command = [
+        python,
+        os.path.abspath(__file__),
+        "--worker",
+        "--impl",
+        impl,
+        "--configs",
+        config,
+        "--device",
+        device,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--seed",
+        str(args.seed),
+        "--weight-form",
+        args.weight_form,
+    ]
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--threads", args.threads),
+        ("--ltm-capacity", args.ltm_capacity),
+    ):
         if value:
             command += [flag, str(value)]
     if args.static_shape:
@@ -189,10 +254,16 @@ def worker_command(args: argparse.Namespace, impl: str, config: str, device: str
 def run_one(args: argparse.Namespace, impl: str, config: str, device: str) -> dict:
     command = worker_command(args, impl, config, device)
     # Run outside the repository so the reference's `import memoria` cannot pick up the repository's package.
-    completed = subprocess.run(command, capture_output=True, text=True, cwd="/", timeout=args.timeout)
+    completed = subprocess.run(
+        command, check=False, capture_output=True, text=True, cwd="/", timeout=args.timeout
+    )
     if completed.returncode != 0:
-        return {"impl": impl, "config": config, "device": device,
-                "error": (completed.stderr.strip().splitlines() or ["exit code %d" % completed.returncode])[-1]}
+        return {
+            "impl": impl,
+            "config": config,
+            "device": device,
+            "error": (completed.stderr.strip().splitlines() or [f"exit code {completed.returncode}"])[-1],
+        }
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -218,19 +289,30 @@ def cuda_available() -> bool:
 
 
 def format_table(results: list) -> str:
-    lines = ["| config | device | B | impl | steps (warm-up) | ms/step median (mean) | CPU ms/step | engrams/row | "
-             "peak MiB | ref/ours time (CPU time) | ref/ours memory |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| config | device | B | impl | steps (warm-up) | ms/step median (mean) | CPU ms/step | engrams/row | "
+            "peak MiB | ref/ours time (CPU time) | ref/ours memory |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     by_key = {(r["config"], r["device"], r["impl"]): r for r in results}
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['device']} | | {r['impl']} | failed: {r['error']} | | | | | | |")
+            lines.append(
+                f"| {r['config']} | {r['device']} | | {r['impl']} | failed: {r['error']} | | | | | | |"
+            )
             continue
         ratio_t = ratio_m = ""
-        ours, ref = by_key.get((r["config"], r["device"], "ours")), by_key.get((r["config"], r["device"], "reference"))
+        ours, ref = (
+            by_key.get((r["config"], r["device"], "ours")),
+            by_key.get((r["config"], r["device"], "reference")),
+        )
         if r["impl"] == "reference" and ours and ref and "error" not in ours:
-            ratio_t = (f"{ref['ms_median'] / ours['ms_median']:.1f}x "
-                       f"({ref['cpu_ms_median'] / max(ours['cpu_ms_median'], 1e-9):.1f}x)")
+            ratio_t = (
+                f"{ref['ms_median'] / ours['ms_median']:.1f}x "
+                f"({ref['cpu_ms_median'] / max(ours['cpu_ms_median'], 1e-9):.1f}x)"
+            )
             ratio_m = f"{ref['peak_mib'] / max(ours['peak_mib'], 1e-9):.1f}x"
         impl = r["impl"] if r["impl"] == "ours" else f"reference {r.get('reference_version', '')}"
         if r["impl"] == "ours" and r["options"]:
@@ -245,23 +327,41 @@ def format_table(results: list) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--impl", nargs="+", choices=["ours", "reference"], default=["ours", "reference"])
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["lm"])
-    parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=None,
-                        help="default: cpu, plus cuda when available")
+    parser.add_argument(
+        "--device",
+        nargs="+",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="default: cpu, plus cuda when available",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=50,
-                        help="untimed steps first: the store grows for about lambda0 + stm_capacity / W steps")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=50,
+        help="untimed steps first: the store grows for about lambda0 + stm_capacity / W steps",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="override every config's batch size")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weight-form", choices=["exp", "neg_sq"], default="exp",
-                        help="ours only (the reference 1.1.0 always uses neg_sq, 1.0.0 exp)")
+    parser.add_argument(
+        "--weight-form",
+        choices=["exp", "neg_sq"],
+        default="exp",
+        help="ours only (the reference 1.1.0 always uses neg_sq, 1.0.0 exp)",
+    )
     parser.add_argument("--static-shape", action="store_true", help="ours: full-width remind output")
     parser.add_argument("--no-validate", action="store_true", help="ours: skip the value checks (host syncs)")
-    parser.add_argument("--ltm-capacity", type=int, default=None, help="ours: cap the LTM (default unbounded)")
+    parser.add_argument(
+        "--ltm-capacity", type=int, default=None, help="ours: cap the LTM (default unbounded)"
+    )
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
     parser.add_argument("--json", help="also write the results to this file")

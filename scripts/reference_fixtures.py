@@ -38,7 +38,9 @@ try:
     import memoria
     from memoria import Memoria
 except ImportError as error:  # pragma: no cover - depends on the venv
-    raise SystemExit(f"{error}: run this script with a reference venv (scripts/setup_reference_venv.sh)") from error
+    raise SystemExit(
+        f"{error}: run this script with a reference venv (scripts/setup_reference_venv.sh)"
+    ) from error
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_DIR = os.path.join(REPO_ROOT, "tests", "memoria", "fixtures")
@@ -66,7 +68,9 @@ def weight_form_of(version: str) -> str:
         return "exp"
     if version == "1.1.0":
         return "neg_sq"
-    raise SystemExit(f"memoria-pytorch {version} is not one of the versions these fixtures describe (1.0.0, 1.1.0)")
+    raise SystemExit(
+        f"memoria-pytorch {version} is not one of the versions these fixtures describe (1.0.0, 1.1.0)"
+    )
 
 
 def stm_scores(working: torch.Tensor, shortterm: torch.Tensor, weight_form: str) -> torch.Tensor:
@@ -137,8 +141,18 @@ def quantized(generator: torch.Generator, shape: tuple, low: int, high: int, sca
     return torch.randint(low, high + 1, shape, generator=generator).float() * scale
 
 
-def record_case(name: str, purpose: str, config: dict, script: list, batch: int, width: int, hidden: int,
-                weight_form: str, seed: int, with_data: bool) -> dict:
+def record_case(
+    name: str,
+    purpose: str,
+    config: dict,
+    script: list,
+    batch: int,
+    width: int,
+    hidden: int,
+    weight_form: str,
+    seed: int,
+    with_data: bool,
+) -> dict:
     """Run `script` on the reference and record every operation with its inputs, outputs and the view after it.
 
     Script items: "add"; "remind"; "adjust_remind" (the indices of the preceding remind, one delta per view
@@ -164,7 +178,9 @@ def record_case(name: str, purpose: str, config: dict, script: list, batch: int,
             # The reference is correct here up to the spurious engram 0 (D4): check that before recording.
             recalled = set(indices[0].tolist()) - {-1, 0}
             if recalled != expected - {0}:
-                raise AssertionError(f"{name}: reference recalled {sorted(recalled)}, float64 oracle {sorted(expected)}")
+                raise AssertionError(
+                    f"{name}: reference recalled {sorted(recalled)}, float64 oracle {sorted(expected)}"
+                )
             record["indices"] = indices.tolist()
             record["memories"] = memories.tolist()
             last_indices = indices
@@ -193,15 +209,26 @@ def record_case(name: str, purpose: str, config: dict, script: list, batch: int,
     return {"name": name, "purpose": purpose, "config": config, "batch": batch, "seed": seed, "ops": ops}
 
 
-def record_case_with_margin(name: str, purpose: str, config: dict, script: list, weight_form: str,
-                            width: int, hidden: int, with_data: bool = False, first_seed: int = 0) -> dict:
+def record_case_with_margin(
+    name: str,
+    purpose: str,
+    config: dict,
+    script: list,
+    weight_form: str,
+    width: int,
+    hidden: int,
+    with_data: bool = False,
+    first_seed: int = 0,
+) -> dict:
     """Draw data with seeds first_seed, first_seed+1, ... until every remind has a clear STM boundary."""
     for seed in range(first_seed, first_seed + 200):
         try:
             return record_case(name, purpose, config, script, 1, width, hidden, weight_form, seed, with_data)
         except MarginTooSmall:
             continue
-    raise SystemExit(f"{name}: no seed in 200 gave a clear STM ranking margin; lower MIN_MARGIN or change the case")
+    raise SystemExit(
+        f"{name}: no seed in 200 gave a clear STM ranking margin; lower MIN_MARGIN or change the case"
+    )
 
 
 def cycles(count: int, *items: str) -> list:
@@ -223,40 +250,96 @@ def first_promotion_script(config: dict, width: int, after: list, max_cycles: in
 def build_cases(weight_form: str) -> list:
     cases = []
 
-    layout = dict(num_reminded_stm=2, stm_capacity=4, ltm_search_depth=2, initial_lifespan=3, num_final_ltms=2)
-    cases.append(record_case_with_margin(
-        "layout_tracking",
-        "(a) engrams view layout (data, lifespan, types, counts, ids, ages) through add, remind, adjust, the first "
-        "promotion and deletions",
-        layout, first_promotion_script(layout, 2, cycles(3, "add", "adjust_none")), weight_form,
-        width=2, hidden=4, with_data=True))
+    layout = {
+        "num_reminded_stm": 2,
+        "stm_capacity": 4,
+        "ltm_search_depth": 2,
+        "initial_lifespan": 3,
+        "num_final_ltms": 2,
+    }
+    cases.append(
+        record_case_with_margin(
+            "layout_tracking",
+            "(a) engrams view layout (data, lifespan, types, counts, ids, ages) through add, remind, adjust, the first "
+            "promotion and deletions",
+            layout,
+            first_promotion_script(layout, 2, cycles(3, "add", "adjust_none")),
+            weight_form,
+            width=2,
+            hidden=4,
+            with_data=True,
+        )
+    )
 
-    recall = dict(num_reminded_stm=3, stm_capacity=40, ltm_search_depth=2, initial_lifespan=12, num_final_ltms=2)
-    cases.append(record_case_with_margin(
-        "stm_recall_long",
-        "(b)+(c) STM recall sets and Hebbian counts over 8 steps, no promotion and no deletion",
-        recall, cycles(8, "add", "remind", "adjust_remind"), weight_form, width=4, hidden=8))
+    recall = {
+        "num_reminded_stm": 3,
+        "stm_capacity": 40,
+        "ltm_search_depth": 2,
+        "initial_lifespan": 12,
+        "num_final_ltms": 2,
+    }
+    cases.append(
+        record_case_with_margin(
+            "stm_recall_long",
+            "(b)+(c) STM recall sets and Hebbian counts over 8 steps, no promotion and no deletion",
+            recall,
+            cycles(8, "add", "remind", "adjust_remind"),
+            weight_form,
+            width=4,
+            hidden=8,
+        )
+    )
 
-    recall_all = dict(num_reminded_stm=10, stm_capacity=12, ltm_search_depth=2, initial_lifespan=4, num_final_ltms=2)
-    cases.append(record_case_with_margin(
-        "stm_recall_all",
-        "(b)+(c) every STM recalled (r_stm >= S): no trailing -1 column, no top-k boundary",
-        recall_all, cycles(5, "add", "remind", "adjust_remind"), weight_form, width=2, hidden=4))
+    recall_all = {
+        "num_reminded_stm": 10,
+        "stm_capacity": 12,
+        "ltm_search_depth": 2,
+        "initial_lifespan": 4,
+        "num_final_ltms": 2,
+    }
+    cases.append(
+        record_case_with_margin(
+            "stm_recall_all",
+            "(b)+(c) every STM recalled (r_stm >= S): no trailing -1 column, no top-k boundary",
+            recall_all,
+            cycles(5, "add", "remind", "adjust_remind"),
+            weight_form,
+            width=2,
+            hidden=4,
+        )
+    )
 
-    lifecycle = dict(num_reminded_stm=2, stm_capacity=7, ltm_search_depth=2, initial_lifespan=3, num_final_ltms=2)
-    cases.append(record_case_with_margin(
-        "lifecycle",
-        "(d) extend, decay, WM->STM, STM overflow -> LTM of the oldest, deletion at lifespan <= 0, then LTM "
-        "decay and deletion with add -> adjust only",
-        lifecycle,
-        first_promotion_script(lifecycle, 3, cycles(5, "add", "adjust_none")),
-        weight_form, width=3, hidden=6))
+    lifecycle = {
+        "num_reminded_stm": 2,
+        "stm_capacity": 7,
+        "ltm_search_depth": 2,
+        "initial_lifespan": 3,
+        "num_final_ltms": 2,
+    }
+    cases.append(
+        record_case_with_margin(
+            "lifecycle",
+            "(d) extend, decay, WM->STM, STM overflow -> LTM of the oldest, deletion at lifespan <= 0, then LTM "
+            "decay and deletion with add -> adjust only",
+            lifecycle,
+            first_promotion_script(lifecycle, 3, cycles(5, "add", "adjust_none")),
+            weight_form,
+            width=3,
+            hidden=6,
+        )
+    )
 
     # Promotion runs before deletion (algorithm.md §c.9): an extended old STM sits ahead of an expiring cohort.
     # W = 1, lambda0 = 2, capacity 2. Step 2 recalls A (the only STM) and extends it by 5; at the third adjust
     # the STMs are A (lifespan 4), B (expiring, 0) and C: promoting first moves A to LTM, deleting first would
     # leave two STMs and promote nothing.
-    order = dict(num_reminded_stm=1, stm_capacity=2, ltm_search_depth=1, initial_lifespan=2, num_final_ltms=1)
+    order = {
+        "num_reminded_stm": 1,
+        "stm_capacity": 2,
+        "ltm_search_depth": 1,
+        "initial_lifespan": 2,
+        "num_final_ltms": 1,
+    }
     cases.append(record_case_promote_before_delete(order))
     return cases
 
@@ -274,38 +357,67 @@ def record_case_promote_before_delete(config: dict) -> dict:
             # A sits at position 0 and really is recalled (it is the only STM), so here position 0 may gain.
             if 0 not in indices[0].tolist():
                 raise AssertionError("promote_before_delete: the reference did not recall the only STM")
-            ops.append({"op": "remind", "indices": indices.tolist(), "memories": memories.tolist(),
-                        "view": view_snapshot(memory, False)})
+            ops.append(
+                {
+                    "op": "remind",
+                    "indices": indices.tolist(),
+                    "memories": memories.tolist(),
+                    "view": view_snapshot(memory, False),
+                }
+            )
             delta_by_position = torch.tensor([5.0, 0.0])
             delta = torch.where(indices >= 0, delta_by_position[indices.clamp(min=0)], torch.zeros(()))
             memory.adjust_lifespan_and_memories(indices.clone(), delta.clone())
-            ops.append({"op": "adjust_remind", "indices": indices.tolist(), "delta": delta.tolist(),
-                        "delta_by_position": delta_by_position.tolist(), "view": view_snapshot(memory, False)})
+            ops.append(
+                {
+                    "op": "adjust_remind",
+                    "indices": indices.tolist(),
+                    "delta": delta.tolist(),
+                    "delta_by_position": delta_by_position.tolist(),
+                    "view": view_snapshot(memory, False),
+                }
+            )
         else:
             indices = torch.zeros(1, 0, dtype=torch.long)
             memory.adjust_lifespan_and_memories(indices, torch.zeros(1, 0))
-            ops.append({"op": "adjust_none", "indices": [[]], "delta": [[]], "view": view_snapshot(memory, False)})
+            ops.append(
+                {"op": "adjust_none", "indices": [[]], "delta": [[]], "view": view_snapshot(memory, False)}
+            )
     types_after_third = ops[-3]["view"]["types"][0]
     if types_after_third != [LONGTERM, SHORTTERM]:
-        raise AssertionError(f"promote_before_delete: expected [LTM, STM] after the third adjust, "
-                             f"got {types_after_third}")
-    return {"name": "promote_before_delete",
-            "purpose": "(d) STM overflow counts expiring STMs: promotion before deletion (§c.9)",
-            "config": config, "batch": 1, "seed": 7, "ops": ops}
+        raise AssertionError(
+            f"promote_before_delete: expected [LTM, STM] after the third adjust, got {types_after_third}"
+        )
+    return {
+        "name": "promote_before_delete",
+        "purpose": "(d) STM overflow counts expiring STMs: promotion before deletion (§c.9)",
+        "config": config,
+        "batch": 1,
+        "seed": 7,
+        "ops": ops,
+    }
 
 
 def record_tutorial(weight_form: str) -> dict:
     """The README tutorial (algorithm.md §b.5): torch.manual_seed(42), B 2, W 8, H 64."""
     torch.manual_seed(42)
-    memory = Memoria(num_reminded_stm=4, stm_capacity=16, ltm_search_depth=5, initial_lifespan=3, num_final_ltms=4)
+    memory = Memoria(
+        num_reminded_stm=4, stm_capacity=16, ltm_search_depth=5, initial_lifespan=3, num_final_ltms=4
+    )
     first = torch.rand(2, 8, 64)
     memory.add_working_memory(first)
     after_add_1 = {"len": len(memory.engrams), "lifespan": memory.engrams.lifespan.tolist()}
     memories, indices = memory.remind()
-    remind_1 = {"memories_shape": list(memories.shape), "indices_shape": list(indices.shape),
-                "indices_dtype": str(indices.dtype)}
+    remind_1 = {
+        "memories_shape": list(memories.shape),
+        "indices_shape": list(indices.shape),
+        "indices_dtype": str(indices.dtype),
+    }
     memory.adjust_lifespan_and_memories(indices, torch.zeros_like(indices))
-    after_adjust_1 = {"lifespan": memory.engrams.lifespan.tolist(), "types": memory.engrams.engrams_types.tolist()}
+    after_adjust_1 = {
+        "lifespan": memory.engrams.lifespan.tolist(),
+        "types": memory.engrams.engrams_types.tolist(),
+    }
     second = torch.rand(2, 8, 64)
     memory.add_working_memory(second)
     after_add_2 = {"len": len(memory.engrams), "lifespan": memory.engrams.lifespan.tolist()}
@@ -315,8 +427,12 @@ def record_tutorial(weight_form: str) -> dict:
     after_adjust_2 = {"lifespan": memory.engrams.lifespan.tolist()}
     return {
         "data_checksum": [float(first.double().sum()), float(second.double().sum())],
-        "after_add_1": after_add_1, "remind_1": remind_1, "after_adjust_1": after_adjust_1,
-        "after_add_2": after_add_2, "remind_2": remind_2, "after_adjust_2": after_adjust_2,
+        "after_add_1": after_add_1,
+        "remind_1": remind_1,
+        "after_adjust_1": after_adjust_1,
+        "after_add_2": after_add_2,
+        "remind_2": remind_2,
+        "after_adjust_2": after_adjust_2,
     }
 
 
@@ -329,8 +445,11 @@ def main() -> None:
     weight_form = weight_form_of(version)
     fixtures = {
         "meta": {
-            "package": "memoria-pytorch", "version": version, "weight_form": weight_form,
-            "torch": torch.__version__.split("+")[0], "generator": "scripts/reference_fixtures.py",
+            "package": "memoria-pytorch",
+            "version": version,
+            "weight_form": weight_form,
+            "torch": torch.__version__.split("+")[0],
+            "generator": "scripts/reference_fixtures.py",
             "min_margin": MIN_MARGIN,
         },
         "cases": build_cases(weight_form),
@@ -341,8 +460,10 @@ def main() -> None:
     with open(out, "w") as file:
         json.dump(fixtures, file, separators=(",", ":"))
         file.write("\n")
-    print(f"wrote {out} ({os.path.getsize(out) / 1024:.0f} KB; memoria-pytorch {version}, {weight_form})",
-          file=sys.stderr)
+    print(
+        f"wrote {out} ({os.path.getsize(out) / 1024:.0f} KB; memoria-pytorch {version}, {weight_form})",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

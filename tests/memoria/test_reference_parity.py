@@ -32,6 +32,7 @@ fixes whether 0 belongs to it.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -69,8 +70,15 @@ def case_params() -> list:
 def our_memoria(config: dict, weight_form: str, static_shape: bool = False) -> Memoria:
     # No ties occur in the fixtures (the generator enforces a score margin); deterministic mode keeps it that way.
     # static_shape=True, validate=False is the sync-free path the models use.
-    return Memoria(**config, track_age=True, track_id=True, weight_form=weight_form, deterministic=True,
-                   static_shape=static_shape, validate=not static_shape)
+    return Memoria(
+        **config,
+        track_age=True,
+        track_id=True,
+        weight_form=weight_form,
+        deterministic=True,
+        static_shape=static_shape,
+        validate=not static_shape,
+    )
 
 
 class ParityReplay:
@@ -82,8 +90,12 @@ class ParityReplay:
         self.config = case["config"]
         self.static_shape = static_shape
         self.memory = our_memoria(self.config, weight_form, static_shape)
-        self.data_by_id: dict[int, torch.Tensor] = {}  # engram id -> the vector added (ids are ours, see D4 note)
-        self.spurious_counts: Counter = Counter()  # (id_i, id_j) -> count increments only the reference made (D4)
+        self.data_by_id: dict[
+            int, torch.Tensor
+        ] = {}  # engram id -> the vector added (ids are ours, see D4 note)
+        self.spurious_counts: Counter = (
+            Counter()
+        )  # (id_i, id_j) -> count increments only the reference made (D4)
         self.last_indices: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ operations
@@ -110,15 +122,21 @@ class ParityReplay:
             width = self.config["num_reminded_stm"] + self.config["num_final_ltms"]
             assert len(ours) == width, f"{self.name} step {step}: static width {len(ours)}, expected {width}"
             valid = sum(1 for i in ours if i >= 0)
-            assert all(i == -1 for i in ours[valid:]), f"{self.name} step {step}: -1 not only at the end: {ours}"
+            assert all(i == -1 for i in ours[valid:]), (
+                f"{self.name} step {step}: -1 not only at the end: {ours}"
+            )
             assert not memories[0, valid:].any()
             ours = ours[:valid]
         # One row: no padding, so no -1 among the valid entries (the reference's -1 columns are D12).
         assert -1 not in ours, f"{self.name} step {step}: our remind returned -1 in a single row: {ours}"
         assert len(set(ours)) == len(ours), f"{self.name} step {step}: duplicate indices {ours}"
         k = min(self.config["num_reminded_stm"], num_stm)
-        assert len(ours) == k, f"{self.name} step {step}: recalled {len(ours)} engrams, expected min(r_stm, S) = {k}"
-        assert all(types[i] == SHORTTERM for i in ours), f"{self.name} step {step}: recalled a non-STM: {ours}"
+        assert len(ours) == k, (
+            f"{self.name} step {step}: recalled {len(ours)} engrams, expected min(r_stm, S) = {k}"
+        )
+        assert all(types[i] == SHORTTERM for i in ours), (
+            f"{self.name} step {step}: recalled a non-STM: {ours}"
+        )
 
         reference = set(op["indices"][0]) - {-1}
         # D4: the reference adds position 0 while no LTM exists; compare everything else (see the module docstring).
@@ -174,9 +192,13 @@ class ParityReplay:
         if "data" in expected:
             assert view.data.tolist() == expected["data"], f"{where}: data"
         for position, engram_id in enumerate(ids):
-            assert torch.equal(view.data[0, position], self.data_by_id[engram_id]), f"{where}: data of id {engram_id}"
+            assert torch.equal(view.data[0, position], self.data_by_id[engram_id]), (
+                f"{where}: data of id {engram_id}"
+            )
 
-        reference_counts = torch.tensor(expected["counts"], dtype=torch.int64).reshape(view.induce_counts.shape)
+        reference_counts = torch.tensor(expected["counts"], dtype=torch.int64).reshape(
+            view.induce_counts.shape
+        )
         for i, id_i in enumerate(ids):
             for j, id_j in enumerate(ids):
                 reference_counts[0, i, j] -= self.spurious_counts[(id_i, id_j)]
@@ -220,9 +242,9 @@ def test_fixtures_cover_the_parity_cases(version: str) -> None:
     by_name = {case["name"]: case for case in fixture["cases"]}
     lifecycle = by_name["lifecycle"]["ops"]
     lengths = [len(op["view"]["types"][0]) for op in lifecycle]
-    assert any(b < a for a, b in zip(lengths, lengths[1:])), "lifecycle never deletes an engram"
+    assert any(b < a for a, b in itertools.pairwise(lengths)), "lifecycle never deletes an engram"
     ltm_counts = [op["view"]["types"][0].count(LONGTERM) for op in lifecycle]
-    assert any(b < a for a, b in zip(ltm_counts, ltm_counts[1:])), "lifecycle never deletes an LTM"
+    assert any(b < a for a, b in itertools.pairwise(ltm_counts)), "lifecycle never deletes an LTM"
 
 
 @pytest.mark.parametrize("version", list(FIXTURE_FILES))
@@ -231,8 +253,15 @@ def test_readme_tutorial(version: str) -> None:
     fixture = load_fixture(version)
     expected = fixture["tutorial"]
     torch.manual_seed(42)
-    memory = Memoria(num_reminded_stm=4, stm_capacity=16, ltm_search_depth=5, initial_lifespan=3, num_final_ltms=4,
-                     weight_form=fixture["meta"]["weight_form"], deterministic=True)
+    memory = Memoria(
+        num_reminded_stm=4,
+        stm_capacity=16,
+        ltm_search_depth=5,
+        initial_lifespan=3,
+        num_final_ltms=4,
+        weight_form=fixture["meta"]["weight_form"],
+        deterministic=True,
+    )
     first = torch.rand(2, 8, 64)
     memory.add_working_memory(first)
     assert len(memory.engrams) == expected["after_add_1"]["len"] == 16
@@ -272,8 +301,10 @@ def test_readme_tutorial(version: str) -> None:
             reference_lifespan[row, 0] -= 5
     fire_after = memory.engrams.fire_count
     assert torch.equal(fire_after, reference_fire.to(fire_after.dtype))
-    assert torch.equal(fire_after - fire_before, torch.ones_like(fire_after).index_fill_(1, torch.arange(8), 0)
-                       .scatter_(1, indices, 1)), "fired = the 8 WMs and the 4 recalled STMs, once each"
+    assert torch.equal(
+        fire_after - fire_before,
+        torch.ones_like(fire_after).index_fill_(1, torch.arange(8), 0).scatter_(1, indices, 1),
+    ), "fired = the 8 WMs and the 4 recalled STMs, once each"
 
     memory.adjust_lifespan_and_memories(indices, torch.full(indices.shape, 5.0))
     assert torch.equal(memory.engrams.lifespan, reference_lifespan)
@@ -283,10 +314,19 @@ def test_readme_integer_deltas() -> None:
     """The README's own calls pass integer deltas (torch.zeros_like / torch.full_like of the int64 indices); the
     reference accepts them, so a compatible API must too, with the same result as float deltas."""
     lifespans = []
-    for make_delta in (lambda idx, v: torch.full_like(idx, v), lambda idx, v: torch.full(idx.shape, float(v))):
+    for make_delta in (
+        lambda idx, v: torch.full_like(idx, v),
+        lambda idx, v: torch.full(idx.shape, float(v)),
+    ):
         torch.manual_seed(42)
-        memory = Memoria(num_reminded_stm=4, stm_capacity=16, ltm_search_depth=5, initial_lifespan=3,
-                         num_final_ltms=4, deterministic=True)
+        memory = Memoria(
+            num_reminded_stm=4,
+            stm_capacity=16,
+            ltm_search_depth=5,
+            initial_lifespan=3,
+            num_final_ltms=4,
+            deterministic=True,
+        )
         memory.add_working_memory(torch.rand(2, 8, 64))
         _, indices = memory.remind()
         memory.adjust_lifespan_and_memories(indices, make_delta(indices, 0))

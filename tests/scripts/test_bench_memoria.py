@@ -19,9 +19,21 @@ def load_bench():
 
 
 def fake_result(impl: str, ms: float, peak: float) -> dict:
-    return {"impl": impl, "config": "lm", "device": "cpu", "batch_size": 8, "warmup": 5, "steps": 10,
-            "ms_median": ms, "ms_mean": ms, "cpu_ms_median": ms / 2, "engrams_per_row": 1000.0, "peak_mib": peak,
-            "options": {} if impl == "reference" else {"weight_form": "exp"}, "reference_version": "1.1.0"}
+    return {
+        "impl": impl,
+        "config": "lm",
+        "device": "cpu",
+        "batch_size": 8,
+        "warmup": 5,
+        "steps": 10,
+        "ms_median": ms,
+        "ms_mean": ms,
+        "cpu_ms_median": ms / 2,
+        "engrams_per_row": 1000.0,
+        "peak_mib": peak,
+        "options": {} if impl == "reference" else {"weight_form": "exp"},
+        "reference_version": "1.1.0",
+    }
 
 
 def test_table_shows_reference_over_ours_ratios() -> None:
@@ -39,8 +51,9 @@ def test_failed_worker_is_reported_in_the_table() -> None:
     assert "failed: boom" in table
 
 
-@pytest.mark.parametrize("argv", [["--steps", "0"], ["--warmup", "-1"], ["--batch-size", "0"],
-                                  ["--configs", "nope"]])
+@pytest.mark.parametrize(
+    "argv", [["--steps", "0"], ["--warmup", "-1"], ["--batch-size", "0"], ["--configs", "nope"]]
+)
 def test_bad_arguments_are_refused(argv: list) -> None:
     bench = load_bench()
     with pytest.raises(SystemExit):
@@ -58,8 +71,26 @@ def test_tiny_run_of_ours(tmp_path, capsys) -> None:
     """One real worker subprocess: LM shapes at batch size 1, two timed steps."""
     bench = load_bench()
     out = tmp_path / "bench.json"
-    bench.main(["--impl", "ours", "--configs", "lm", "--device", "cpu", "--batch-size", "1", "--warmup", "1",
-                "--steps", "2", "--threads", "1", "--json", str(out)])
+    bench.main(
+        [
+            "--impl",
+            "ours",
+            "--configs",
+            "lm",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     record = json.loads(out.read_text())
     (result,) = record["results"]
     assert "error" not in result, result
