@@ -278,12 +278,17 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             results["train"] = {k: v for k, v in _plain(dict(trainer.callback_metrics)).items()
                                 if k.startswith("train/")}
             results["val"] = {k: v for k, v in _plain(dict(trainer.callback_metrics)).items() if k.startswith("val/")}
-            results["best_checkpoint"] = checkpoint.best_model_path or None
-            results["best_score"] = _plain(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
-            results["last_checkpoint"] = last_checkpoint.best_model_path or None
-            results["global_step"] = trainer.global_step
-            tested = results["last_checkpoint"]  # the paper tests the last checkpoint, not the best
-            results["tested_checkpoint"] = tested
+            # Read from last.ckpt: with spawned DDP workers the parent trainer never sees their step count or scores.
+            last_path = run_dir / "checkpoints" / "last.ckpt"
+            facts = checkpoint_facts(last_path, monitor) if last_path.is_file() else {}
+            results["global_step"] = facts.get("global_step", trainer.global_step)
+            results["best_checkpoint"] = checkpoint.best_model_path or facts.get("best_model_path")
+            best_score = checkpoint.best_model_score if checkpoint.best_model_score is not None else facts.get("best_score")
+            results["best_score"] = _plain(best_score) if best_score is not None else None
+            results["last_checkpoint"] = str(last_path) if last_path.is_file() else None
+            # The paper tests the last checkpoint, not the best (without one: the final in-memory weights).
+            tested = results["last_checkpoint"]
+            results["tested_checkpoint"] = tested or "final weights (no checkpoint written)"
             results["test"] = _plain(trainer.test(module, datamodule=datamodule, ckpt_path=tested)[0])
         else:
             results["tested_checkpoint"] = cfg.ckpt_path
@@ -299,6 +304,19 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if cfg.print_summary:
             print(format_summary(results), flush=True)
     return results
+
+
+def checkpoint_facts(path: Path, monitor: str | None) -> dict[str, Any]:
+    """global_step and the best checkpoint (path, score) recorded in a Lightning checkpoint; tensors are not read."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    facts: dict[str, Any] = {"global_step": int(state.get("global_step", 0))}
+    for key, callback_state in (state.get("callbacks") or {}).items():
+        if key.startswith("ModelCheckpoint") and monitor and repr(monitor) in key:
+            facts["best_model_path"] = callback_state.get("best_model_path") or None
+            facts["best_score"] = callback_state.get("best_model_score")
+    return facts
 
 
 def format_summary(results: dict[str, Any]) -> str:
