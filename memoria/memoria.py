@@ -246,13 +246,18 @@ class Memoria:
 
         # --- initial LTMs: each recalled STM seeds its most co-fired LTM, if it has any positive count
         visited = torch.zeros(B, C + 1, dtype=torch.bool, device=dev)  # column C is a sink for "no node"
-        cur, active = self._strongest_ltm(counts, rs_slots, rs_ok, is_ltm, frac)  # (B, k_s)
+        # The walk reads only LTM columns. On the CPU (where a sync is free) gather just those; on a GPU read
+        # whole count rows, which keeps every shape static.
+        cols = None
+        if dev.type == "cpu":
+            cols = torch.topk(is_ltm.float(), int(is_ltm.sum(1).max()), dim=1, sorted=False).indices  # (B, L)
+        cur, active = self._strongest_ltm(counts, rs_slots, rs_ok, is_ltm, frac, cols)  # (B, k_s)
         visited.scatter_(1, torch.where(active, cur, C), True)
         # --- greedy lock-step walk: each chain follows its strongest unvisited LTM edge; no edge -> the chain stops
         for _ in range(self.ltm_search_depth):
             if dev.type == "cpu" and not bool(active.any()):
                 break  # free on the CPU; on a GPU the hops run to keep the step sync-free
-            nxt, moved = self._strongest_ltm(counts, cur, active, is_ltm & ~visited[:, :C], frac)
+            nxt, moved = self._strongest_ltm(counts, cur, active, is_ltm & ~visited[:, :C], frac, cols)
             cur = torch.where(moved, nxt, cur)
             active = moved
             visited.scatter_(1, torch.where(active, cur, C), True)
@@ -496,7 +501,7 @@ class Memoria:
         if self.ltm_capacity is not None:
             capacity = self.stm_capacity + self.ltm_capacity + W  # never exceeded: fixed, never grows
         else:
-            capacity = self.initial_capacity or 2 * (self.stm_capacity + W) + W * math.ceil(self.initial_lifespan)
+            capacity = self.initial_capacity or self.stm_capacity + W * (math.ceil(self.initial_lifespan) + 2)
         old = self.store
         if old is not None and old.batch_size == B and old.hidden_dim == H and old.device == dev:
             store = old  # reuse the allocation after a reset
@@ -580,22 +585,31 @@ class Memoria:
         return torch.gather(slots, 1, pick), torch.gather(ok, 1, pick)
 
     def _strongest_ltm(self, counts: torch.Tensor, src: torch.Tensor, src_ok: torch.Tensor, allowed: torch.Tensor,
-                       frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       frac: torch.Tensor, cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """For each source slot (B, R): the allowed slot with the largest positive co-fire count (ties by frac).
         Returns (target (B, R), found (B, R)); found is False where no allowed target has a positive count.
-        Count rows are read by gather, in chunks of sources so temporaries stay within _CHUNK elements."""
+        `cols` (B, L): read only these columns (all when None). Counts are read by gather, in chunks of sources
+        so temporaries stay within _CHUNK elements."""
         B, R = src.shape
         C = counts.shape[1]
-        if R == 0:
-            return src, src_ok
-        step = max(1, _CHUNK // max(1, B * C))
+        if R == 0 or (cols is not None and cols.shape[1] == 0):
+            return src, torch.zeros_like(src_ok)
+        if cols is not None:
+            allowed, frac = torch.gather(allowed, 1, cols), torch.gather(frac, 1, cols)  # (B, L)
+            flat_counts = counts.view(B, C * C)
+        width = C if cols is None else cols.shape[1]
+        step = max(1, _CHUNK // max(1, B * width))
         targets, bests = [], []
         for lo in range(0, R, step):
-            s = src[:, lo:lo + step]
-            rows = torch.gather(counts, 1, s[:, :, None].expand(*s.shape, C))  # (B, r, C)
+            s = src[:, lo:lo + step]  # (B, r)
+            if cols is None:
+                rows = torch.gather(counts, 1, s[:, :, None].expand(*s.shape, C))  # (B, r, C) whole rows
+            else:
+                flat = (s[:, :, None] * C + cols[:, None, :]).reshape(B, -1)  # (B, r*L) positions in (C*C)
+                rows = torch.gather(flat_counts, 1, flat).view(B, s.shape[1], width)  # (B, r, L)
             key = torch.where(allowed[:, None, :] & (rows > 0), rows.double() + frac[:, None, :], -1.0)
             best, target = key.max(-1)  # (B, r)
-            targets.append(target)
+            targets.append(target if cols is None else torch.gather(cols, 1, target))
             bests.append(best)
         target, best = (targets[0], bests[0]) if len(targets) == 1 else (torch.cat(targets, 1), torch.cat(bests, 1))
         return target, src_ok & (best >= 1.0)
