@@ -104,6 +104,13 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a file; point it at a checkpoint such as "
                           "<run dir>/checkpoints/last.ckpt.")
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible; use trainer=cpu (or "
+                              "trainer.accelerator=cpu after an experiment preset).")
     if "memory" in cfg and cfg.memory is not None:
         for key, value in cfg.memory.items():
             if key in MEMORY_NOT_HYPERPARAMETERS or isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -140,6 +140,8 @@ def test_hydra_rejects_unknown_keys_and_wrong_types(override, named, tmp_path):
         (["ckpt_path=/nonexistent/last.ckpt"], r"is not a file"),
         (["task.data.length=abc"], r"task\.data\.length='abc' has the wrong type; it must be int"),
         (["task.module.learning_rate=0"], r"learning_rate must be > 0"),
+        pytest.param(["trainer=gpu"], r"no CUDA GPU is visible; use trainer=cpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
     ],
 )
 def test_impossible_settings_fail_before_training(overrides, message, tmp_path):
