@@ -225,9 +225,14 @@ def test_summary_table_lists_the_metrics():
 @pytest.mark.slow
 def test_configs_are_found_from_an_installed_wheel(tmp_path):
     """Non-editable install into a folder, run from outside the repository: configs come from the package."""
-    site = tmp_path / "site"
+    import shutil
+
+    source, site = tmp_path / "source", tmp_path / "site"
+    # Build from a copy, so setuptools' build folders never land in the repository.
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "refvenv", "build", "*.egg-info", "outputs", "multirun", "__pycache__", ".*cache"))
     build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-                            "--target", str(site), str(REPO_ROOT)], capture_output=True, text=True, timeout=600,
+                            "--target", str(site), str(source)], capture_output=True, text=True, timeout=600,
                            check=False)
     assert build.returncode == 0, build.stderr[-2000:]
     assert (site / "conf" / "config.yaml").is_file() and (site / "conf" / "task" / "sorting.yaml").is_file()
