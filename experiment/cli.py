@@ -235,7 +235,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     mode = Mode(cfg.mode)
 
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    write_text_atomic(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = _instantiate(cfg.task.data, "task.data")
@@ -253,6 +252,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             raise ConfigError(f"the data has {datamodule.vocab_size} symbols, not the {early_vocab} the data module "
                               "announced; check task.data.data_file.")
 
+    write_text_atomic(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+
     limit_val = cfg.trainer.get("limit_val_batches")
     monitor = None if limit_val == 0 else cfg.task.monitor
     checkpoint = ModelCheckpoint(  # the best by the task's metric
@@ -268,7 +269,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                       save_top_k=1, enable_version_counter=False)
     logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved,
                           resume_from=cfg.ckpt_path if mode is Mode.train else None)
-    trainer = instantiate(cfg.trainer, callbacks=[checkpoint, last_checkpoint], logger=logger, default_root_dir=str(run_dir))
+    trainer = instantiate(cfg.trainer, callbacks=[checkpoint, last_checkpoint], logger=logger,
+                          default_root_dir=str(run_dir))
 
     results: dict[str, Any] = {
         "mode": mode.value,
@@ -290,7 +292,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             facts = checkpoint_facts(last_path, monitor) if last_path.is_file() else {}
             results["global_step"] = facts.get("global_step", trainer.global_step)
             results["best_checkpoint"] = checkpoint.best_model_path or facts.get("best_model_path")
-            best_score = checkpoint.best_model_score if checkpoint.best_model_score is not None else facts.get("best_score")
+            best_score = checkpoint.best_model_score
+            if best_score is None:
+                best_score = facts.get("best_score")
             results["best_score"] = _plain(best_score) if best_score is not None else None
             results["last_checkpoint"] = str(last_path) if last_path.is_file() else None
             # The paper tests the last checkpoint, not the best (without one: the final in-memory weights).

@@ -19,6 +19,7 @@ from tests.conftest import CONF_DIR, PYTHON, REPO_ROOT, TINY_SORTING, compose_co
 
 TASKS = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
 TINY_MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*_tiny.yaml"))
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 FAST = ["trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 
 
@@ -40,6 +41,26 @@ def test_every_task_model_pair_composes_and_validates(task, model):
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert resolved["task"]["name"] == task and resolved["model"]["name"] == model
     assert resolved["trainer"]["inference_mode"] is False
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_composes_and_validates(preset):
+    cfg = compose_config([f"experiment={preset}", "trainer.accelerator=cpu"])
+    validate_config(cfg)
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_sort_paper_preset_holds_the_paper_settings():
+    cfg = compose_config(["experiment=sort_paper"])
+    assert cfg.model.name == "memoria_gpt2_sort" and cfg.memory.initial_lifespan == 5
+    assert cfg.memory.lifespan_extend_scale == 8 and cfg.memory.ltm_search_depth == 10
+    module, data = cfg.task.module, cfg.task.data
+    assert (module.learning_rate, module.warmup_ratio, module.max_grad_norm, module.schedule) == (
+        2e-4, 0.06, 1.0, "linear")
+    assert (data.num_train, data.num_dev, data.num_test, data.batch_size, data.eval_batch_size) == (
+        80000, 800, 800, 32, 1)
+    assert cfg.trainer.max_epochs == 5 and cfg.seed == 42 and cfg.trainer.precision == "32-true"
+    assert compose_config(["experiment=sort_paper", "model=transformer_xl_sort"]).model.name == "transformer_xl_sort"
 
 
 @pytest.mark.parametrize("model", TINY_MODELS)
