@@ -13,12 +13,12 @@ memory protocol (`experiment/models/protocol.py`). What the base gives it:
 - `on_before_optimizer_step`: clips the gradient norm to `max_grad_norm` (None = no clipping) and logs the norm.
   Lightning calls it after AMP unscaling, in automatic and manual optimization alike, so do not also set
   `trainer.gradient_clip_val`.
-- Memory around stages: `reset_memory()` at the start of training, validation and test. During `fit`, the training
-  memory is snapshotted before validation and restored after it (validation starts from empty memory and does not
-  wipe the training memory).
-- Checkpoints: `on_save_checkpoint` stores the model's memory state of every rank (gathered to rank 0) plus the
-  torch / numpy / python RNG states; `on_load_checkpoint` restores this rank's memory state (and the RNG states
-  when resuming training).
+- Memory around stages: `reset_memory()` at the start of training (unless a resumed checkpoint restored it),
+  validation and test. During `fit`, the training memory is snapshotted before validation and restored after it
+  (validation starts from empty memory and does not wipe the training memory).
+- Checkpoints: `on_save_checkpoint` stores the model's *training* memory state of every rank (gathered to rank 0;
+  the snapshot when saved during validation) plus the torch / numpy / python RNG states; `on_load_checkpoint`
+  restores this rank's memory state (and the RNG states when resuming training).
 - Checks before training (`check_segment_length`): a segment longer than `model.max_segment_length` raises a
   ValueError naming the fix. The Trainer must run with `inference_mode=False` (memory built under
   `torch.inference_mode` cannot be used in backward later); `setup` refuses otherwise.
@@ -77,6 +77,7 @@ class MemoryTask(L.LightningModule):
         self.warmup_ratio = warmup_ratio
         self.max_grad_norm = max_grad_norm
         self._train_memory_snapshot: dict[str, Any] | None = None
+        self._memory_restored = False  # on_train_start keeps memory restored from a checkpoint
 
     # ----------------------------------------------------------------------------------------------------------
     # checks
@@ -134,7 +135,10 @@ class MemoryTask(L.LightningModule):
     # ----------------------------------------------------------------------------------------------------------
     # memory at stage boundaries
     def on_train_start(self) -> None:
-        self.model.reset_memory()
+        # A run resumed from a checkpoint continues with the memory the checkpoint holds; a fresh run starts empty.
+        if not self._memory_restored:
+            self.model.reset_memory()
+        self._memory_restored = False
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == "fit":
@@ -157,7 +161,10 @@ class MemoryTask(L.LightningModule):
     # checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Called on every rank (Lightning saves from rank 0 only), so gather each rank's memory to rank 0.
-        state = _to_cpu(self.model.get_memory_state())
+        # ModelCheckpoint saves in on_validation_end before this module restores the training memory: during
+        # validation the training memory is the snapshot, and that is what a resumed run must continue with.
+        snapshot = self._train_memory_snapshot
+        state = _to_cpu(snapshot if snapshot is not None else self.model.get_memory_state())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             states: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(states, state)
@@ -174,6 +181,7 @@ class MemoryTask(L.LightningModule):
                 raise ValueError(f"the checkpoint holds memory for {len(states)} rank(s) but this is rank {rank}; "
                                  "resume with the same number of devices it was written with.")
             self.model.set_memory_state(states[rank])  # the model puts the tensors on its own device
+            self._memory_restored = self._trainer is not None and self.trainer.state.fn == "fit"
         rng = checkpoint.get(RNG_STATE_KEY)
         if rng and self._trainer is not None and self.trainer.state.fn == "fit":
             _set_rng_states(rng)

@@ -208,3 +208,37 @@ def test_bf16_mixed_precision_on_cpu(datamodule, tmp_path):
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_mixed_precision_on_gpu(datamodule, tmp_path, precision):
     _train_steps_with_precision(datamodule, tmp_path, "gpu", precision)
+
+
+def test_checkpoint_during_validation_holds_the_training_memory(datamodule, tmp_path):
+    model = memoria_model()
+    task = SortingTask(model, segment_size=32)
+    tiny_trainer(tmp_path, max_steps=1).fit(task, datamodule=datamodule)  # attaches a trainer in state "fit"
+    task.trainer.state.fn = "fit"
+    with torch.no_grad():
+        model(next(iter(datamodule.train_dataloader()))["input_ids"][:, :32])
+    training_memory = model.get_memory_state()["prev_hidden"].clone()
+    task.on_validation_start()  # validation: empty memory, training memory in the snapshot
+    checkpoint: dict = {}
+    task.on_save_checkpoint(checkpoint)  # what ModelCheckpoint does in on_validation_end
+    assert torch.equal(checkpoint[MEMORY_STATE_KEY][0]["prev_hidden"], training_memory)
+    task.on_validation_end()
+
+
+def test_resumed_training_keeps_the_restored_memory(datamodule, tmp_path):
+    model = memoria_model()
+    task = SortingTask(model, segment_size=32)
+    trainer = tiny_trainer(tmp_path, max_steps=1)
+    trainer.fit(task, datamodule=datamodule)
+    trainer.state.fn = "fit"
+    with torch.no_grad():
+        model(next(iter(datamodule.train_dataloader()))["input_ids"][:, :32])
+    checkpoint: dict = {}
+    task.on_save_checkpoint(checkpoint)
+    saved = model.get_memory_state()["prev_hidden"].clone()
+    model.reset_memory()
+    task.on_load_checkpoint(checkpoint)
+    task.on_train_start()  # a resumed fit: the restored memory stays
+    assert torch.equal(model.get_memory_state()["prev_hidden"], saved)
+    task.on_train_start()  # a later, fresh start: empty again
+    assert model.get_memory_state()["prev_hidden"] is None
