@@ -40,7 +40,7 @@ class LMDataModule(L.LightningDataModule):
         eval_segment_length: segment length for validation and test (default: segment_length).
         score_all_tokens: also score each segment's first token (from the previous segment's last position).
         keep_remainders: keep the last partial segment of each document (padded, its padding unscored).
-        cache_dir: where tokenised splits are kept (default $MEMORIA_CACHE_DIR or ~/.cache/memoria/tokens).
+        cache_dir: where tokenised splits are kept (default $MEMORIA_CACHE_DIR/tokens or ~/.cache/memoria/tokens).
         num_workers: DataLoader workers (batches are memmap slices: 0 is usually fastest).
     """
 

@@ -95,8 +95,8 @@ def cache_file_name(length: int, num_train: int, num_dev: int, num_test: int, se
 
 
 def default_cache_dir() -> Path:
-    """$MEMORIA_CACHE_DIR, else ~/.cache/memoria-hebbian; generated data lives under `sorting/` inside."""
-    root = os.environ.get("MEMORIA_CACHE_DIR") or Path.home() / ".cache" / "memoria-hebbian"
+    """$MEMORIA_CACHE_DIR, else ~/.cache/memoria; generated data lives under `sorting/` inside."""
+    root = os.environ.get("MEMORIA_CACHE_DIR") or Path.home() / ".cache" / "memoria"
     return Path(root).expanduser() / "sorting"
 
 

@@ -26,15 +26,17 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_CACHE_DIR = "~/.cache/memoria/tokens"
+DEFAULT_CACHE_ROOT = "~/.cache/memoria"  # shared with the sorting data (experiment/data/sorting.py)
 CACHE_DIR_ENV = "MEMORIA_CACHE_DIR"
 FORMAT_VERSION = 1
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    """`cache_dir` if given, else $MEMORIA_CACHE_DIR, else ~/.cache/memoria/tokens."""
-    chosen = cache_dir or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
-    return Path(chosen).expanduser().resolve()
+    """`cache_dir` if given, else $MEMORIA_CACHE_DIR/tokens, else ~/.cache/memoria/tokens."""
+    if cache_dir:
+        return Path(cache_dir).expanduser().resolve()
+    root = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_ROOT
+    return (Path(root).expanduser() / "tokens").resolve()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one command that fits one lent-device call, most important first:
+#   1. the CUDA tests (pytest -m cuda): no host sync in Memoria's step, CPU/GPU parity, every model on CUDA, mixed
+#      precision through the runner;
+#   2. scripts/bench_memoria.py on CUDA at the paper's three configurations: ours (default, and the static-shape /
+#      no-validate path the models use) against memoria-pytorch 1.1.0;
+#   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2 against plain GPT-2);
+#   4. short sorting runs of the five models side by side on the one GPU (experiment=sort_quick, bf16-mixed), stopped
+#      by Lightning's max_time when the budget runs out, then tested.
+#
+# The GPU image has torch, transformers and lightning but not hydra/omegaconf, so their wheels travel in .whl/
+# together with transformers (the version tested here) and the reference package (scripts/gpu_wheels.sh downloads them). Through the device tool:
+#   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
+# Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
+# SORT_EXTRA (more overrides for the sorting runs), SORT_MODELS (default: the five *_sort models).
+set -u
+START=$(date +%s)
+BUDGET=${BUDGET:-540}
+DEADLINE=$((START + BUDGET))
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/gpu_checks.log"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+left() { echo $((DEADLINE - $(date +%s))); }
+say() { echo "== $(date -u +%H:%M:%S) [$(left) s left] $*" | tee -a "$LOG"; }
+
+# ---------------------------------------------------------------- set-up: carried wheels, the reference in its own path
+if compgen -G ".whl/*.whl" >/dev/null; then
+  for whl in .whl/*.whl; do
+    case "$whl" in
+      *memoria_pytorch*) target=/tmp/refsite ;;
+      *) target=/tmp/site ;;
+    esac
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" "$whl" \
+      >>"$LOG" 2>&1 || say "could not install $whl"
+  done
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The reference imports as `memoria` too: its own interpreter wrapper sees only its own site folder.
+REF_PY=/tmp/reference-python
+printf '#!/bin/sh\nPYTHONPATH=/tmp/refsite exec %s "$@"\n' "$(command -v $PY)" >"$REF_PY"
+chmod +x "$REF_PY"
+{
+  nvidia-smi -L 2>&1
+  $PY -c "import torch, transformers, lightning; print('torch', torch.__version__, '| transformers',
+transformers.__version__, '| lightning', lightning.__version__, '| cuda', torch.cuda.is_available())"
+  $PY -c "import hydra, omegaconf; print('hydra', hydra.__version__, '| omegaconf', omegaconf.__version__)"
+} 2>&1 | tee -a "$LOG"
+
+# ---------------------------------------------------------------- 1. CUDA tests
+say "1. pytest -m cuda"
+# Only the files that hold CUDA tests: the others need packages (datasets, wandb) the GPU image lacks.
+timeout $(($(left) < 150 ? $(left) : 150)) $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" \
+  tests/memoria/test_memoria.py tests/experiment/models tests/experiment/tasks/test_sorting.py \
+  2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15 | tee -a "$LOG"
+
+# ---------------------------------------------------------------- 2. core bookkeeping benchmark
+say "2. bench_memoria (cuda)"
+for variant in "" "--static-shape --no-validate"; do
+  impls="ours reference"
+  [ -n "$variant" ] && impls="ours"
+  name=bench_memoria${variant:+_static}
+  # shellcheck disable=SC2086
+  timeout $(($(left) < 150 ? $(left) : 150)) $PY scripts/bench_memoria.py --device cuda --configs lm enwik8 sort \
+    --impl $impls $variant --warmup 40 --steps 30 --reference-python "$REF_PY" --timeout 60 \
+    --json "$OUT/$name.json" 2>&1 | tail -8 | tee -a "$LOG"
+done
+
+# ---------------------------------------------------------------- 3. one training step at the WikiText-103 shape
+say "3. bench_step (fp32, bf16)"
+timeout $(($(left) < 120 ? $(left) : 120)) $PY scripts/bench_step.py --warmup 20 --steps 30 \
+  --json "$OUT/bench_step.json" 2>&1 | tail -12 | tee -a "$LOG"
+
+# ---------------------------------------------------------------- 4. sorting, every model, side by side
+SORT_MODELS=${SORT_MODELS:-memoria_gpt2_sort gpt2_sort transformer_xl_sort compressive_sort infinity_former_sort}
+train_s=$(($(left) - 100))  # the rest is start-up, the last validation and the test
+if [ "$train_s" -ge 60 ]; then
+  say "4. sorting runs for ${train_s} s: $SORT_MODELS"
+  max_time=$(printf '00:00:%02d:%02d' $((train_s / 60)) $((train_s % 60)))
+  mkdir -p /tmp/sort_runs
+  for model in $SORT_MODELS; do
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=2 timeout $(($(left) - 5)) $PY -m experiment.cli experiment=sort_quick model="$model" \
+      trainer.precision=bf16-mixed task.module.learning_rate=1e-3 task.data.num_train=6400 trainer.max_epochs=3 \
+      "+trainer.max_time=\"$max_time\"" trainer.enable_progress_bar=false logger=csv \
+      hydra.run.dir="/tmp/sort_runs/$model" ${SORT_EXTRA:-} >"/tmp/sort_runs/$model.log" 2>&1 &
+  done
+  wait
+  for model in $SORT_MODELS; do
+    echo "---- $model" >>"$OUT/sort_runs.txt"
+    grep -E "^(\+|\|)|rror|Time limit" "/tmp/sort_runs/$model.log" | tail -20 >>"$OUT/sort_runs.txt"
+  done
+  grep -E "^----|test/acc-final |optimizer steps|wall time|rror" "$OUT/sort_runs.txt" | tee -a "$LOG"
+else
+  say "4. skipped: too little time left for the sorting runs"
+fi
+say "done"
