@@ -5,14 +5,16 @@
 #   2. scripts/bench_memoria.py on CUDA at the paper's three configurations: ours (default, and the static-shape /
 #      no-validate path the models use) against memoria-pytorch 1.1.0;
 #   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2 against plain GPT-2);
-#   4. short sorting runs of the five models side by side on the one GPU (experiment=sort_quick, bf16-mixed), stopped
-#      by Lightning's max_time when the budget runs out, then tested.
+#   4. short sorting runs of the five models side by side on the one GPU (experiment=sort_quick: L 1000, segments
+#      of 256, the paper's lr 2e-4 and fp32, 6,400 examples x 2 epochs), stopped by Lightning's max_time if the
+#      budget runs out, then tested.
 #
 # The GPU image has torch, transformers and lightning but not hydra/omegaconf, so their wheels travel in .whl/
 # together with transformers (the version tested here) and the reference package (scripts/gpu_wheels.sh downloads them). Through the device tool:
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
-# SORT_EXTRA (more overrides for the sorting runs), SORT_MODELS (default: the five *_sort models).
+# PARTS (which of 1-4 to run, default "1 2 3 4"), SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the
+# sorting runs, see part 4).
 set -u
 START=$(date +%s)
 BUDGET=${BUDGET:-540}
@@ -50,13 +52,16 @@ transformers.__version__, '| lightning', lightning.__version__, '| cuda', torch.
 } 2>&1 | tee -a "$LOG"
 
 # ---------------------------------------------------------------- 1. CUDA tests
+if [[ " ${PARTS:-1 2 3 4} " == *" 1 "* ]]; then
 say "1. pytest -m cuda"
 # Only the files that hold CUDA tests: the others need packages (datasets, wandb) the GPU image lacks.
 timeout $(($(left) < 150 ? $(left) : 150)) $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" \
   tests/memoria/test_memoria.py tests/experiment/models tests/experiment/tasks/test_sorting.py \
   2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15 | tee -a "$LOG"
+fi
 
 # ---------------------------------------------------------------- 2. core bookkeeping benchmark
+if [[ " ${PARTS:-1 2 3 4} " == *" 2 "* ]]; then
 say "2. bench_memoria (cuda)"
 for variant in "" "--static-shape --no-validate"; do
   impls="ours reference"
@@ -67,33 +72,60 @@ for variant in "" "--static-shape --no-validate"; do
     --impl $impls $variant --warmup 40 --steps 30 --reference-python "$REF_PY" --timeout 60 \
     --json "$OUT/$name.json" 2>&1 | tail -8 | tee -a "$LOG"
 done
+fi
 
 # ---------------------------------------------------------------- 3. one training step at the WikiText-103 shape
+if [[ " ${PARTS:-1 2 3 4} " == *" 3 "* ]]; then
 say "3. bench_step (fp32, bf16)"
 timeout $(($(left) < 120 ? $(left) : 120)) $PY scripts/bench_step.py --warmup 20 --steps 30 \
   --json "$OUT/bench_step.json" 2>&1 | tail -12 | tee -a "$LOG"
+fi
 
 # ---------------------------------------------------------------- 4. sorting, every model, side by side
+# SORT_RUNS: one run per line, "<name> <model> [more overrides]"; default: the five *_sort models with SORT_ARGS.
+# SORT_BASE goes to every run; SORT_ARGS to each default run (the paper's lr 2e-4 and fp32 come from the preset).
+SORT_BASE=${SORT_BASE:-task.data.num_train=6400 trainer.max_epochs=2 trainer.log_every_n_steps=10}
+SORT_ARGS=${SORT_ARGS:-}
 SORT_MODELS=${SORT_MODELS:-memoria_gpt2_sort gpt2_sort transformer_xl_sort compressive_sort infinity_former_sort}
+if [ -z "${SORT_RUNS:-}" ]; then
+  SORT_RUNS=$(for model in $SORT_MODELS; do echo "$model $model $SORT_ARGS"; done)
+fi
 train_s=$(($(left) - 100))  # the rest is start-up, the last validation and the test
-if [ "$train_s" -ge 60 ]; then
-  say "4. sorting runs for ${train_s} s: $SORT_MODELS"
+if [[ " ${PARTS:-1 2 3 4} " == *" 4 "* ]] && [ "$train_s" -ge 60 ]; then
+  say "4. sorting runs for ${train_s} s"
   max_time=$(printf '00:00:%02d:%02d' $((train_s / 60)) $((train_s % 60)))
   mkdir -p /tmp/sort_runs
-  for model in $SORT_MODELS; do
+  names=()
+  while read -r name model overrides; do
+    [ -z "$name" ] && continue
+    names+=("$name")
+    echo "$name: model=$model $overrides" | tee -a "$LOG"
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=2 timeout $(($(left) - 5)) $PY -m experiment.cli experiment=sort_quick model="$model" \
-      trainer.precision=bf16-mixed task.module.learning_rate=1e-3 task.data.num_train=6400 trainer.max_epochs=3 \
+      $SORT_BASE $overrides \
       "+trainer.max_time=\"$max_time\"" trainer.enable_progress_bar=false logger=csv \
-      hydra.run.dir="/tmp/sort_runs/$model" ${SORT_EXTRA:-} >"/tmp/sort_runs/$model.log" 2>&1 &
-  done
+      hydra.run.dir="/tmp/sort_runs/$name" ${SORT_EXTRA:-} >"/tmp/sort_runs/$name.log" 2>&1 &
+  done <<<"$SORT_RUNS"
   wait
-  for model in $SORT_MODELS; do
-    echo "---- $model" >>"$OUT/sort_runs.txt"
-    grep -E "^(\+|\|)|rror|Time limit" "/tmp/sort_runs/$model.log" | tail -20 >>"$OUT/sort_runs.txt"
+  for name in "${names[@]}"; do
+    echo "---- $name" >>"$OUT/sort_runs.txt"
+    grep -E "^(\+|\|)|rror|Time limit" "/tmp/sort_runs/$name.log" | tail -20 >>"$OUT/sort_runs.txt"
+    # the loss curve: step, train loss, grad norm, val accuracy (csv logger)
+    metrics=$(find "/tmp/sort_runs/$name" -name metrics.csv | head -1)
+    [ -n "$metrics" ] && $PY - "$metrics" >>"$OUT/sort_curves.txt" <<'PYEOF'
+import csv, sys
+rows = {}
+for row in csv.DictReader(open(sys.argv[1])):
+    entry = rows.setdefault(int(row["step"]), {})
+    entry.update({k: v for k, v in row.items() if v})
+print(sys.argv[1])
+for step in sorted(rows):
+    r = rows[step]
+    print(step, *(f"{k}={float(r[k]):.4f}" for k in ("train/loss_step", "train/grad_norm", "val/acc-final") if k in r))
+PYEOF
   done
   grep -E "^----|test/acc-final |optimizer steps|wall time|rror" "$OUT/sort_runs.txt" | tee -a "$LOG"
 else
-  say "4. skipped: too little time left for the sorting runs"
+  say "4. skipped (PARTS, or too little time left)"
 fi
 say "done"
