@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-# Without a GPU, take torch's CPU build (a few hundred MB) instead of PyPI's default CUDA build (several GB).
+# Without a GPU, take torch's CPU build (a few hundred MB) instead of PyPI's default CUDA build (several GB): torch
+# alone from the CPU index, then its dependencies from PyPI (the CPU index is asked for one package only).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all run lint clean
+.PHONY: install test test-all run reproduce results lint clean
 
 install: $(VENV)/.installed
 
@@ -17,7 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(BIN)/python -m pip install -q "torch>=2.1"; \
 	else \
-		$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
+		$(BIN)/python -m pip install -q --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) || { \
+			echo "make install: could not get torch $(TORCH_VERSION)'s CPU build from $(TORCH_CPU_INDEX); install torch" \
+				"yourself (https://pytorch.org) into $(VENV), then run make again."; exit 1; }; \
+		$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"; \
 	fi
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
@@ -32,6 +36,28 @@ test-all: install  # includes the slow tests
 
 run: install  # the embedded default: a small Memoria GPT-2 on generated sorting data, CPU, a few minutes
 	$(BIN)/memoria-exp
+
+# The paper's tables on a GPU machine with internet (days of GPU time): WikiText-103, PG-19 and enwik8 for every model,
+# then the sorting grid (lengths x segment sizes) for every model; `make results` tables what has finished.
+# Narrow it, e.g. make reproduce REPRODUCE_MODELS="memoria_gpt2 gpt2" SORT_LENGTHS=1000,4000 REPRODUCE_ARGS=trainer=ddp
+REPRODUCE_MODELS ?= memoria_gpt2 gpt2 transformer_xl compressive infinity_former
+SORT_LENGTHS ?= 1000,2000,4000,8000,16000,32000
+SORT_SEGMENTS ?= 256,512,1024
+REPRODUCE_ARGS ?=
+reproduce: install
+	set -e; for model in $(REPRODUCE_MODELS); do \
+		$(BIN)/memoria-exp experiment=wikitext103 model=$$model $(REPRODUCE_ARGS); \
+		$(BIN)/memoria-exp experiment=pg19 model=$$model $(REPRODUCE_ARGS); \
+		$(BIN)/memoria-exp experiment=enwik8 model=$${model}_enwik8 $(REPRODUCE_ARGS); \
+	done; \
+	for model in $(REPRODUCE_MODELS); do \
+		$(BIN)/memoria-exp -m experiment=sort_paper model=$${model}_sort task.data.length=$(SORT_LENGTHS) \
+			task.module.segment_size=$(SORT_SEGMENTS) $(REPRODUCE_ARGS); \
+	done
+	$(BIN)/python scripts/collect_results.py
+
+results: install  # one Markdown table of every finished run under outputs/ and multirun/
+	$(BIN)/python scripts/collect_results.py
 
 lint: install
 	$(BIN)/ruff check memoria experiment tests scripts

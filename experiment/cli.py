@@ -129,7 +129,9 @@ def check_target_arguments(node: DictConfig, prefix: str, skip: tuple[str, ...] 
     try:
         target = get_object(node._target_)
     except (ImportError, AttributeError, ValueError) as error:  # report which _target_ is wrong
-        raise ConfigError(f"{prefix}._target_={node._target_} cannot be imported ({error}); fix the class path.") from error
+        raise ConfigError(
+            f"{prefix}._target_={node._target_} cannot be imported ({error}); fix the class path."
+        ) from error
     init = target.__init__ if inspect.isclass(target) else target
     parameters = inspect.signature(init).parameters
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

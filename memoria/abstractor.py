@@ -17,7 +17,8 @@ class Abstractor(nn.Module):
 
     def __init__(self, num_memories: int, hidden_dim: int, feedforward_dim: int, activation: str | None = None) -> None:
         super().__init__()
-        for name, v in (("num_memories", num_memories), ("hidden_dim", hidden_dim), ("feedforward_dim", feedforward_dim)):
+        sizes = (("num_memories", num_memories), ("hidden_dim", hidden_dim), ("feedforward_dim", feedforward_dim))
+        for name, v in sizes:
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"Abstractor {name} must be a positive int, got {v!r}")
         if activation not in (None, "gelu", "relu"):

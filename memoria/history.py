@@ -76,7 +76,7 @@ class EngramHistory:
                 "dropped": dict(self.dropped), "fields": {k: list(v) for k, v in EVENT_FIELDS.items()}}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "EngramHistory":
+    def from_state_dict(cls, state: dict[str, Any]) -> EngramHistory:
         h = cls(state["limit"])
         for k in EVENT_FIELDS:
             h.events[k].extend(state["events"][k])
@@ -91,7 +91,7 @@ class EngramHistory:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "EngramHistory":
+    def load(cls, path: str | Path) -> EngramHistory:
         return cls.from_state_dict(json.loads(Path(path).read_text()))
 
 

@@ -391,7 +391,7 @@ class Memoria:
             s, v, ok = self._last
             self._last = (s, torch.where(rows[:, None], -1, v), ok & ~rows[:, None])
 
-    def to(self, device: str | torch.device) -> "Memoria":
+    def to(self, device: str | torch.device) -> Memoria:
         """Move the memory to `device`. Moving across device types re-seeds the tie-break generator from
         (seed, timestep), since generator states are device-specific."""
         device = torch.device(device)
@@ -619,7 +619,8 @@ class Memoria:
         types = store.types
         is_ltm = types == LONGTERM
         excess = (is_ltm.sum(1) - self.ltm_capacity).clamp(min=0)  # (B,)
-        by_age = torch.sort(torch.where(is_ltm, store.created, torch.iinfo(torch.int64).max), dim=1, stable=True).indices
+        ltm_created = torch.where(is_ltm, store.created, torch.iinfo(torch.int64).max)
+        by_age = torch.sort(ltm_created, dim=1, stable=True).indices
         life = torch.gather(torch.where(is_ltm, store.lifespan, math.inf), 1, by_age)
         order = torch.gather(by_age, 1, torch.sort(life, dim=1, stable=True).indices)[:, :k]  # (B, k)
         evict = torch.arange(k, device=store.device)[None, :] < excess[:, None]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .engrams import EngramType, Engrams
+from .engrams import Engrams, EngramType
 
 NULL = int(EngramType.NULL)
 WORKING = int(EngramType.WORKING)
@@ -142,7 +142,7 @@ class SlotStore:
         return {name: getattr(self, name).clone() for name in _STATE_TENSORS}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device) -> "SlotStore":
+    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device) -> SlotStore:
         B, C, H = state["data"].shape
         store = cls(0, H, 0, device, state["counts"].dtype)
         for name in _STATE_TENSORS:

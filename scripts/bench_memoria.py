@@ -307,8 +307,8 @@ def cuda_available() -> bool:
 def format_table(results: list) -> str:
     lines = [
         (
-            "| config | device | B | impl | steps (warm-up) | ms/step median (mean) | pipelined ms/step | CPU ms/step | "
-            "engrams/row | peak MiB | ref/ours time (CPU time) | ref/ours memory |"
+            "| config | device | B | impl | steps (warm-up) | ms/step median (mean) | pipelined ms/step | "
+            "CPU ms/step | engrams/row | peak MiB | ref/ours time (CPU time) | ref/ours memory |"
         ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -34,8 +34,8 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-import torch
-import torch.nn.functional as F
+import torch  # noqa: E402  (after the sys.path insert above)
+import torch.nn.functional as F  # noqa: E402
 
 MODELS = {  # label -> (model config, memory config) at full and tiny size
     "memoria_gpt2": ("memoria_gpt2", "lm"),

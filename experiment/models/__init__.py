@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# Importing each model file registers its model type with the Auto classes.
+from . import compressive, gpt2, gpt2_memoria, infinity_former, transformer_xl  # noqa: F401
 from .protocol import MemoryModelOutput, MemoryProtocol
-from . import gpt2, gpt2_memoria  # noqa: F401  (registers gpt2_with_memoria with the Auto classes)
-from . import compressive, infinity_former, transformer_xl  # noqa: F401  (registers the baselines)
 
 __all__ = ["MemoryModelOutput", "MemoryProtocol", "build_model"]
 
@@ -20,7 +20,9 @@ def build_model(model_cfg: Any, vocab_size: int):
     cfg = dict(model_cfg)
     class_path = cfg.get("class_path")
     if not class_path or "." not in class_path:
-        raise ValueError(f"model config needs a class_path like 'experiment.models.gpt2.GPT2LMHeadModel', got {class_path!r}")
+        raise ValueError(
+            f"model config needs a class_path like 'experiment.models.gpt2.GPT2LMHeadModel', got {class_path!r}"
+        )
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     kwargs = dict(cfg.get("config") or {})

@@ -66,7 +66,9 @@ class SortingTask(MemoryTask):
         self.val_accuracy = TokenAccuracy()
         self.test_accuracy = TokenAccuracy()
 
-    def _chunk_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _chunk_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, correct, counted) of one chunk. logits (B, S, V), labels (B, S) with -100 off-target."""
         batch_size, seg_len, vocab = logits.shape
         token_ce = F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1),

@@ -55,10 +55,10 @@ class OracleRow:
         r_s = sorted(stms, key=lambda e: (-self._score(wm, e), e.id))[: self.r_stm]
 
         def strongest(u: int, allowed: set[int]) -> int | None:
-            cands = [l for l in allowed if self.c(u, l) > 0]
+            cands = [v for v in allowed if self.c(u, v) > 0]
             if not cands:
                 return None
-            return max(cands, key=lambda l: (self.c(u, l), -l))
+            return max(cands, key=lambda v: (self.c(u, v), -v))
 
         seeds = []
         for s in r_s:

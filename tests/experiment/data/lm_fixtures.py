@@ -22,7 +22,9 @@ def sentence(rng: random.Random, n_words: int = 12) -> str:
 
 
 def make_tokenizer(directory: Path, vocab_size: int = 300) -> str:
-    """Train a byte-level BPE (the GPT-2 scheme) on generated text, saved as a GPT-2 fast tokenizer; returns its path."""
+    """Train a byte-level BPE (the GPT-2 scheme) on generated text, saved as a GPT-2 fast tokenizer.
+
+    Returns its path."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2TokenizerFast
 
