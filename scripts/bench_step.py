@@ -17,6 +17,7 @@ Examples:
     python scripts/bench_step.py                          # GPU: fp32 and bf16, both models
     python scripts/bench_step.py --tiny --device cpu --precisions fp32
     python scripts/bench_step.py --warmup 50 --steps 100 --json bench_step.json
+    python scripts/bench_step.py --profile profile.txt    # also where the time goes (torch.profiler tables)
 The target (issue 5): Memoria GPT-2 <= 1.3x the plain step on one H100 (plain is about 34 ms fp32 there).
 Record results in docs/benchmarks.md.
 """
@@ -85,6 +86,23 @@ def time_steps(model, optimizer, batches, device, dtype, warmup: int) -> list[fl
     return times
 
 
+def profile_steps(model, optimizer, batches, device, dtype, title: str, path: str) -> None:
+    """Append torch.profiler op tables of a few more steps (where the step's time goes) to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        time_steps(model, optimizer, batches, device, dtype, warmup=0)
+    averages = prof.key_averages()
+    device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    host_ops = sum(1 for event in prof.events() if event.cpu_parent is None and event.name.startswith("aten::"))
+    with open(path, "a") as handle:
+        per_step = host_ops / len(batches)
+        handle.write(f"\n==== {title}: {len(batches)} steps, {per_step:.0f} top-level aten ops per step\n")
+        handle.write(averages.table(sort_by=device_key, row_limit=30) + "\n")
+        handle.write(averages.table(sort_by="self_cpu_time_total", row_limit=20) + "\n")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models and shapes (CPU smoke run)")
@@ -97,6 +115,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--profile", default=None,
+                        help="also profile 3 more steps of each (model, precision) with torch.profiler and write "
+                             "the op tables (by device time and by host time) to this file")
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.steps < 1:
         parser.error("--warmup must be >= 0 and --steps >= 1")
@@ -123,6 +144,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             times = time_steps(model, optimizer, batches, device, precision, args.warmup)
+            if args.profile:
+                profile_steps(model, optimizer, batches[-3:], device, precision, f"{model_name} {precision}",
+                              args.profile)
             rows.append({
                 "model": label, "config": model_name, "precision": precision, "device": str(device),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -4,7 +4,8 @@
 #      precision through the runner;
 #   2. scripts/bench_memoria.py on CUDA at the paper's three configurations: ours (default, and the static-shape /
 #      no-validate path the models use) against memoria-pytorch 1.1.0;
-#   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2 against plain GPT-2);
+#   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2 against plain GPT-2), with
+#      torch.profiler tables of where the step's time goes (profile_step.txt);
 #   4. short sorting runs of the five models side by side on the one GPU (experiment=sort_quick: L 1000, segments
 #      of 256, the paper's lr 2e-4 and fp32, 6,400 examples x 2 epochs), stopped by Lightning's max_time if the
 #      budget runs out, then tested.
@@ -77,8 +78,8 @@ fi
 # ---------------------------------------------------------------- 3. one training step at the WikiText-103 shape
 if [[ " ${PARTS:-1 2 3 4} " == *" 3 "* ]]; then
 say "3. bench_step (fp32, bf16)"
-timeout $(($(left) < 120 ? $(left) : 120)) $PY scripts/bench_step.py --warmup 20 --steps 30 \
-  --json "$OUT/bench_step.json" 2>&1 | tail -12 | tee -a "$LOG"
+timeout $(($(left) < 150 ? $(left) : 150)) $PY scripts/bench_step.py --warmup 20 --steps 30 \
+  --json "$OUT/bench_step.json" --profile "$OUT/profile_step.txt" 2>&1 | tail -12 | tee -a "$LOG"
 fi
 
 # ---------------------------------------------------------------- 4. sorting, every model, side by side
