@@ -29,14 +29,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def compose_model_config(model: str, memory: str):
+def compose_model_config(model: str, memory: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     import experiment.cli
 
     experiment.cli.register_configs()
     with initialize_config_dir(config_dir=os.path.join(REPO_ROOT, "conf"), version_base=None):
-        return compose(config_name="config", overrides=[f"model={model}", f"memory={memory}"]).model
+        return compose(config_name="config", overrides=[f"model={model}", f"memory={memory}", *overrides]).model
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--zero-init-memory-output", action="store_true",
-                        help="Memoria only: start the memory cross-attention's output projection at zero")
+                        help="Memoria only: model.config.memoria_zero_init_memory_output=true (the memory "
+                             "cross-attention's output projection starts at zero)")
     args = parser.parse_args(argv)
 
     import experiment.models.gpt2_memoria as gpt2_memoria
@@ -59,11 +60,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from experiment.models import build_model
 
     torch.manual_seed(args.seed)
-    model = build_model(compose_model_config(args.model, args.memory), vocab_size=21).train()
-    if args.zero_init_memory_output:
-        for block in model.transformer.h:
-            torch.nn.init.zeros_(block.memory_attn.c_proj.weight)
-            torch.nn.init.zeros_(block.memory_attn.c_proj.bias)
+    overrides = ["model.config.memoria_zero_init_memory_output=true"] if args.zero_init_memory_output else []
+    model = build_model(compose_model_config(args.model, args.memory, overrides), vocab_size=21).train()
 
     outputs: dict[str, list[tuple[float, float]]] = {}
     original = gpt2_memoria.memory_attention

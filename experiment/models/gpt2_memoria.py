@@ -55,6 +55,9 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_seed                  seed of the memory's tie-break generator (the rank is added under DDP)
     memoria_deterministic         break ties oldest-first instead of at random
     memoria_ltm_capacity          cap on long-term memories per row; None = unbounded, as in the paper
+    memoria_zero_init_memory_output  start the memory cross-attention's output projection at zero, so the memory
+                                  paths add nothing at initialisation (not the paper's model: an option for the
+                                  sorting stall of docs/results.md)
     """
 
     model_type = MEMORY_KIND
@@ -72,6 +75,7 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_seed: int = 0
     memoria_deterministic: bool = False
     memoria_ltm_capacity: int | None = None
+    memoria_zero_init_memory_output: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -172,6 +176,7 @@ class GPT2WithMemoriaBlock(GPT2Block):
         self.ln_mem = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         # One module for both memory paths (shared weights), as in the paper's model.
         self.memory_attn = GPT2Attention(config=config, is_cross_attention=True, layer_idx=layer_idx)
+        self.memory_attn.c_proj.is_memory_output = True  # for memoria_zero_init_memory_output in _init_weights
 
     def forward(
         self,
@@ -253,6 +258,9 @@ class GPT2WithMemoriaPreTrainedModel(GPT2PreTrainedModel):
             # N(0, std) / zero-bias init above (algorithm.md §b.3).
             for param in module.parameters(recurse=False):
                 init.normal_(param, mean=0.0, std=self.config.initializer_range)
+        if getattr(module, "is_memory_output", False) and self.config.memoria_zero_init_memory_output:
+            init.zeros_(module.weight)  # the memory cross-attention's output projection (marked by the block)
+            init.zeros_(module.bias)
 
 
 class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):

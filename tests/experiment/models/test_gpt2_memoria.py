@@ -608,3 +608,23 @@ def test_cuda_training_with_autocast_and_a_device_move():
     state = model.get_memory_state()
     model.set_memory_state(state)
     assert model(segs[0].cuda()).logits.is_cuda
+
+
+def test_zero_init_memory_output_makes_memory_silent_until_trained(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2WithMemoriaLMHeadModel(tiny_config(memoria_zero_init_memory_output=True)).eval()
+    for block in model.transformer.h:
+        assert block.memory_attn.c_proj.weight.abs().max() == 0 and block.memory_attn.c_proj.bias.abs().max() == 0
+        assert block.attn.c_proj.weight.abs().max() > 0  # only the memory path's output starts at zero
+    s1, s2 = segments(2)
+    model.reset_memory()
+    with_memory = run(model, [s1, s2])[1]
+    model.reset_memory()
+    without_memory = run(model, [s2])[0]
+    torch.testing.assert_close(with_memory, without_memory)  # memory read, but it adds nothing yet
+    # the default (the paper's model) starts with a live memory path
+    default = tiny_model()
+    assert all(b.memory_attn.c_proj.weight.abs().max() > 0 for b in default.transformer.h)
+    # the option is saved with the config
+    model.save_pretrained(tmp_path)
+    assert GPT2WithMemoriaConfig.from_pretrained(tmp_path).memoria_zero_init_memory_output is True
