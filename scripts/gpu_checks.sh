@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one command that fits one lent-device call, most important first:
-#   1. the CUDA tests (pytest -m cuda): no host sync in Memoria's step, CPU/GPU parity, every model on CUDA, mixed
-#      precision through the runner;
+#   1. the CUDA tests (pytest -m cuda): no host sync in Memoria's step, CPU/GPU parity, every model on CUDA,
+#      mixed-precision training of the sorting task;
 #   2. scripts/bench_memoria.py on CUDA at the paper's three configurations: ours (default, and the static-shape /
 #      no-validate path the models use) against memoria-pytorch 1.1.0;
 #   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2 against plain GPT-2), with
 #      torch.profiler tables of where the step's time goes (profile_step.txt);
-#   4. short sorting runs of the five models side by side on the one GPU (experiment=sort_quick: L 1000, segments
-#      of 256, the paper's lr 2e-4 and fp32, 6,400 examples x 2 epochs), stopped by Lightning's max_time if the
-#      budget runs out, then tested.
+#   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
+#      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
+#      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
 #
 # The GPU image has torch, transformers and lightning but not hydra/omegaconf, so their wheels travel in .whl/
-# together with transformers (the version tested here) and the reference package (scripts/gpu_wheels.sh downloads them). Through the device tool:
+# together with transformers (the version tested here) and the reference package (scripts/gpu_wheels.sh downloads
+# them). Through the device tool:
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
 # PARTS (which of 1-4 to run, default "1 2 3 4"), SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the
