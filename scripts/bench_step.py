@@ -60,10 +60,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(model, optimizer, batches, device, dtype, warmup: int) -> list[float]:
-    """Seconds per training step for each batch after the first `warmup` ones."""
+def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: bool = True) -> list[float]:
+    """Seconds per training step for each batch after the first `warmup` ones (memory reset first if `reset`)."""
     model.train()
-    model.reset_memory()
+    if reset:
+        model.reset_memory()
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bf16"
                 else contextlib.nullcontext())
     times = []
@@ -92,7 +93,7 @@ def profile_steps(model, optimizer, batches, device, dtype, title: str, path: st
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        time_steps(model, optimizer, batches, device, dtype, warmup=0)
+        time_steps(model, optimizer, batches, device, dtype, warmup=0, reset=False)  # the warm memory goes on
     averages = prof.key_averages()
     device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     host_ops = sum(1 for event in prof.events() if event.cpu_parent is None and event.name.startswith("aten::"))
