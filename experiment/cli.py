@@ -77,6 +77,15 @@ def register_configs() -> None:
 register_configs()
 
 
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The project's config, composed as `memoria-exp <overrides>` composes it, without running anything (for
+    tests and scripts)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message is one sentence naming the fix."""
 

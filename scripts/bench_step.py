@@ -45,13 +45,10 @@ MODELS = {  # label -> (model config, memory config) at full and tiny size
 
 
 def build(model_name: str, memory_name: str, vocab_size: int, device: torch.device):
-    from hydra import compose, initialize_config_module
-
-    import experiment.cli  # noqa: F401  (registers the root config schema)
+    from experiment.cli import compose_config
     from experiment.models import build_model
 
-    with initialize_config_module(config_module="conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"model={model_name}", f"memory={memory_name}"])
+    cfg = compose_config([f"model={model_name}", f"memory={memory_name}"])
     return build_model(cfg.model, vocab_size).to(device)
 
 

@@ -41,7 +41,7 @@ def read_run(results_path: Path) -> dict:
     config_path = results_path.parent / "config_resolved.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     task = results.get("task", "?")
-    metrics = {key: value for key, value in (results.get("test") or {}).items()}
+    metrics = results.get("test") or {}
     return {
         "task": task,
         "model": results.get("model", "?"),

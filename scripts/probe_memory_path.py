@@ -29,16 +29,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def compose_model_config(model: str, memory: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    import experiment.cli
-
-    experiment.cli.register_configs()
-    with initialize_config_dir(config_dir=os.path.join(REPO_ROOT, "conf"), version_base=None):
-        return compose(config_name="config", overrides=[f"model={model}", f"memory={memory}", *overrides]).model
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="memoria_gpt2_sort")
@@ -56,12 +46,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     import experiment.models.gpt2_memoria as gpt2_memoria
-    from experiment.data.sorting import IGNORE_INDEX, generate_sorting_splits
+    from experiment.cli import compose_config
     from experiment.models import build_model
 
     torch.manual_seed(args.seed)
-    overrides = ["model.config.memoria_zero_init_memory_output=true"] if args.zero_init_memory_output else []
-    model = build_model(compose_model_config(args.model, args.memory, overrides), vocab_size=21).train()
+    overrides = [f"model={args.model}", f"memory={args.memory}"]
+    if args.zero_init_memory_output:
+        overrides.append("model.config.memoria_zero_init_memory_output=true")
+    model = build_model(compose_config(overrides).model, vocab_size=21).train()
 
     outputs: dict[str, list[tuple[float, float]]] = {}
     original = gpt2_memoria.memory_attention
@@ -75,6 +67,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return y, probs
 
     gpt2_memoria.memory_attention = recording
+    try:
+        return train(model, args, outputs)
+    finally:
+        gpt2_memoria.memory_attention = original
+        model.reset_memory()
+
+
+def train(model, args: argparse.Namespace, outputs: dict) -> list[dict]:
+    """The training loop; `outputs` is filled by the recording memory attention during each forward."""
+    from experiment.data.sorting import IGNORE_INDEX, generate_sorting_splits
+
     data = generate_sorting_splits(args.length, args.batch_size * args.steps, 1, 1, args.seed)["train"]
     input_ids = torch.tensor([ex["prompt_ids"] + ex["target_ids"][:-1] for ex in data])  # (N, L+20)
     labels = torch.tensor([[IGNORE_INDEX] * args.length + ex["target_ids"] for ex in data])  # (N, L+20)
@@ -102,15 +105,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if step % args.every == 0 or step == args.steps - 1:
             spread = out.hidden_states.std(dim=1).mean().item()
             row = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "hidden_spread": spread,
-                   **{k: v for k, v in outputs.items()}}
+                   **outputs}
             rows.append(row)
             memory = "  ".join(
                 f"{k} " + " ".join(f"{n:.2f}/{s:.3f}" for n, s in v) for k, v in outputs.items()
             )
             print(f"step {step:4d}  loss {loss.item():.3f}  grad {grad_norm.item():.3f}  "
                   f"hidden spread {spread:.3f}  {memory}", flush=True)
-    gpt2_memoria.memory_attention = original
-    model.reset_memory()
     return rows
 
 

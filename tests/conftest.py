@@ -58,12 +58,9 @@ def pytest_collection_modifyitems(config, items):
 
 def compose_config(overrides: list[str] | None = None):
     """The project's config, composed like `memoria-exp <overrides>` does (without running anything)."""
-    from hydra import compose, initialize_config_module
+    from experiment.cli import compose_config as compose
 
-    import experiment.cli  # noqa: F401  (registers the root schema)
-
-    with initialize_config_module(config_module="conf", version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides or []))
+    return compose(overrides)
 
 
 def subprocess_env() -> dict[str, str]:
