@@ -25,12 +25,22 @@ from typing import Any
 import torch
 
 from .engrams import Engrams
+from .graphs import StepGraphs
 from .history import EngramHistory
 from .store import LONGTERM, NULL, SHORTTERM, WORKING, SlotStore
 
 WEIGHT_FORMS = ("exp", "neg_sq")
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: tie keys and the device id counter in the store, no generator state
 _CHUNK = 1 << 24  # elements per temporary in the graph walk (bounds peak memory at large B, C)
+_MASK32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # < 2**31, so a 32-bit value times it stays below 2**63: no int64 overflow
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply) of int64 values in [0, 2**32), elementwise."""
+    x = ((x >> 16) ^ x) * _HASH_MUL & _MASK32
+    x = ((x >> 16) ^ x) * _HASH_MUL & _MASK32
+    return (x >> 16) ^ x
 
 
 @contextlib.contextmanager
@@ -63,7 +73,7 @@ class Memoria:
 
     Ours (keyword-only):
         weight_form      "exp" (exp(-d^2), the paper's runs) or "neg_sq" (-d^2, reference 1.1.0)
-        seed             seed of the private tie-break generator (pass seed + rank under DDP)
+        seed             seed of the tie-break hash (pass seed + rank under DDP); the global RNG is never used
         deterministic    break every tie oldest-first instead of uniformly at random
         ltm_capacity     cap the long-term memory: evict the lowest-lifespan LTMs (ties: oldest) past it; also fixes
                          the store's capacity so it never grows. None (default) = unbounded, as in the paper
@@ -75,6 +85,12 @@ class Memoria:
         validate         check values (NaN/inf, indices from the last remind) at a host sync per call; shapes,
                          dtypes and devices are always checked
         history_limit    most events kept by keep_history (oldest dropped first, counted)
+        cuda_graph       on a GPU, replay each step's device work as CUDA graphs (graphs.py): a few launches
+                         instead of hundreds. Needs static_shape=True, validate=False and keep_history=False;
+                         off a GPU it changes nothing
+
+    Random tie-breaks come from a hash of (seed, engram id, step), not from a generator: the same on every device
+    and for a row whether it runs alone or in a batch, and with no generator state to carry.
     """
 
     def __init__(
@@ -98,6 +114,7 @@ class Memoria:
         static_shape: bool = False,
         validate: bool = True,
         history_limit: int = 100_000,
+        cuda_graph: bool = False,
     ) -> None:
         self.num_reminded_stm = _check_count("num_reminded_stm", num_reminded_stm)
         self.stm_capacity = _check_count("stm_capacity", stm_capacity)
@@ -131,11 +148,17 @@ class Memoria:
         self.track_id = bool(track_id)
         self.keep_history = bool(keep_history)
         self.history_limit = _check_count("history_limit", history_limit, minimum=1)
+        if cuda_graph and (not self.static_shape or self.validate or self.keep_history):
+            raise ValueError("cuda_graph=True needs static_shape=True, validate=False and keep_history=False: a "
+                             "captured step can neither trim its output, check values nor record history")
+        self.cuda_graph = bool(cuda_graph)
+        self._set_seed(self.seed)
+        self._graphs = None  # graphs.StepGraphs of the current store, when cuda_graph is on
+        self._force_sync_free = False  # tests: take the GPU's sync-free path on the CPU
 
         self.device = torch.device(device) if device is not None else None
         self.ext_device: torch.device | None = None
         self.store: SlotStore | None = None
-        self.generator: torch.Generator | None = None
         self.history: EngramHistory | None = None
         self.evictions: torch.Tensor | None = None  # (B,) LTMs evicted by ltm_capacity, per row
         self._clear_step_state()
@@ -192,27 +215,38 @@ class Memoria:
         self._ensure_room(store, W)
 
         x = data.detach().to(device=dev, dtype=torch.float32)  # (B, W, H) copy, never an alias of the caller's
-        slots = store.allocate(W)  # (B, W)
         valid = torch.ones(B, W, dtype=torch.bool, device=dev) if mask is None else mask[:, None].expand(B, W)
-        store.clear_counts(slots)
-        store.data.scatter_(1, slots[:, :, None].expand(B, W, H), x)
-        store.lifespan.scatter_(1, slots, torch.full((B, W), self.initial_lifespan, device=dev))
-        store.types.scatter_(1, slots, valid.to(torch.uint8) * WORKING)  # free slots stay NULL where masked
-        ids = self.next_engram_id + torch.arange(W, device=dev)
-        store.created.scatter_(1, slots, ids[None, :].expand(B, W))
-        store.age.scatter_(1, slots, torch.zeros(B, W, dtype=torch.int32, device=dev))
-        store.live_bound += W
-
         if self._wm_slots is None:
-            self._wm_slots, self._wm_valid = slots, valid.clone()
+            self._wm_slots, self._wm_valid = self._device_call("add", self._add_device, x, valid)
         else:  # a second add before adjust: both sets are working memory
+            slots, valid = self._add_device(x, valid)
             self._wm_slots = torch.cat([self._wm_slots, slots], 1)
             self._wm_valid = torch.cat([self._wm_valid, valid], 1)
+        store.live_bound += W
         self._last = None
+        if self.history is not None:
+            ids = self.next_engram_id + torch.arange(W, device=dev)
+            self.history.on_add(self.timestep + 1, ids, valid)
         self.timestep += 1
         self.next_engram_id += W
-        if self.history is not None:
-            self.history.on_add(self.timestep, ids, valid)
+
+    def _add_device(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device work of an add: write x (B, W, H) into W free slots per row (type WORKING where `valid`
+        (B, W), else left free). Returns (slots (B, W), valid (B, W)). Reads no host state that changes between
+        steps, so it can be replayed as a CUDA graph."""
+        store = self.store
+        B, W, H = x.shape
+        slots = store.allocate(W)  # (B, W)
+        store.clear_counts(slots)
+        store.data.scatter_(1, slots[:, :, None].expand(B, W, H), x)
+        store.lifespan.scatter_(1, slots, torch.full((B, W), self.initial_lifespan, device=x.device))
+        store.types.scatter_(1, slots, valid.to(torch.uint8) * WORKING)  # free slots stay NULL where masked
+        ids = store.next_id + torch.arange(W, device=x.device)  # (W,) the same ids in every row
+        store.created.scatter_(1, slots, ids[None, :].expand(B, W))
+        store.tie_key.scatter_(1, slots, self._tie_key(ids)[None, :].expand(B, W))
+        store.age.scatter_(1, slots, torch.zeros(B, W, dtype=torch.int32, device=x.device))
+        store.next_id += W
+        return slots, valid.clone()
 
     @torch.no_grad()
     def remind(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,13 +259,30 @@ class Memoria:
             raise ValueError("remind() called before any add_working_memory(); add working memory first")
         if self._wm_slots is None:
             raise ValueError("remind() needs working memory of this step: call add_working_memory() first")
+        memories, view_idx, out_slots, out_ok = self._device_call(
+            "remind", self._remind_device, self._wm_slots, self._wm_valid)
+        if not self.static_shape:  # trim to the widest row (valid entries come first): one host sync
+            width = int(out_ok.sum(1).max()) if out_ok.numel() else 0
+            memories, view_idx = memories[:, :width], view_idx[:, :width]
+            out_slots, out_ok = out_slots[:, :width], out_ok[:, :width]
+        self._last = (out_slots, view_idx, out_ok)
+        if self.history is not None:
+            self.history.on_remind(self.timestep, self.store, out_slots, out_ok)
+        ext = self.ext_device or self.store.device
+        if self._graphs is not None:  # a replay's outputs are overwritten by the next one: hand out copies
+            memories, view_idx = memories.clone(), view_idx.clone()
+        return memories.to(ext).contiguous(), view_idx.to(ext)
+
+    def _remind_device(self, wm_slots: torch.Tensor, wm_valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The device work of remind for the working memory in `wm_slots` (B, W) (`wm_valid` (B, W)): recall,
+        walk, fire. Returns memories (B, M, H), view indices (B, M), slots (B, M) and ok (B, M) at the full width
+        M = k_stm + k_ltm, valid entries first. Without `_sync_free` (the CPU) it takes host-side shortcuts."""
         store = self.store
         B, C, H = store.data.shape
         dev = store.device
         types, counts = store.types, store.counts
         is_stm = types == SHORTTERM  # (B, C)
         is_ltm = types == LONGTERM  # (B, C)
-        wm_slots, wm_valid = self._wm_slots, self._wm_valid  # (B, W)
         wm = torch.gather(store.data, 1, wm_slots[:, :, None].expand(*wm_slots.shape, H))  # (B, W, H)
         row_has_wm = wm_valid.any(1)  # (B,)
         frac = self._tie_fraction(store)  # (B, C) float64 in [0, 0.49]: the tie-break among equal values
@@ -239,34 +290,37 @@ class Memoria:
         # --- STM recall: top r_stm live STMs by similarity to the WM (padding never competes)
         k_stm_cap = min(C, self.stm_capacity)
         k_s = min(self.num_reminded_stm, k_stm_cap)
-        stm_slots = torch.topk(is_stm.float(), k_stm_cap, dim=1, sorted=False).indices  # (B, S)
+        stm_slots = torch.topk(is_stm.to(torch.uint8), k_stm_cap, dim=1, sorted=False).indices  # (B, S)
         stm_ok = torch.gather(is_stm, 1, stm_slots) & row_has_wm[:, None]
         stm_score = self._similarity(wm, wm_valid, stm_slots)  # (B, S)
         rs_slots, rs_ok = self._top(stm_score, stm_ok, torch.gather(frac, 1, stm_slots), stm_slots, k_s)
 
-        # --- initial LTMs: each recalled STM seeds its most co-fired LTM, if it has any positive count
-        visited = torch.zeros(B, C + 1, dtype=torch.bool, device=dev)  # column C is a sink for "no node"
+        # --- initial LTMs, then the walk. `open_` (B, C + 1): the tie fraction of every LTM not yet visited,
+        # -inf elsewhere; column C is a sink for "no node". A count plus it is >= 1 exactly when the count is
+        # positive and the target open, so one max finds the strongest edge or shows there is none.
+        open_ = torch.full((B, C + 1), -math.inf, dtype=torch.float64, device=dev)
+        open_[:, :C] = torch.where(is_ltm, frac, -math.inf)
         # The walk reads only LTM columns. On the CPU (where a sync is free) gather just those; on a GPU read
         # whole count rows, which keeps every shape static.
         cols = None
-        if dev.type == "cpu":
-            cols = torch.topk(is_ltm.float(), int(is_ltm.sum(1).max()), dim=1, sorted=False).indices  # (B, L)
-        cur, active = self._strongest_ltm(counts, rs_slots, rs_ok, is_ltm, frac, cols)  # (B, k_s)
-        visited.scatter_(1, torch.where(active, cur, C), True)
-        # --- greedy lock-step walk: each chain follows its strongest unvisited LTM edge; no edge -> the chain stops
+        if not self._sync_free:
+            cols = torch.topk(is_ltm.to(torch.uint8), int(is_ltm.sum(1).max()), dim=1, sorted=False).indices
+        # each recalled STM seeds its most co-fired LTM, if it has any positive count
+        cur, active = self._strongest_ltm(counts, rs_slots, rs_ok, open_[:, :C], cols)  # (B, k_s)
+        open_.scatter_(1, torch.where(active, cur, C), -math.inf)
+        # greedy lock-step walk: each chain follows its strongest unvisited LTM edge; no edge -> the chain stops
         for _ in range(self.ltm_search_depth):
-            if dev.type == "cpu" and not bool(active.any()):
+            if not self._sync_free and not bool(active.any()):
                 break  # free on the CPU; on a GPU the hops run to keep the step sync-free
-            nxt, moved = self._strongest_ltm(counts, cur, active, is_ltm & ~visited[:, :C], frac, cols)
-            cur = torch.where(moved, nxt, cur)
-            active = moved
-            visited.scatter_(1, torch.where(active, cur, C), True)
-        found = visited[:, :C] & is_ltm  # (B, C) F = seeds + every node reached
+            nxt, active = self._strongest_ltm(counts, cur, active, open_[:, :C], cols)
+            cur = torch.where(active, nxt, cur)
+            open_.scatter_(1, torch.where(active, cur, C), -math.inf)
+        found = is_ltm & torch.isneginf(open_[:, :C])  # (B, C) F = seeds + every node reached
 
         # --- final LTMs: top r_ltm of F by similarity to the WM
         k_f_cap = min(C, k_s * (self.ltm_search_depth + 1))
         k_l = min(self.num_final_ltms, k_f_cap)
-        f_slots = torch.topk(found.float(), k_f_cap, dim=1, sorted=False).indices  # (B, F)
+        f_slots = torch.topk(found.to(torch.uint8), k_f_cap, dim=1, sorted=False).indices  # (B, F)
         f_ok = torch.gather(found, 1, f_slots)
         f_score = self._similarity(wm, wm_valid, f_slots)
         rl_slots, rl_ok = self._top(f_score, f_ok, torch.gather(frac, 1, f_slots), f_slots, k_l)
@@ -283,18 +337,11 @@ class Memoria:
         out_ok = torch.cat([rs_ok, rl_ok], 1)
         front = torch.sort((~out_ok).to(torch.int8), dim=1, stable=True).indices  # valid first, order kept
         out_slots, out_ok = torch.gather(out_slots, 1, front), torch.gather(out_ok, 1, front)
-        if not self.static_shape:
-            width = int(out_ok.sum(1).max()) if out_ok.numel() else 0
-            out_slots, out_ok = out_slots[:, :width], out_ok[:, :width]
         _, offset, rank = store.view_order()
         view_idx = torch.where(out_ok, offset[:, None] + torch.gather(rank, 1, out_slots), -1)  # (B, M)
         M = out_slots.shape[1]
         memories = torch.gather(store.data, 1, out_slots[:, :, None].expand(B, M, H)) * out_ok[:, :, None]
-        self._last = (out_slots, view_idx, out_ok)
-        if self.history is not None:
-            self.history.on_remind(self.timestep, store, out_slots, out_ok)
-        ext = self.ext_device or dev
-        return memories.to(ext).contiguous(), view_idx.to(ext)
+        return memories, view_idx, out_slots, out_ok
 
     @torch.no_grad()
     def adjust_lifespan_and_memories(self, indices: torch.Tensor, lifespan_delta: torch.Tensor) -> None:
@@ -320,25 +367,42 @@ class Memoria:
             )
         idx = indices.to(device=dev, dtype=torch.int64)  # a copy: the caller's tensors are never written
         delta = lifespan_delta.detach().to(device=dev, dtype=torch.float32)
-        M = idx.shape[1]
-        if M > 0 and self._last is None:
+        if idx.shape[1] > 0 and self._last is None:
             raise ValueError("indices did not come from the last remind(): call remind() after add_working_memory() "
                              "and pass its indices")
-        if M > 0:
-            last_slots, last_view, last_ok = self._last
-            asked = idx >= 0
-            match = (idx[:, :, None] == last_view[:, None, :]) & last_ok[:, None, :] & asked[:, :, None]  # (B,M,M')
-            hit = match.any(-1)  # (B, M)
-            if last_slots.shape[1] == 0:
-                slots = torch.zeros_like(idx)
-            else:
-                slots = torch.gather(last_slots, 1, match.float().argmax(-1))  # (B, M)
-            if self.validate:
-                if not bool(torch.isfinite(delta).all()):
-                    raise ValueError("lifespan_delta contains NaN or inf; pass finite lifespan gains")
-                if bool((asked & ~hit).any()):
-                    raise ValueError("indices did not come from the last remind(): some non-negative index is not "
-                                     "one of the engrams it returned")
+        if self.validate and idx.shape[1] > 0:  # checks first, so a bad call leaves the state as it was
+            if not bool(torch.isfinite(delta).all()):
+                raise ValueError("lifespan_delta contains NaN or inf; pass finite lifespan gains")
+            _, hit = self._match_reminded(idx, *self._last)
+            if bool(((idx >= 0) & ~hit).any()):
+                raise ValueError("indices did not come from the last remind(): some non-negative index is not "
+                                 "one of the engrams it returned")
+        num_wm = self._wm_slots.shape[1] if self._wm_slots is not None else 0
+        last = self._last if self._last is not None else (None, None, None)
+        live_max = self._device_call("adjust", self._adjust_device, idx, delta, *last, num_wm)
+        self._wm_slots = self._wm_valid = None
+        self._last = None
+        self._refresh_live_bound(store, live_max)
+
+    @staticmethod
+    def _match_reminded(idx: torch.Tensor, last_slots: torch.Tensor, last_view: torch.Tensor,
+                        last_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots (B, M) of the view indices `idx` (B, M) among those the last remind handed out (its slots,
+        view indices and ok, (B, M')), and hit (B, M): False where the index is -1 or not one of them."""
+        match = (idx[:, :, None] == last_view[:, None, :]) & last_ok[:, None, :] & (idx >= 0)[:, :, None]  # (B,M,M')
+        if last_slots.shape[1] == 0:
+            return torch.zeros_like(idx), match.any(-1)
+        return torch.gather(last_slots, 1, match.to(torch.uint8).argmax(-1)), match.any(-1)
+
+    def _adjust_device(self, idx: torch.Tensor, delta: torch.Tensor, last_slots: torch.Tensor | None,
+                       last_view: torch.Tensor | None, last_ok: torch.Tensor | None, num_wm: int) -> torch.Tensor:
+        """The device work of adjust (algorithm.md §c.9, in order). Returns the largest live count of any row
+        (a 0-dim device tensor) for the host-side bound."""
+        store = self.store
+        C = store.capacity
+        dev = store.device
+        if idx.shape[1] > 0:
+            slots, hit = self._match_reminded(idx, last_slots, last_view, last_ok)
             gain = torch.where(hit, delta, 0.0)
             store.lifespan.scatter_add_(1, slots, gain)  # 1. extend (duplicates add up)
             if self.history is not None:
@@ -349,7 +413,6 @@ class Memoria:
         store.age += live.to(torch.int32)  # 3. age
         types = store.types
         types.masked_fill_(types == WORKING, SHORTTERM)  # 4. WM -> STM
-        num_wm = self._wm_slots.shape[1] if self._wm_slots is not None else 0
         if num_wm > 0:  # 5. STM overflow -> the oldest excess STMs become LTM (excess <= W)
             is_stm = types == SHORTTERM
             excess = (is_stm.sum(1) - self.stm_capacity).clamp(min=0)  # (B,)
@@ -364,15 +427,14 @@ class Memoria:
         types.masked_fill_(dead, NULL)
         if self.ltm_capacity is not None and num_wm > 0:
             self._evict_ltm(store, min(num_wm, C))  # 7. optional LTM cap
-        self._wm_slots = self._wm_valid = None
-        self._last = None
-        self._refresh_live_bound(store)
+        return store.live_counts().max()
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:
         """Forget everything (rows=None), or only the rows where the bool mask `rows` (B,) is True."""
         if rows is None:
             if self.store is not None:
                 self.store.types.zero_()  # keep the allocation (and its learned capacity) for the next stream
+                self.store.next_id.zero_()
                 self.store.live_bound = 0
             self._empty = True
             self._clear_step_state()
@@ -392,8 +454,7 @@ class Memoria:
             self._last = (s, torch.where(rows[:, None], -1, v), ok & ~rows[:, None])
 
     def to(self, device: str | torch.device) -> Memoria:
-        """Move the memory to `device`. Moving across device types re-seeds the tie-break generator from
-        (seed, timestep), since generator states are device-specific."""
+        """Move the memory to `device` (ties break the same way on every device)."""
         device = torch.device(device)
         if self.store is not None:
             self.store.to(device)
@@ -403,14 +464,12 @@ class Memoria:
                 setattr(self, name, t.to(device))
         if self._last is not None:
             self._last = tuple(t.to(device) for t in self._last)
-        if self.generator is not None and self.generator.device.type != device.type:
-            self.generator = self._make_generator(device, self.seed + self.timestep)
         self.device = device
         return self
 
     # ================================================================ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: tensors, counters, the generator state. Safe to torch.save
+        """Everything needed to continue exactly: tensors and counters. Safe to torch.save
         (tensors and plain Python values only) and to load with weights_only=True."""
         last = None if self._last is None else [t.clone() for t in self._last]
         return {
@@ -419,6 +478,7 @@ class Memoria:
             "empty": self._empty,
             "timestep": self.timestep,
             "next_engram_id": self.next_engram_id,
+            "seed": self.seed,  # the tie-break stream: a loaded memory continues it, whatever its own seed
             "device": None if self.device is None else str(self.device),
             "ext_device": None if self.ext_device is None else str(self.ext_device),
             "store": None if self.store is None or self._empty else self.store.state_dict(),
@@ -426,8 +486,6 @@ class Memoria:
             "wm_valid": None if self._wm_valid is None else self._wm_valid.clone(),
             "last": last,
             "evictions": None if self.evictions is None else self.evictions.clone(),
-            "generator": None if self.generator is None else self.generator.get_state(),
-            "generator_device": None if self.generator is None else self.generator.device.type,
             "history": None if self.history is None else self.history.state_dict(),
         }
 
@@ -449,18 +507,12 @@ class Memoria:
         self._empty = state["empty"]
         self.timestep = int(state["timestep"])
         self.next_engram_id = int(state["next_engram_id"])
+        self._set_seed(int(state["seed"]))
         self.store = None if state["store"] is None else SlotStore.from_state_dict(state["store"], dev)
         self._wm_slots = None if state["wm_slots"] is None else state["wm_slots"].to(dev)
         self._wm_valid = None if state["wm_valid"] is None else state["wm_valid"].to(dev)
         self._last = None if state["last"] is None else tuple(t.to(dev) for t in state["last"])
         self.evictions = None if state["evictions"] is None else state["evictions"].to(dev)
-        self.generator = None
-        if state["generator"] is not None and dev is not None:
-            if state["generator_device"] == dev.type:
-                self.generator = torch.Generator(device=dev)
-                self.generator.set_state(state["generator"])
-            else:
-                self.generator = self._make_generator(dev, self.seed + self.timestep)
         self.history = None
         if state["history"] is not None:
             self.history = EngramHistory.from_state_dict(state["history"])
@@ -492,11 +544,6 @@ class Memoria:
             raise ValueError(f"{name} must be a bool tensor of shape (B={B},), got {shape}")
         return rows
 
-    def _make_generator(self, device: torch.device, seed: int) -> torch.Generator:
-        g = torch.Generator(device=device)
-        g.manual_seed(seed)
-        return g
-
     def _new_store(self, B: int, W: int, H: int, dev: torch.device) -> SlotStore:
         if self.ltm_capacity is not None:
             capacity = self.stm_capacity + self.ltm_capacity + W  # never exceeded: fixed, never grows
@@ -511,8 +558,6 @@ class Memoria:
             store = SlotStore(B, H, capacity, dev, self.count_dtype)
         self.store = store
         self._empty = False
-        if self.generator is None or self.generator.device.type != dev.type:
-            self.generator = self._make_generator(dev, self.seed)
         if self.keep_history and self.history is None:
             self.history = EngramHistory(self.history_limit)
         if self.ltm_capacity is not None and self.evictions is None:
@@ -530,28 +575,51 @@ class Memoria:
         if store.live_bound + W > store.capacity:
             store.grow(max(store.live_bound + W, math.ceil(store.capacity * 1.5 / 64) * 64))
 
-    def _refresh_live_bound(self, store: SlotStore) -> None:
-        """Tighten the host-side bound on the live count without waiting for the device."""
+    def _refresh_live_bound(self, store: SlotStore, live_max: torch.Tensor) -> None:
+        """Tighten the host-side bound on the live count (`live_max`, a device scalar) without waiting for the
+        device."""
         if store.device.type != "cuda":
-            store.live_bound = int(store.live_counts().max())  # free on the CPU: keep the bound exact
+            store.live_bound = int(live_max)  # free on the CPU: keep the bound exact
         elif self.ltm_capacity is not None:
             store.live_bound = min(store.live_bound, self.stm_capacity + self.ltm_capacity)  # invariant after adjust
         else:  # copy the true count to pinned memory in the background; _ensure_room reads it once it has landed
             if self._bound_host is None:
                 self._bound_host = torch.zeros((), dtype=torch.int64, pin_memory=True)
-            self._bound_host.copy_(store.live_counts().max(), non_blocking=True)
+            self._bound_host.copy_(live_max, non_blocking=True)
             self._bound_event = torch.cuda.Event()
             self._bound_event.record()
             self._bound_added = 0
 
+    @property
+    def _sync_free(self) -> bool:
+        """Whether the step must avoid host syncs (on a GPU). On the CPU a sync is free and shortcuts pay."""
+        return self.store.device.type != "cpu" or self._force_sync_free
+
+    def _device_call(self, name: str, fn, *args):
+        """Run the device work `fn(*args)` of one call, through a captured CUDA graph when cuda_graph is on."""
+        store = self.store
+        if not self.cuda_graph or store.device.type != "cuda":
+            return fn(*args)
+        if self._graphs is None or not self._graphs.valid_for(store):
+            self._graphs = StepGraphs(store)  # new or reallocated store: the old graphs point at freed memory
+        return self._graphs(name, fn, *args)
+
+    def _set_seed(self, seed: int) -> None:
+        self.seed = seed
+        self._seed32 = int(_mix32(torch.tensor(seed & _MASK32)))  # mixed once: nearby seeds differ widely
+
+    def _tie_key(self, ids: torch.Tensor) -> torch.Tensor:
+        """The 32-bit tie key of engram ids (int64): a hash of (seed, id)."""
+        return _mix32(_mix32((ids & _MASK32) ^ self._seed32))
+
     def _tie_fraction(self, store: SlotStore) -> torch.Tensor:
         """(B, C) float64 in [0, 0.49]: added to integer counts, it breaks ties without changing their order;
-        also the secondary sort key of score ties. Random mode: uniform (private generator). Deterministic:
-        larger for older engrams."""
+        also the secondary sort key of score ties. Random mode: a uniform draw per engram and step, hashed from
+        the engram's key (seed, id) and the step (store.next_id). Deterministic: larger for older engrams."""
         if self.deterministic:
-            return 0.49 * (1.0 - store.created.double() / (self.next_engram_id + 1))
-        u = torch.rand(store.created.shape, generator=self.generator, device=store.device, dtype=torch.float64)
-        return 0.49 * u
+            return 0.49 * (1.0 - store.created.double() / (store.next_id + 1))
+        u = _mix32(store.tie_key ^ (store.next_id & _MASK32))  # (B, C) in [0, 2**32)
+        return u.double() * (0.49 / 2**32)
 
     def _similarity(self, wm: torch.Tensor, wm_valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Rank scores of the engrams in `slots` (B, K) against the working memory wm (B, W, H): higher = closer.
@@ -584,10 +652,11 @@ class Memoria:
         pick = torch.gather(by_tie, 1, by_score[:, :k])  # (B, k) positions in slots
         return torch.gather(slots, 1, pick), torch.gather(ok, 1, pick)
 
-    def _strongest_ltm(self, counts: torch.Tensor, src: torch.Tensor, src_ok: torch.Tensor, allowed: torch.Tensor,
-                       frac: torch.Tensor, cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each source slot (B, R): the allowed slot with the largest positive co-fire count (ties by frac).
-        Returns (target (B, R), found (B, R)); found is False where no allowed target has a positive count.
+    def _strongest_ltm(self, counts: torch.Tensor, src: torch.Tensor, src_ok: torch.Tensor, open_: torch.Tensor,
+                       cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each source slot (B, R): the open slot with the largest positive co-fire count (ties by its tie
+        fraction). `open_` (B, C) float64: the tie fraction (< 0.5) of open targets, -inf elsewhere.
+        Returns (target (B, R), found (B, R)); found is False where no open target has a positive count.
         `cols` (B, L): read only these columns (all when None). Counts are read by gather, in chunks of sources
         so temporaries stay within _CHUNK elements."""
         B, R = src.shape
@@ -595,7 +664,7 @@ class Memoria:
         if R == 0 or (cols is not None and cols.shape[1] == 0):
             return src, torch.zeros_like(src_ok)
         if cols is not None:
-            allowed, frac = torch.gather(allowed, 1, cols), torch.gather(frac, 1, cols)  # (B, L)
+            open_ = torch.gather(open_, 1, cols)  # (B, L)
             flat_counts = counts.view(B, C * C)
         width = C if cols is None else cols.shape[1]
         step = max(1, _CHUNK // max(1, B * width))
@@ -607,8 +676,7 @@ class Memoria:
             else:
                 flat = (s[:, :, None] * C + cols[:, None, :]).reshape(B, -1)  # (B, r*L) positions in (C*C)
                 rows = torch.gather(flat_counts, 1, flat).view(B, s.shape[1], width)  # (B, r, L)
-            key = torch.where(allowed[:, None, :] & (rows > 0), rows.double() + frac[:, None, :], -1.0)
-            best, target = key.max(-1)  # (B, r)
+            best, target = (rows + open_[:, None, :]).max(-1)  # (B, r) float64: >= 1 iff a positive open edge
             targets.append(target if cols is None else torch.gather(cols, 1, target))
             bests.append(best)
         target, best = (targets[0], bests[0]) if len(targets) == 1 else (torch.cat(targets, 1), torch.cat(bests, 1))

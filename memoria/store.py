@@ -24,7 +24,8 @@ WORKING = int(EngramType.WORKING)
 SHORTTERM = int(EngramType.SHORTTERM)
 LONGTERM = int(EngramType.LONGTERM)
 
-_STATE_TENSORS = ("data", "lifespan", "types", "created", "age", "counts")
+_STATE_TENSORS = ("data", "lifespan", "types", "created", "age", "tie_key", "counts", "next_id")
+_GROWN = ("data", "lifespan", "types", "created", "age", "tie_key", "counts")  # the per-slot tensors
 
 
 class SlotStore:
@@ -38,8 +39,12 @@ class SlotStore:
         self.types = torch.zeros(B, C, dtype=torch.uint8, device=device)  # (B, C) EngramType
         self.created = torch.zeros(B, C, dtype=torch.int64, device=device)  # (B, C) creation id = engram id
         self.age = torch.zeros(B, C, dtype=torch.int32, device=device)  # (B, C)
+        self.tie_key = torch.zeros(B, C, dtype=torch.int64, device=device)  # (B, C) 32-bit hash of (seed, id)
         self.counts = torch.zeros(B, C, C, dtype=count_dtype, device=device)  # (B, C, C) co-fire counts
+        # the next engram id, on the device, so a step never reads a host counter (CUDA-graph replays can't)
+        self.next_id = torch.zeros((), dtype=torch.int64, device=device)
         self.live_bound = 0  # host-side upper bound on the live engrams of any row
+        self.version = 0  # bumped whenever the tensors are reallocated (captured CUDA graphs then go stale)
 
     # ---------------------------------------------------------------- shape
     @property
@@ -74,12 +79,11 @@ class SlotStore:
             out[tuple(slice(0, s) for s in t.shape)] = t
             return out
 
-        self.data = bigger(self.data, (B, n, H))
-        self.lifespan = bigger(self.lifespan, (B, n))
-        self.types = bigger(self.types, (B, n))
-        self.created = bigger(self.created, (B, n))
-        self.age = bigger(self.age, (B, n))
-        self.counts = bigger(self.counts, (B, n, n))
+        for name in _GROWN:
+            t = getattr(self, name)
+            shape = (B, n, H) if name == "data" else (B, n, n) if name == "counts" else (B, n)
+            setattr(self, name, bigger(t, shape))
+        self.version += 1
 
     # ---------------------------------------------------------------- slots
     def allocate(self, num: int) -> torch.Tensor:
@@ -99,6 +103,7 @@ class SlotStore:
         for name in _STATE_TENSORS:
             setattr(self, name, getattr(self, name).to(device))
         self.device = device
+        self.version += 1
 
     # ---------------------------------------------------------------- view
     def view_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,138 @@
+"""The step's device work is graph-safe (no host sync, no host value that changes between steps), the GPU's
+sync-free path equals the CPU's shortcuts, and CUDA-graph replay equals eager execution (on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memoria import EngramType, Memoria
+
+L_ = int(EngramType.LONGTERM)
+DEVICE_CALLS = ("_add_device", "_remind_device", "_adjust_device")
+
+
+def run(m: Memoria, steps: int, seed: int = 0, B: int = 2, W: int = 3, H: int = 5, device: str = "cpu",
+        events: dict | None = None):
+    """Outputs (memories, indices) of `steps` steps on generated data; `events` maps a step to a callable run
+    on the memory before it (resets, masks)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in range(steps):
+        x = torch.randn(B, W, H, generator=g).to(device)
+        mask = None
+        if events and t in events:
+            mask = events[t](m)
+        m.add_working_memory(x, mask=mask)
+        mem, idx = m.remind()
+        width = m.num_reminded_stm + m.num_final_ltms
+        delta = (torch.rand(B, width, generator=g) * 3).to(device)[:, : idx.shape[1]]
+        m.adjust_lifespan_and_memories(idx, delta)
+        out.append((mem.clone(), idx.clone()))
+    return out
+
+
+def assert_same_runs(a, b):
+    for t, ((m1, i1), (m2, i2)) in enumerate(zip(a, b)):
+        assert torch.equal(i1.cpu(), i2.cpu()), t
+        assert torch.equal(m1.cpu(), m2.cpu()), t
+
+
+def config(**kw):
+    base = dict(num_reminded_stm=3, stm_capacity=4, ltm_search_depth=3, initial_lifespan=3, num_final_ltms=3,
+                static_shape=True, validate=False)
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_sync_free_path_matches_the_cpu_shortcuts(deterministic):
+    shortcuts = Memoria(**config(deterministic=deterministic, seed=3))
+    sync_free = Memoria(**config(deterministic=deterministic, seed=3))
+    sync_free._force_sync_free = True  # the GPU's path: whole count rows, every hop run
+    a, b = run(shortcuts, 30), run(sync_free, 30)
+    assert_same_runs(a, b)
+    assert int((sync_free.store.types == L_).sum()) > 0  # the walk had long-term memory to cover
+
+
+def test_step_traces_as_whole_graphs_without_recompiling():
+    """torch.compile(fullgraph=True) fails on any host sync or data-dependent Python branch, and
+    error_on_recompile on any host value that changes between steps: what a CUDA-graph capture cannot hold."""
+    torch._dynamo.reset()
+    eager = Memoria(**config(seed=1, ltm_capacity=6))  # a fixed capacity: the store never grows
+    traced = Memoria(**config(seed=1, ltm_capacity=6))
+    traced._force_sync_free = True
+    for name in DEVICE_CALLS:
+        setattr(traced, name, torch.compile(getattr(traced, name), fullgraph=True, backend="eager"))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = run(traced, 14)
+    assert_same_runs(run(eager, 14), got)
+    assert int(traced.evictions.sum()) > 0  # the eviction path ran inside the traced adjust
+    torch._dynamo.reset()
+
+
+def test_cuda_graph_needs_the_static_unvalidated_path():
+    with pytest.raises(ValueError, match="cuda_graph=True needs static_shape=True"):
+        Memoria(**config(validate=True), cuda_graph=True)
+    m = Memoria(**config(), cuda_graph=True)  # off a GPU it changes nothing
+    assert_same_runs(run(m, 6), run(Memoria(**config()), 6))
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+def resets() -> dict:
+    """Events for run(): a full reset at step 12, row 1 reset at step 20, row 0 masked at step 25."""
+    dev = "cuda"
+    return {
+        12: lambda mem: mem.reset_memory(),
+        20: lambda mem: mem.reset_memory(rows=torch.tensor([False, True], device=dev)),
+        25: lambda mem: torch.tensor([False, True], device=dev),
+    }
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_graph_replay_equals_eager(deterministic):
+    kw = config(deterministic=deterministic, seed=2, initial_capacity=8)  # small: the store grows (recapture)
+    eager = Memoria(**kw, device="cuda")
+    graphed = Memoria(**kw, device="cuda", cuda_graph=True)
+    a = run(eager, 40, device="cuda", events=resets())
+    b = run(graphed, 40, device="cuda", events=resets())
+    assert_same_runs(a, b)
+    assert graphed._graphs is not None and len(graphed._graphs.graphs) == 3  # add, remind, adjust replayed
+    assert graphed.store.capacity > 8
+    sa, sb = eager.state_dict(), graphed.state_dict()
+    for name, t in sa["store"].items():
+        assert torch.equal(t, sb["store"][name]), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_outputs_are_not_overwritten_by_the_next_step():
+    m = Memoria(**config(), device="cuda", cuda_graph=True)
+    outs = run(m, 8, device="cuda")
+    kept = [(mem.clone(), idx.clone()) for mem, idx in outs]
+    run(m, 4, device="cuda", seed=9)
+    assert_same_runs(outs, kept)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_step_makes_no_host_sync():
+    m = Memoria(50, 400, 10, 9, 50, static_shape=True, validate=False, ltm_capacity=1024, cuda_graph=True)
+    dev = torch.device("cuda")
+    x = torch.randn(30, 8, 50, 64, device=dev)
+    logits = torch.randn(30, 8, 100, device=dev)
+    for t in range(30):
+        if t == 5:  # warm-up and capture are over
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            m.add_working_memory(x[t])
+            _, idx = m.remind()
+            m.adjust_lifespan_and_memories(idx, logits[t].softmax(-1) * 8)
+        finally:
+            if t == 29:
+                torch.cuda.set_sync_debug_mode(0)
+    assert len(m._graphs.graphs) == 3
+    assert int((m.store.types == L_).sum()) > 0
