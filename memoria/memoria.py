@@ -88,6 +88,9 @@ class Memoria:
         cuda_graph       on a GPU, replay each step's device work as CUDA graphs (graphs.py): a few launches
                          instead of hundreds. Needs static_shape=True, validate=False and keep_history=False;
                          off a GPU it changes nothing
+        compile          torch.compile the step's device work (fuses its elementwise kernels; the first step at
+                         each store size compiles, which takes a while); combines with cuda_graph. Needs
+                         the same settings as cuda_graph
 
     Random tie-breaks come from a hash of (seed, engram id, step), not from a generator: the same on every device
     and for a row whether it runs alone or in a batch, and with no generator state to carry.
@@ -115,6 +118,7 @@ class Memoria:
         validate: bool = True,
         history_limit: int = 100_000,
         cuda_graph: bool = False,
+        compile: bool = False,
     ) -> None:
         self.num_reminded_stm = _check_count("num_reminded_stm", num_reminded_stm)
         self.stm_capacity = _check_count("stm_capacity", stm_capacity)
@@ -148,10 +152,14 @@ class Memoria:
         self.track_id = bool(track_id)
         self.keep_history = bool(keep_history)
         self.history_limit = _check_count("history_limit", history_limit, minimum=1)
-        if cuda_graph and (not self.static_shape or self.validate or self.keep_history):
-            raise ValueError("cuda_graph=True needs static_shape=True, validate=False and keep_history=False: a "
-                             "captured step can neither trim its output, check values nor record history")
+        fast = [name for name, on in (("cuda_graph", cuda_graph), ("compile", compile)) if on]
+        if fast and (not self.static_shape or self.validate or self.keep_history):
+            raise ValueError(f"{' and '.join(fast)} need static_shape=True, validate=False and keep_history=False: "
+                             "a captured or compiled step can neither trim its output, check values nor record "
+                             "history")
         self.cuda_graph = bool(cuda_graph)
+        self.compile = bool(compile)
+        self._compiled: dict = {}  # call name -> torch.compile'd device function
         self._set_seed(self.seed)
         self._graphs = None  # graphs.StepGraphs of the current store, when cuda_graph is on
         self._force_sync_free = False  # tests: take the GPU's sync-free path on the CPU
@@ -593,16 +601,23 @@ class Memoria:
     @property
     def _sync_free(self) -> bool:
         """Whether the step must avoid host syncs (on a GPU). On the CPU a sync is free and shortcuts pay."""
-        return self.store.device.type != "cpu" or self._force_sync_free
+        return self.store.device.type != "cpu" or self.compile or self._force_sync_free
 
     def _device_call(self, name: str, fn, *args):
-        """Run the device work `fn(*args)` of one call, through a captured CUDA graph when cuda_graph is on."""
+        """Run the device work `fn(*args)` of one call: compiled when `compile` is on, through a captured CUDA
+        graph when cuda_graph is on (on a GPU), always with full-fp32 matmuls."""
         store = self.store
-        if not self.cuda_graph or store.device.type != "cuda":
-            return fn(*args)
-        if self._graphs is None or not self._graphs.valid_for(store):
-            self._graphs = StepGraphs(store)  # new or reallocated store: the old graphs point at freed memory
-        return self._graphs(name, fn, *args)
+        if self.compile:
+            compiled = self._compiled.get(name)
+            if compiled is None:
+                compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
+            fn = compiled
+        with _full_fp32_matmul(store.device):
+            if not self.cuda_graph or store.device.type != "cuda":
+                return fn(*args)
+            if self._graphs is None or not self._graphs.valid_for(store):
+                self._graphs = StepGraphs(store)  # new or reallocated store: the old graphs point at freed memory
+            return self._graphs(name, fn, *args)
 
     def _set_seed(self, seed: int) -> None:
         self.seed = seed
@@ -634,8 +649,7 @@ class Memoria:
         if self.weight_form == "neg_sq":
             centroid = (wm * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)  # (B, H)
             return -(x - centroid[:, None, :]).pow(2).sum(-1)  # (B, K)
-        with _full_fp32_matmul(x.device):
-            dot = torch.bmm(wm, x.transpose(1, 2))  # (B, W, K)
+        dot = torch.bmm(wm, x.transpose(1, 2))  # (B, W, K) in full fp32 (_device_call turns TF32 off)
         d2 = (wm.pow(2).sum(-1)[:, :, None] + x.pow(2).sum(-1)[:, None, :] - 2 * dot).clamp(min=0)
         d2 = d2.masked_fill(~wm_valid[:, :, None], math.inf)  # (B, W, K)
         return torch.logsumexp(-d2, dim=1)  # (B, K); -inf where the row has no WM (never selected then)

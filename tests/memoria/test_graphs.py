@@ -72,10 +72,24 @@ def test_step_traces_as_whole_graphs_without_recompiling():
 
 
 def test_cuda_graph_needs_the_static_unvalidated_path():
-    with pytest.raises(ValueError, match="cuda_graph=True needs static_shape=True"):
+    with pytest.raises(ValueError, match="cuda_graph need static_shape=True"):
         Memoria(**config(validate=True), cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph and compile need"):
+        Memoria(**config(static_shape=False), cuda_graph=True, compile=True)
     m = Memoria(**config(), cuda_graph=True)  # off a GPU it changes nothing
     assert_same_runs(run(m, 6), run(Memoria(**config()), 6))
+
+
+def test_compiled_step_equals_eager():
+    """compile=True through inductor (C++ on the CPU, Triton on a GPU): the same steps as eager execution."""
+    torch._dynamo.reset()
+    eager = Memoria(**config(seed=4, ltm_capacity=6))
+    compiled = Memoria(**config(seed=4, ltm_capacity=6), compile=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = run(compiled, 10)
+    assert_same_runs(run(eager, 10), got)
+    assert set(compiled._compiled) == {"add", "remind", "adjust"}
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------------ CUDA
