@@ -131,6 +131,10 @@ def run_worker(args: argparse.Namespace) -> dict:
             "static_shape": args.static_shape,
             "validate": not args.no_validate,
         }
+        if args.cuda_graph:
+            ours_options["cuda_graph"] = True
+        if args.compile:
+            ours_options["compile"] = True
         if args.ltm_capacity:
             ours_options["ltm_capacity"] = args.ltm_capacity
         kwargs.update(ours_options)
@@ -254,8 +258,9 @@ def worker_command(args: argparse.Namespace, impl: str, config: str, device: str
             command += [flag, str(value)]
     if args.static_shape:
         command.append("--static-shape")
-    if args.no_validate:
-        command.append("--no-validate")
+    for flag in ("no_validate", "cuda_graph", "compile"):
+        if getattr(args, flag):
+            command.append("--" + flag.replace("_", "-"))
     return command
 
 
@@ -376,6 +381,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--static-shape", action="store_true", help="ours: full-width remind output")
     parser.add_argument("--no-validate", action="store_true", help="ours: skip the value checks (host syncs)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="ours: replay the step as CUDA graphs (needs --static-shape --no-validate)")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours: torch.compile the step (needs --static-shape --no-validate; longer warm-up)")
     parser.add_argument(
         "--ltm-capacity", type=int, default=None, help="ours: cap the LTM (default unbounded)"
     )

@@ -14,7 +14,7 @@ has filled its STM and started an LTM (the LM task resets every 500 steps). Each
 this process one after the other; CUDA timings synchronise around every step.
 
 Examples:
-    python scripts/bench_step.py                          # GPU: fp32 and bf16, both models
+    python scripts/bench_step.py                          # GPU: fp32 and bf16, both models (+ graphed memory)
     python scripts/bench_step.py --tiny --device cpu --precisions fp32
     python scripts/bench_step.py --warmup 50 --steps 100 --json bench_step.json
     python scripts/bench_step.py --profile profile.txt    # also where the time goes (torch.profiler tables)
@@ -38,17 +38,19 @@ sys.path.insert(0, REPO_ROOT)
 import torch  # noqa: E402  (after the sys.path insert above)
 import torch.nn.functional as F  # noqa: E402
 
-MODELS = {  # label -> (model config, memory config) at full and tiny size
-    "memoria_gpt2": ("memoria_gpt2", "lm"),
-    "gpt2": ("gpt2", "lm"),
+MODELS = {  # label -> (model config, memory config, more overrides) at full and tiny size
+    "memoria_gpt2": ("memoria_gpt2", "lm", []),
+    # the same model with the memory step replayed as CUDA graphs (memoria.Memoria(cuda_graph=True)): same math
+    "memoria_gpt2_graphed": ("memoria_gpt2", "lm", ["memory.cuda_graph=true"]),
+    "gpt2": ("gpt2", "lm", []),
 }
 
 
-def build(model_name: str, memory_name: str, vocab_size: int, device: torch.device):
+def build(model_name: str, memory_name: str, overrides: list[str], vocab_size: int, device: torch.device):
     from experiment.cli import compose_config
     from experiment.models import build_model
 
-    cfg = compose_config([f"model={model_name}", f"memory={memory_name}"])
+    cfg = compose_config([f"model={model_name}", f"memory={memory_name}", *overrides])
     return build_model(cfg.model, vocab_size).to(device)
 
 
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="tiny models and shapes (CPU smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
+                        help="default: memoria_gpt2 and gpt2, plus memoria_gpt2_graphed on CUDA")
     parser.add_argument("--batch-size", type=int, default=None, help="default 8 (tiny: 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="default 150 (tiny: 16)")
     parser.add_argument("--warmup", type=int, default=20)
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--warmup must be >= 0 and --steps >= 1")
 
     device = torch.device(args.device)
+    if args.models is None:
+        args.models = [m for m in MODELS if device.type == "cuda" or m != "memoria_gpt2_graphed"]
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible; use --device cpu (with --tiny)")
     batch_size = args.batch_size or (2 if args.tiny else 8)
@@ -132,21 +137,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     rows = []
     for label in args.models:
-        model_name, memory_name = MODELS[label]
+        model_name, memory_name, overrides = MODELS[label]
         if args.tiny:
             model_name, memory_name = f"{model_name}_tiny", "tiny"
         for precision in args.precisions:
             torch.manual_seed(args.seed)
-            model = build(model_name, memory_name, vocab_size, device)
+            model = build(model_name, memory_name, overrides, vocab_size, device)
             optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             times = time_steps(model, optimizer, batches, device, precision, args.warmup)
             if args.profile:
-                profile_steps(model, optimizer, batches[-3:], device, precision, f"{model_name} {precision}",
+                profile_steps(model, optimizer, batches[-3:], device, precision, f"{label} {precision}",
                               args.profile)
             rows.append({
-                "model": label, "config": model_name, "precision": precision, "device": str(device),
+                "model": label, "config": model_name + "".join(f" {o}" for o in overrides), "precision": precision, "device": str(device),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "batch_size": batch_size, "seq_len": seq_len, "warmup": args.warmup, "steps": args.steps,
                 "median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times),

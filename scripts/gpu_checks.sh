@@ -2,10 +2,10 @@
 # Every check that needs a GPU, in one command that fits one lent-device call, most important first:
 #   1. the CUDA tests (pytest -m cuda): no host sync in Memoria's step, CPU/GPU parity, every model on CUDA,
 #      mixed-precision training of the sorting task;
-#   2. scripts/bench_memoria.py on CUDA at the paper's three configurations: ours (default, and the static-shape /
-#      no-validate path the models use) against memoria-pytorch 1.1.0;
-#   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2 against plain GPT-2), with
-#      torch.profiler tables of where the step's time goes (profile_step.txt);
+#   2. scripts/bench_memoria.py on CUDA at the paper's three configurations: ours (the models' path replayed as CUDA
+#      graphs; default, beside memoria-pytorch 1.1.0; the static-shape / no-validate path; compiled + graphed);
+#   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2, eager and with the memory
+#      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt);
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -15,8 +15,8 @@
 # them). Through the device tool:
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
-# PARTS (which of 1-4 to run, default "1 2 3 4"), SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the
-# sorting runs, see part 4).
+# PARTS (which of 1-4 to run, default "1 2 3"; add 4 when the budget allows the sorting runs),
+# SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the sorting runs, see part 4).
 set -u
 START=$(date +%s)
 BUDGET=${BUDGET:-540}
@@ -54,30 +54,34 @@ transformers.__version__, '| lightning', lightning.__version__, '| cuda', torch.
 } 2>&1 | tee -a "$LOG"
 
 # ---------------------------------------------------------------- 1. CUDA tests
-if [[ " ${PARTS:-1 2 3 4} " == *" 1 "* ]]; then
+if [[ " ${PARTS:-1 2 3} " == *" 1 "* ]]; then
 say "1. pytest -m cuda"
 # Only the files that hold CUDA tests: the others need packages (datasets, wandb) the GPU image lacks.
 timeout $(($(left) < 150 ? $(left) : 150)) $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" \
-  tests/memoria/test_memoria.py tests/experiment/models tests/experiment/tasks/test_sorting.py \
+  tests/memoria/test_memoria.py tests/memoria/test_graphs.py tests/experiment/models tests/experiment/tasks/test_sorting.py \
   2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15 | tee -a "$LOG"
 fi
 
 # ---------------------------------------------------------------- 2. core bookkeeping benchmark
-if [[ " ${PARTS:-1 2 3 4} " == *" 2 "* ]]; then
+# Variants of ours: defaults (beside the reference), the models' static path, that path replayed as CUDA graphs,
+# and compiled + graphed (LM only: compiling takes a while per store size).
+if [[ " ${PARTS:-1 2 3} " == *" 2 "* ]]; then
 say "2. bench_memoria (cuda)"
-for variant in "" "--static-shape --no-validate"; do
-  impls="ours reference"
-  [ -n "$variant" ] && impls="ours"
-  name=bench_memoria${variant:+_static}
+while IFS='|' read -r name configs impls variant; do
   # shellcheck disable=SC2086
-  timeout $(($(left) < 150 ? $(left) : 150)) $PY scripts/bench_memoria.py --device cuda --configs lm enwik8 sort \
-    --impl $impls $variant --warmup 40 --steps 30 --reference-python "$REF_PY" --timeout 60 \
+  timeout $(($(left) < 200 ? $(left) : 200)) $PY scripts/bench_memoria.py --device cuda --configs $configs \
+    --impl $impls $variant --warmup 40 --steps 30 --reference-python "$REF_PY" --timeout 150 \
     --json "$OUT/$name.json" 2>&1 | tail -8 | tee -a "$LOG"
-done
+done <<'VARIANTS'
+bench_memoria_graph|lm enwik8 sort|ours|--static-shape --no-validate --cuda-graph
+bench_memoria|lm enwik8 sort|ours reference|
+bench_memoria_static|lm enwik8 sort|ours|--static-shape --no-validate
+bench_memoria_compiled|lm|ours|--static-shape --no-validate --cuda-graph --compile
+VARIANTS
 fi
 
 # ---------------------------------------------------------------- 3. one training step at the WikiText-103 shape
-if [[ " ${PARTS:-1 2 3 4} " == *" 3 "* ]]; then
+if [[ " ${PARTS:-1 2 3} " == *" 3 "* ]]; then
 say "3. bench_step (fp32, bf16)"
 timeout $(($(left) < 150 ? $(left) : 150)) $PY scripts/bench_step.py --warmup 20 --steps 30 \
   --json "$OUT/bench_step.json" --profile "$OUT/profile_step.txt" 2>&1 | tail -12 | tee -a "$LOG"
@@ -96,7 +100,7 @@ if [ -z "${SORT_RUNS:-}" ]; then
   SORT_RUNS+=$'\n'"memoria_gpt2_sort_zero_init memoria_gpt2_sort model.config.memoria_zero_init_memory_output=true $SORT_ARGS"
 fi
 train_s=$(($(left) - 100))  # the rest is start-up, the last validation and the test
-if [[ " ${PARTS:-1 2 3 4} " == *" 4 "* ]] && [ "$train_s" -ge 60 ]; then
+if [[ " ${PARTS:-1 2 3} " == *" 4 "* ]] && [ "$train_s" -ge 60 ]; then
   say "4. sorting runs for ${train_s} s"
   max_time=$(printf '00:00:%02d:%02d' $((train_s / 60)) $((train_s % 60)))
   mkdir -p /tmp/sort_runs

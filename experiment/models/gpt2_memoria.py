@@ -55,6 +55,8 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_seed                  seed of the memory's tie-break generator (the rank is added under DDP)
     memoria_deterministic         break ties oldest-first instead of at random
     memoria_ltm_capacity          cap on long-term memories per row; None = unbounded, as in the paper
+    memoria_cuda_graph            on a GPU, replay the memory step's device work as CUDA graphs (same results)
+    memoria_compile               torch.compile the memory step's device work (same results; slow first step)
     memoria_zero_init_memory_output  start the memory cross-attention's output projection at zero, so the memory
                                   paths add nothing at initialisation (not the paper's model: an option for the
                                   sorting stall of docs/results.md)
@@ -75,6 +77,8 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_seed: int = 0
     memoria_deterministic: bool = False
     memoria_ltm_capacity: int | None = None
+    memoria_cuda_graph: bool = False
+    memoria_compile: bool = False
     memoria_zero_init_memory_output: bool = False
 
     def __post_init__(self, **kwargs):
@@ -328,6 +332,8 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             # the fast path: a fixed reminded width (masked) and no value checks, so a step makes no host sync
             static_shape=True,
             validate=False,
+            cuda_graph=cfg.memoria_cuda_graph,
+            compile=cfg.memoria_compile,
         )
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:

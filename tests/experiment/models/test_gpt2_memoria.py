@@ -628,3 +628,39 @@ def test_zero_init_memory_output_makes_memory_silent_until_trained(tmp_path):
     # the option is saved with the config
     model.save_pretrained(tmp_path)
     assert GPT2WithMemoriaConfig.from_pretrained(tmp_path).memoria_zero_init_memory_output is True
+
+
+def test_memory_speed_options_reach_memoria_and_change_nothing_on_the_cpu():
+    segs = segments(6)
+    plain = run(tiny_model(), segs)
+    fast = tiny_model(memoria_cuda_graph=True)  # a no-op off a GPU
+    got = run(fast, segs)
+    assert fast.transformer.memoria.cuda_graph
+    for a, b in zip(plain, got):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    compiled = tiny_model(memoria_compile=True).transformer._new_memoria()
+    assert compiled.compile and compiled.static_shape and not compiled.validate
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_memory_trains_like_the_eager_memory():
+    segs = [x.cuda() for x in segments(8)]
+    losses = {}
+    for graphed in (False, True):
+        model = tiny_model(memoria_cuda_graph=graphed).train().cuda()
+        model.config.attn_pdrop = model.config.resid_pdrop = model.config.embd_pdrop = 0.0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses[graphed] = []
+        for x in segs:
+            loss = model(x, labels=x).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[graphed].append(loss.item())
+        if graphed:
+            assert len(model.transformer.memoria._graphs.graphs) == 3  # the steps were replayed
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]))
