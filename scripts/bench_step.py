@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 profile_steps(model, optimizer, batches[-3:], device, precision, f"{label} {precision}",
                               args.profile)
             rows.append({
-                "model": label, "config": model_name + "".join(f" {o}" for o in overrides), "precision": precision, "device": str(device),
+                "model": label, "config": " ".join([model_name, *overrides]), "precision": precision,
+                "device": str(device),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "batch_size": batch_size, "seq_len": seq_len, "warmup": args.warmup, "steps": args.steps,
                 "median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times),

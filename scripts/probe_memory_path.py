@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     outputs: dict[str, list[tuple[float, float]]] = {}
     original = gpt2_memoria.memory_attention
 
-    def recording(attn, hidden, memory, memory_valid, row_valid, return_probs):
-        y, probs = original(attn, hidden, memory, memory_valid, row_valid, return_probs)
+    def recording(attn, hidden, memory, memory_valid, row_valid, return_probs, **kwargs):
+        y, probs = original(attn, hidden, memory, memory_valid, row_valid, return_probs, **kwargs)
         # norm of the output vector, and its spread across positions (B, T, H) -> scalars
         outputs.setdefault("mem" if return_probs else "wm", []).append(
             (y.norm(dim=-1).mean().item(), y.std(dim=1).mean().item())

@@ -135,13 +135,16 @@ def memory_attention(
     memory_valid: torch.Tensor | None,
     row_valid: torch.Tensor,
     return_probs: bool,
+    query_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-attention of `hidden` (B, T, H) over `memory` (B, M, H) with a GPT-2 cross-attention module.
 
     memory_valid: (B, M) bool, False slots (Memoria's -1) get no attention; None = all visible.
     row_valid: (B,) bool; a row without memory gets exactly zero output (the output bias included).
-    return_probs: also return the attention probabilities (B, heads, T, M), taken before attention dropout
-        (for the lifespan delta). Otherwise the fused `scaled_dot_product_attention` kernel runs.
+    return_probs: also return the attention probabilities, taken before attention dropout and outside autograd
+        (for the lifespan delta): (B, heads, T, M), or (B, M) averaged over heads and queries when `query_weights`
+        (B, T) (rows sum to 1) is given. The output always comes from the fused `scaled_dot_product_attention`
+        kernel (its backward is one kernel too).
     """
     B, T, H = hidden.shape
     M = memory.shape[1]
@@ -152,18 +155,22 @@ def memory_attention(
     v = v.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
     dropout_p = attn.attn_dropout.p if attn.training else 0.0
 
+    mask = None  # no causality across segments: every valid slot is visible to every query
+    if memory_valid is not None:
+        # A row with no valid slot sees all of them (finite, never NaN) and is zeroed below.
+        mask = (memory_valid | ~row_valid[:, None])[:, None, None, :]  # (B, 1, 1, M)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=attn.scaling)
+
     probs = None
-    if not return_probs:
-        # No mask: every working-memory engram is visible to every query (no causality across segments).
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=attn.scaling)  # (B, nh, T, hd)
-    else:
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * attn.scaling  # (B, nh, T, M)
-        if memory_valid is not None:
-            # finfo.min, not -inf: a row with no valid slot gets a finite uniform softmax (zeroed below),
-            # never NaN
-            scores = scores.masked_fill(~memory_valid[:, None, None, :], torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1) * row_valid[:, None, None, None]  # (B, nh, T, M)
-        y = torch.matmul(attn.attn_dropout(probs).to(v.dtype), v)  # (B, nh, T, hd)
+    if return_probs:
+        with torch.no_grad():
+            scores = torch.matmul(q, k.transpose(-1, -2)).float() * attn.scaling  # (B, nh, T, M)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, -math.inf)
+            probs = torch.softmax(scores, dim=-1)  # (B, nh, T, M)
+            if query_weights is not None:
+                probs = torch.einsum("bhtm,bt->bm", probs, query_weights.float()) / nh  # (B, M)
+            probs = probs * (row_valid if probs.dim() == 2 else row_valid[:, None, None])[..., None]
 
     y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
     y = attn.resid_dropout(attn.c_proj(y))
@@ -191,11 +198,12 @@ class GPT2WithMemoriaBlock(GPT2Block):
         reminded: torch.Tensor | None = None,
         reminded_valid: torch.Tensor | None = None,
         query_weights: torch.Tensor | None = None,
+        reminded_rows: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states (B, T, H); working_memory (B, W, H) with working_memory_rows (B,) bool;
-        reminded (B, M, H) with reminded_valid (B, M) bool; query_weights (B, T) sums to 1 per row
-        (None = uniform).
+        reminded (B, M, H) with reminded_valid (B, M) bool and reminded_rows (B,) = reminded_valid.any(1)
+        (computed here when None); query_weights (B, T) sums to 1 per row (None = uniform).
 
         Returns the new hidden states and this layer's reminded-attention probabilities averaged over heads
         and query positions, (B, M) detached, or None without reminded memory.
@@ -211,16 +219,15 @@ class GPT2WithMemoriaBlock(GPT2Block):
             )
             h = h + wm_out
         if reminded is not None and reminded.shape[1] > 0:
-            row_has_memory = reminded_valid.any(dim=1)  # (B,)
-            mem_out, probs = memory_attention(
-                self.memory_attn, self.ln_mem(h), reminded, reminded_valid, row_has_memory, return_probs=True
-            )
-            h = h + mem_out
-            probs = probs.detach().mean(dim=1)  # (B, T, M) mean over heads
+            if reminded_rows is None:
+                reminded_rows = reminded_valid.any(dim=1)  # (B,)
             if query_weights is None:
-                reminded_probs = probs.mean(dim=1)  # (B, M)
-            else:
-                reminded_probs = (probs * query_weights[:, :, None]).sum(dim=1)  # (B, M)
+                query_weights = h.new_full(h.shape[:2], 1.0 / h.shape[1])  # (B, T) uniform
+            mem_out, reminded_probs = memory_attention(
+                self.memory_attn, self.ln_mem(h), reminded, reminded_valid, reminded_rows, return_probs=True,
+                query_weights=query_weights,
+            )  # reminded_probs (B, M): mean over heads and (weighted) queries
+            h = h + mem_out
 
         h = h + self.mlp(self.ln_2(h))
         return h, reminded_probs
@@ -468,10 +475,11 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             cache=None,
             position_ids=positions,
         )
-        query_weights = None
         if attention_mask is not None:
             tokens = attention_mask.to(h.dtype)  # (B, T)
             query_weights = tokens / tokens.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, T)
+        else:
+            query_weights = h.new_full((B, T), 1.0 / T)  # (B, T) every query counts the same in Δ
 
         if self._state_is_inference and not torch.is_inference_mode_enabled():
             self._leave_inference_mode()
@@ -479,7 +487,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             self._move_memory(input_ids.device)  # the model was moved since the memory was written
 
         # --- memory read (outside every block, so activation checkpointing never replays it)
-        working_memory = wm_rows = reminded = reminded_idx = reminded_valid = None
+        working_memory = wm_rows = reminded = reminded_idx = reminded_valid = reminded_rows = None
         if self.prev_hidden is not None:
             prev_hidden = self.prev_hidden
             wm_rows = self.prev_hidden_rows  # (B,)
@@ -495,12 +503,14 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             reminded = reminded.to(device=h.device, dtype=h.dtype)
             reminded_idx = reminded_idx.to(h.device)
             reminded_valid = reminded_idx >= 0  # (B, M)
+            reminded_rows = reminded_valid.any(dim=1)  # (B,) once here, not in every block
 
         # --- blocks
         probs_sum = None
         for block in self.h:
             h, probs = block(
-                h, causal_mask, working_memory, wm_rows, reminded, reminded_valid, query_weights, **kwargs
+                h, causal_mask, working_memory, wm_rows, reminded, reminded_valid, query_weights, reminded_rows,
+                **kwargs,
             )
             if probs is not None:
                 probs_sum = probs if probs_sum is None else probs_sum + probs

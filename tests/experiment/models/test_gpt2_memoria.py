@@ -286,15 +286,27 @@ def test_memory_attention_row_without_valid_memory_is_exactly_zero():
     assert out0.abs().max().item() == 0.0 and probs0.shape == (3, 2, 5, 0)
 
 
-def test_memory_attention_matches_between_fused_and_explicit_paths():
+def test_memory_attention_equals_explicit_masked_softmax_attention():
     attn = _attention_module().eval()
-    hidden, memory = torch.randn(2, 5, 32), torch.randn(2, 4, 32)
-    rows = torch.ones(2, dtype=torch.bool)
-    fused, _ = memory_attention(attn, hidden, memory, None, rows, return_probs=False)
-    explicit, _ = memory_attention(
-        attn, hidden, memory, torch.ones(2, 4, dtype=torch.bool), rows, return_probs=True
-    )
-    torch.testing.assert_close(fused, explicit)
+    hidden, memory = torch.randn(3, 5, 32), torch.randn(3, 4, 32)
+    valid = torch.tensor([[True, False, True, False], [True, True, True, True], [False, False, False, False]])
+    rows = valid.any(1)
+    out, probs = memory_attention(attn, hidden, memory, valid, rows, return_probs=True)
+    # by hand: per head, softmax over the valid slots of q.k / sqrt(d), times v, then c_proj; zero without memory
+    B, T, H, nh = 3, 5, 32, attn.num_heads
+    q = attn.q_attn(hidden).view(B, T, nh, -1).transpose(1, 2)
+    k, v = (t.view(B, 4, nh, -1).transpose(1, 2) for t in attn.c_attn(memory).split(H, dim=2))
+    scores = (q @ k.transpose(-1, -2)) / (H // nh) ** 0.5
+    expect_probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
+    expect = attn.c_proj((expect_probs @ v).transpose(1, 2).reshape(B, T, H)) * rows[:, None, None]
+    torch.testing.assert_close(out, expect)
+    torch.testing.assert_close(probs, expect_probs)
+    unmasked, _ = memory_attention(attn, hidden, memory, None, torch.ones(3, dtype=torch.bool), False)
+    full = attn.c_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H))
+    torch.testing.assert_close(unmasked, full)
+    weights = torch.rand(3, 5).softmax(-1)  # query weights: probs averaged over heads and weighted queries
+    _, mean_probs = memory_attention(attn, hidden, memory, valid, rows, True, query_weights=weights)
+    torch.testing.assert_close(mean_probs, (expect_probs.mean(1) * weights[:, :, None]).sum(1))
 
 
 def test_lifespan_probabilities_are_taken_before_attention_dropout():
