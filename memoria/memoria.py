@@ -222,8 +222,9 @@ class Memoria:
             store = self._new_store(B, W, H, dev)
         self._ensure_room(store, W)
 
-        x = data.detach().to(device=dev, dtype=torch.float32)  # (B, W, H) copy, never an alias of the caller's
-        valid = torch.ones(B, W, dtype=torch.bool, device=dev) if mask is None else mask[:, None].expand(B, W)
+        x = data.detach().to(device=dev, dtype=torch.float32).contiguous()  # (B, W, H)
+        # contiguous inputs throughout: a compiled step guards on strides and must not recompile inside a capture
+        valid = torch.ones(B, W, dtype=torch.bool, device=dev) if mask is None else mask[:, None].repeat(1, W)
         if self._wm_slots is None:
             self._wm_slots, self._wm_valid = self._device_call("add", self._add_device, x, valid)
         else:  # a second add before adjust: both sets are working memory
@@ -373,8 +374,8 @@ class Memoria:
             raise ValueError(
                 f"lifespan_delta shape {tuple(lifespan_delta.shape)} must equal indices shape {tuple(indices.shape)}"
             )
-        idx = indices.to(device=dev, dtype=torch.int64)  # a copy: the caller's tensors are never written
-        delta = lifespan_delta.detach().to(device=dev, dtype=torch.float32)
+        idx = indices.to(device=dev, dtype=torch.int64).contiguous()  # the caller's tensors are never written
+        delta = lifespan_delta.detach().to(device=dev, dtype=torch.float32).contiguous()
         if idx.shape[1] > 0 and self._last is None:
             raise ValueError("indices did not come from the last remind(): call remind() after add_working_memory() "
                              "and pass its indices")
@@ -387,7 +388,9 @@ class Memoria:
                                  "one of the engrams it returned")
         num_wm = self._wm_slots.shape[1] if self._wm_slots is not None else 0
         last = self._last if self._last is not None else (None, None, None)
-        live_max = self._device_call("adjust", self._adjust_device, idx, delta, *last, num_wm)
+        live_max, evicted = self._device_call("adjust", self._adjust_device, idx, delta, *last, num_wm)
+        if evicted is not None:
+            self.evictions += evicted
         self._wm_slots = self._wm_valid = None
         self._last = None
         self._refresh_live_bound(store, live_max)
@@ -403,9 +406,11 @@ class Memoria:
         return torch.gather(last_slots, 1, match.to(torch.uint8).argmax(-1)), match.any(-1)
 
     def _adjust_device(self, idx: torch.Tensor, delta: torch.Tensor, last_slots: torch.Tensor | None,
-                       last_view: torch.Tensor | None, last_ok: torch.Tensor | None, num_wm: int) -> torch.Tensor:
+                       last_view: torch.Tensor | None, last_ok: torch.Tensor | None,
+                       num_wm: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The device work of adjust (algorithm.md §c.9, in order). Returns the largest live count of any row
-        (a 0-dim device tensor) for the host-side bound."""
+        (a 0-dim device tensor) for the host-side bound, and the LTMs evicted per row (B,) by ltm_capacity
+        (None without a cap)."""
         store = self.store
         C = store.capacity
         dev = store.device
@@ -433,9 +438,10 @@ class Memoria:
         if self.history is not None:
             self.history.on_adjust(self.timestep, store, dead)
         types.masked_fill_(dead, NULL)
+        evicted = None
         if self.ltm_capacity is not None and num_wm > 0:
-            self._evict_ltm(store, min(num_wm, C))  # 7. optional LTM cap
-        return store.live_counts().max()
+            evicted = self._evict_ltm(store, min(num_wm, C))  # 7. optional LTM cap
+        return store.live_counts().max(), evicted
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:
         """Forget everything (rows=None), or only the rows where the bool mask `rows` (B,) is True."""
@@ -696,8 +702,9 @@ class Memoria:
         target, best = (targets[0], bests[0]) if len(targets) == 1 else (torch.cat(targets, 1), torch.cat(bests, 1))
         return target, src_ok & (best >= 1.0)
 
-    def _evict_ltm(self, store: SlotStore, k: int) -> None:
-        """Evict the LTMs with the lowest lifespan (ties: oldest) past ltm_capacity; at most k per step."""
+    def _evict_ltm(self, store: SlotStore, k: int) -> torch.Tensor:
+        """Evict the LTMs with the lowest lifespan (ties: oldest) past ltm_capacity; at most k per step.
+        Returns how many each row lost (B,)."""
         types = store.types
         is_ltm = types == LONGTERM
         excess = (is_ltm.sum(1) - self.ltm_capacity).clamp(min=0)  # (B,)
@@ -707,4 +714,4 @@ class Memoria:
         order = torch.gather(by_age, 1, torch.sort(life, dim=1, stable=True).indices)[:, :k]  # (B, k)
         evict = torch.arange(k, device=store.device)[None, :] < excess[:, None]
         types.scatter_(1, order, torch.where(evict, NULL, torch.gather(types, 1, order)))
-        self.evictions += excess
+        return excess
