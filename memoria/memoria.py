@@ -30,7 +30,7 @@ from .history import EngramHistory
 from .store import LONGTERM, NULL, SHORTTERM, WORKING, SlotStore
 
 WEIGHT_FORMS = ("exp", "neg_sq")
-_STATE_VERSION = 2  # 2: tie keys and the device id counter in the store, no generator state
+_STATE_VERSION = 2  # 2: the device id counter in the store, no generator state
 _CHUNK = 1 << 24  # elements per temporary in the graph walk (bounds peak memory at large B, C)
 _MASK32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2**31, so a 32-bit value times it stays below 2**63: no int64 overflow
@@ -252,7 +252,6 @@ class Memoria:
         store.types.scatter_(1, slots, valid.to(torch.uint8) * WORKING)  # free slots stay NULL where masked
         ids = store.next_id + torch.arange(W, device=x.device)  # (W,) the same ids in every row
         store.created.scatter_(1, slots, ids[None, :].expand(B, W))
-        store.tie_key.scatter_(1, slots, self._tie_key(ids)[None, :].expand(B, W))
         store.age.scatter_(1, slots, torch.zeros(B, W, dtype=torch.int32, device=x.device))
         store.next_id += W
         return slots, valid.clone()
@@ -293,6 +292,7 @@ class Memoria:
         is_stm = types == SHORTTERM  # (B, C)
         is_ltm = types == LONGTERM  # (B, C)
         wm = torch.gather(store.data, 1, wm_slots[:, :, None].expand(*wm_slots.shape, H))  # (B, W, H)
+        cue = self._cue(wm, wm_valid)  # what _similarity needs of the WM, computed once
         row_has_wm = wm_valid.any(1)  # (B,)
         frac = self._tie_fraction(store)  # (B, C) float64 in [0, 0.49]: the tie-break among equal values
 
@@ -301,7 +301,7 @@ class Memoria:
         k_s = min(self.num_reminded_stm, k_stm_cap)
         stm_slots = torch.topk(is_stm.to(torch.uint8), k_stm_cap, dim=1, sorted=False).indices  # (B, S)
         stm_ok = torch.gather(is_stm, 1, stm_slots) & row_has_wm[:, None]
-        stm_score = self._similarity(wm, wm_valid, stm_slots)  # (B, S)
+        stm_score = self._similarity(cue, stm_slots)  # (B, S)
         rs_slots, rs_ok = self._top(stm_score, stm_ok, torch.gather(frac, 1, stm_slots), stm_slots, k_s)
 
         # --- initial LTMs, then the walk. `open_` (B, C + 1): the tie fraction of every LTM not yet visited,
@@ -321,8 +321,8 @@ class Memoria:
         for _ in range(self.ltm_search_depth):
             if not self._sync_free and not bool(active.any()):
                 break  # free on the CPU; on a GPU the hops run to keep the step sync-free
-            nxt, active = self._strongest_ltm(counts, cur, active, open_[:, :C], cols)
-            cur = torch.where(active, nxt, cur)
+            # a stopped chain stays stopped (its source no longer matters), so cur can take every target
+            cur, active = self._strongest_ltm(counts, cur, active, open_[:, :C], cols)
             open_.scatter_(1, torch.where(active, cur, C), -math.inf)
         found = is_ltm & torch.isneginf(open_[:, :C])  # (B, C) F = seeds + every node reached
 
@@ -331,7 +331,7 @@ class Memoria:
         k_l = min(self.num_final_ltms, k_f_cap)
         f_slots = torch.topk(found.to(torch.uint8), k_f_cap, dim=1, sorted=False).indices  # (B, F)
         f_ok = torch.gather(found, 1, f_slots)
-        f_score = self._similarity(wm, wm_valid, f_slots)
+        f_score = self._similarity(cue, f_slots)
         rl_slots, rl_ok = self._top(f_score, f_ok, torch.gather(frac, 1, f_slots), f_slots, k_l)
 
         # --- fire together, wire together: +1 on every ordered pair of the fired set, diagonal included
@@ -629,36 +629,42 @@ class Memoria:
         self.seed = seed
         self._seed32 = int(_mix32(torch.tensor(seed & _MASK32)))  # mixed once: nearby seeds differ widely
 
-    def _tie_key(self, ids: torch.Tensor) -> torch.Tensor:
-        """The 32-bit tie key of engram ids (int64): a hash of (seed, id)."""
-        return _mix32(_mix32((ids & _MASK32) ^ self._seed32))
-
     def _tie_fraction(self, store: SlotStore) -> torch.Tensor:
         """(B, C) float64 in [0, 0.49]: added to integer counts, it breaks ties without changing their order;
         also the secondary sort key of score ties. Random mode: a uniform draw per engram and step, hashed from
-        the engram's key (seed, id) and the step (store.next_id). Deterministic: larger for older engrams."""
+        (seed, engram id, step = store.next_id); distinct ids get distinct hash inputs within a step.
+        Deterministic: larger for older engrams."""
         if self.deterministic:
             return 0.49 * (1.0 - store.created.double() / (store.next_id + 1))
-        u = _mix32(store.tie_key ^ (store.next_id & _MASK32))  # (B, C) in [0, 2**32)
+        salt = (store.next_id & _MASK32) ^ self._seed32  # () this step's salt
+        u = _mix32((store.created & _MASK32) ^ salt)  # (B, C) in [0, 2**32)
         return u.double() * (0.49 / 2**32)
 
-    def _similarity(self, wm: torch.Tensor, wm_valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Rank scores of the engrams in `slots` (B, K) against the working memory wm (B, W, H): higher = closer.
+    def _cue(self, wm: torch.Tensor, wm_valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The working memory wm (B, W, H) (rows `wm_valid` (B, W)) as _similarity uses it: neg_sq its centroid
+        (B, H); exp the vectors, minus their squared norms (B, W, 1) (-inf for invalid ones, which then never
+        count)."""
+        if self.weight_form == "neg_sq":
+            w = wm_valid.to(wm.dtype)  # (B, W)
+            return ((wm * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1),)  # (B, H)
+        neg_sq_norm = torch.where(wm_valid, -wm.pow(2).sum(-1), -math.inf)  # (B, W)
+        return wm, neg_sq_norm[:, :, None]
+
+    def _similarity(self, cue: tuple[torch.Tensor, ...], slots: torch.Tensor) -> torch.Tensor:
+        """Rank scores of the engrams in `slots` (B, K) against the working memory (its `_cue`): higher = closer.
 
         neg_sq: mean_w -|x_w - s|^2 ranks as -|s - centroid|^2 (centroid identity).
         exp:    mean_w exp(-|x_w - s|^2) ranks as logsumexp_w(-d^2) (exact, never underflows)."""
         store = self.store
         B, K = slots.shape
-        H = wm.shape[2]
+        H = store.data.shape[2]
         x = torch.gather(store.data, 1, slots[:, :, None].expand(B, K, H))  # (B, K, H)
-        w = wm_valid.to(x.dtype)  # (B, W)
         if self.weight_form == "neg_sq":
-            centroid = (wm * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)  # (B, H)
-            return -(x - centroid[:, None, :]).pow(2).sum(-1)  # (B, K)
-        dot = torch.bmm(wm, x.transpose(1, 2))  # (B, W, K) in full fp32 (_device_call turns TF32 off)
-        d2 = (wm.pow(2).sum(-1)[:, :, None] + x.pow(2).sum(-1)[:, None, :] - 2 * dot).clamp(min=0)
-        d2 = d2.masked_fill(~wm_valid[:, :, None], math.inf)  # (B, W, K)
-        return torch.logsumexp(-d2, dim=1)  # (B, K); -inf where the row has no WM (never selected then)
+            return -(x - cue[0][:, None, :]).pow(2).sum(-1)  # (B, K)
+        wm, neg_sq_norm = cue
+        # -d^2 = 2 w.x - |w|^2 - |x|^2 (one batched matmul, full fp32), never above 0; -inf for invalid WM
+        neg_d2 = torch.baddbmm(neg_sq_norm - x.pow(2).sum(-1)[:, None, :], wm, x.transpose(1, 2), alpha=2)
+        return torch.logsumexp(neg_d2.clamp(max=0), dim=1)  # (B, K); -inf where the row has no WM
 
     def _top(self, score: torch.Tensor, ok: torch.Tensor, tie: torch.Tensor, slots: torch.Tensor,
              k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -667,7 +673,7 @@ class Memoria:
         if k == 0:
             return slots[:, :0], ok[:, :0]
         by_tie = torch.sort(tie, dim=1, descending=True, stable=True).indices  # secondary key first ...
-        s = torch.gather(score.masked_fill(~ok, -math.inf), 1, by_tie)
+        s = torch.gather(torch.where(ok, score, -math.inf), 1, by_tie)
         by_score = torch.sort(s, dim=1, descending=True, stable=True).indices  # ... then a stable primary sort
         pick = torch.gather(by_tie, 1, by_score[:, :k])  # (B, k) positions in slots
         return torch.gather(slots, 1, pick), torch.gather(ok, 1, pick)

@@ -24,8 +24,8 @@ WORKING = int(EngramType.WORKING)
 SHORTTERM = int(EngramType.SHORTTERM)
 LONGTERM = int(EngramType.LONGTERM)
 
-_STATE_TENSORS = ("data", "lifespan", "types", "created", "age", "tie_key", "counts", "next_id")
-_GROWN = ("data", "lifespan", "types", "created", "age", "tie_key", "counts")  # the per-slot tensors
+_STATE_TENSORS = ("data", "lifespan", "types", "created", "age", "counts", "next_id")
+_GROWN = ("data", "lifespan", "types", "created", "age", "counts")  # the per-slot tensors
 
 
 class SlotStore:
@@ -39,7 +39,6 @@ class SlotStore:
         self.types = torch.zeros(B, C, dtype=torch.uint8, device=device)  # (B, C) EngramType
         self.created = torch.zeros(B, C, dtype=torch.int64, device=device)  # (B, C) creation id = engram id
         self.age = torch.zeros(B, C, dtype=torch.int32, device=device)  # (B, C)
-        self.tie_key = torch.zeros(B, C, dtype=torch.int64, device=device)  # (B, C) 32-bit hash of (seed, id)
         self.counts = torch.zeros(B, C, C, dtype=count_dtype, device=device)  # (B, C, C) co-fire counts
         # the next engram id, on the device, so a step never reads a host counter (CUDA-graph replays can't)
         self.next_id = torch.zeros((), dtype=torch.int64, device=device)

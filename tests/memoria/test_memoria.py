@@ -37,7 +37,6 @@ def make_memory(rows, counts=None, capacity=None, **kw) -> Memoria:
             store.types[b, slot] = t
             store.lifespan[b, slot] = life
             store.created[b, slot] = i
-            store.tie_key[b, slot] = m._tie_key(torch.tensor(i))
         wm.append([N - 1 - i for i, (t, _, _) in enumerate(row) if t == W_])
         for (i, j), n in (counts[b] if counts else {}).items():
             store.counts[b, N - 1 - i, N - 1 - j] = n
