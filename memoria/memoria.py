@@ -314,16 +314,16 @@ class Memoria:
         cols = None
         if not self._sync_free:
             cols = torch.topk(is_ltm.to(torch.uint8), int(is_ltm.sum(1).max()), dim=1, sorted=False).indices
-        # each recalled STM seeds its most co-fired LTM, if it has any positive count
-        cur, active = self._strongest_ltm(counts, rs_slots, rs_ok, open_[:, :C], cols)  # (B, k_s)
-        open_.scatter_(1, torch.where(active, cur, C), -math.inf)
+        # each recalled STM seeds its most co-fired LTM, if it has any positive count. A chain that found no edge
+        # continues from C, the count matrix's all-zero sink row, so it finds none again: stopped for good.
+        cur, active = self._strongest_ltm(counts, torch.where(rs_ok, rs_slots, C), open_[:, :C], cols)  # (B, k_s)
+        open_.scatter_(1, cur, -math.inf)
         # greedy lock-step walk: each chain follows its strongest unvisited LTM edge; no edge -> the chain stops
         for _ in range(self.ltm_search_depth):
             if not self._sync_free and not bool(active.any()):
                 break  # free on the CPU; on a GPU the hops run to keep the step sync-free
-            # a stopped chain stays stopped (its source no longer matters), so cur can take every target
-            cur, active = self._strongest_ltm(counts, cur, active, open_[:, :C], cols)
-            open_.scatter_(1, torch.where(active, cur, C), -math.inf)
+            cur, active = self._strongest_ltm(counts, cur, open_[:, :C], cols)
+            open_.scatter_(1, cur, -math.inf)
         found = is_ltm & torch.isneginf(open_[:, :C])  # (B, C) F = seeds + every node reached
 
         # --- final LTMs: top r_ltm of F by similarity to the WM
@@ -338,8 +338,8 @@ class Memoria:
         fired = torch.cat([wm_slots, rs_slots, rl_slots], 1)  # (B, K)
         fired_ok = torch.cat([wm_valid, rs_ok, rl_ok], 1)  # (B, K)
         pair_ok = fired_ok[:, :, None] & fired_ok[:, None, :]  # (B, K, K)
-        flat = (fired[:, :, None] * C + fired[:, None, :]).reshape(B, -1)  # (B, K*K) positions in (C*C)
-        counts.view(B, C * C).scatter_add_(1, flat, pair_ok.reshape(B, -1).to(counts.dtype))
+        flat = (fired[:, :, None] * C + fired[:, None, :]).reshape(B, -1)  # (B, K*K) positions in ((C+1)*C)
+        counts.view(B, -1).scatter_add_(1, flat, pair_ok.reshape(B, -1).to(counts.dtype))
 
         # --- output: recalled STMs, then recalled LTMs (each by descending score), -1 padding at the end
         out_slots = torch.cat([rs_slots, rl_slots], 1)  # (B, k_s + k_l)
@@ -678,20 +678,20 @@ class Memoria:
         pick = torch.gather(by_tie, 1, by_score[:, :k])  # (B, k) positions in slots
         return torch.gather(slots, 1, pick), torch.gather(ok, 1, pick)
 
-    def _strongest_ltm(self, counts: torch.Tensor, src: torch.Tensor, src_ok: torch.Tensor, open_: torch.Tensor,
+    def _strongest_ltm(self, counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor,
                        cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each source slot (B, R): the open slot with the largest positive co-fire count (ties by its tie
-        fraction). `open_` (B, C) float64: the tie fraction (< 0.5) of open targets, -inf elsewhere.
-        Returns (target (B, R), found (B, R)); found is False where no open target has a positive count.
-        `cols` (B, L): read only these columns (all when None). Counts are read by gather, in chunks of sources
-        so temporaries stay within _CHUNK elements."""
+        """For each source slot (B, R) (C = the sink, no edges): the open slot with the largest positive co-fire
+        count (ties by its tie fraction). `open_` (B, C) float64: the tie fraction (< 0.5) of open targets, -inf
+        elsewhere. Returns (target (B, R), found (B, R)); where no open target has a positive count, found is
+        False and target is C. `cols` (B, L): read only these columns (all when None). Counts are read by gather,
+        in chunks of sources so temporaries stay within _CHUNK elements."""
         B, R = src.shape
-        C = counts.shape[1]
+        C = counts.shape[2]
         if R == 0 or (cols is not None and cols.shape[1] == 0):
-            return src, torch.zeros_like(src_ok)
+            return torch.full_like(src, C), torch.zeros_like(src, dtype=torch.bool)
         if cols is not None:
             open_ = torch.gather(open_, 1, cols)  # (B, L)
-            flat_counts = counts.view(B, C * C)
+            flat_counts = counts.view(B, -1)
         width = C if cols is None else cols.shape[1]
         step = max(1, _CHUNK // max(1, B * width))
         targets, bests = [], []
@@ -700,13 +700,14 @@ class Memoria:
             if cols is None:
                 rows = torch.gather(counts, 1, s[:, :, None].expand(*s.shape, C))  # (B, r, C) whole rows
             else:
-                flat = (s[:, :, None] * C + cols[:, None, :]).reshape(B, -1)  # (B, r*L) positions in (C*C)
+                flat = (s[:, :, None] * C + cols[:, None, :]).reshape(B, -1)  # (B, r*L) positions in ((C+1)*C)
                 rows = torch.gather(flat_counts, 1, flat).view(B, s.shape[1], width)  # (B, r, L)
             best, target = (rows + open_[:, None, :]).max(-1)  # (B, r) float64: >= 1 iff a positive open edge
             targets.append(target if cols is None else torch.gather(cols, 1, target))
             bests.append(best)
         target, best = (targets[0], bests[0]) if len(targets) == 1 else (torch.cat(targets, 1), torch.cat(bests, 1))
-        return target, src_ok & (best >= 1.0)
+        found = best >= 1.0
+        return torch.where(found, target, C), found
 
     def _evict_ltm(self, store: SlotStore, k: int) -> torch.Tensor:
         """Evict the LTMs with the lowest lifespan (ties: oldest) past ltm_capacity; at most k per step.

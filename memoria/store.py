@@ -2,7 +2,7 @@
 
 Every row owns C slots. A slot holds one engram or nothing (type NULL). Nothing is ever compacted: a deleted engram
 just frees its slot, and a slot's row and column of co-fire counts are zeroed when the slot is handed out again, so
-the (B, C, C) count matrix is never copied in the per-step path. Reads always mask by type, so stale counts of free
+the (B, C + 1, C) count matrix is never copied in the per-step path. Reads always mask by type, so stale counts of free
 slots are never seen.
 
 Creation order is kept in `created` (a store-wide counter, the same for all rows at one step: it doubles as the
@@ -39,7 +39,8 @@ class SlotStore:
         self.types = torch.zeros(B, C, dtype=torch.uint8, device=device)  # (B, C) EngramType
         self.created = torch.zeros(B, C, dtype=torch.int64, device=device)  # (B, C) creation id = engram id
         self.age = torch.zeros(B, C, dtype=torch.int32, device=device)  # (B, C)
-        self.counts = torch.zeros(B, C, C, dtype=count_dtype, device=device)  # (B, C, C) co-fire counts
+        # (B, C + 1, C) co-fire counts; row C is a sink that stays zero, so "no node" (index C) has no edges
+        self.counts = torch.zeros(B, C + 1, C, dtype=count_dtype, device=device)
         # the next engram id, on the device, so a step never reads a host counter (CUDA-graph replays can't)
         self.next_id = torch.zeros((), dtype=torch.int64, device=device)
         self.live_bound = 0  # host-side upper bound on the live engrams of any row
@@ -75,12 +76,12 @@ class SlotStore:
 
         def bigger(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
             out = torch.zeros(shape, dtype=t.dtype, device=t.device)
-            out[tuple(slice(0, s) for s in t.shape)] = t
+            out[tuple(slice(0, s) for s in t.shape)] = t  # (the old sink row lands on a free slot's row: zero)
             return out
 
         for name in _GROWN:
             t = getattr(self, name)
-            shape = (B, n, H) if name == "data" else (B, n, n) if name == "counts" else (B, n)
+            shape = (B, n, H) if name == "data" else (B, n + 1, n) if name == "counts" else (B, n)
             setattr(self, name, bigger(t, shape))
         self.version += 1
 
