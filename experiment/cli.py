@@ -62,6 +62,7 @@ class RunSchema:
     seed: int = 42
     run_name: str = MISSING
     print_summary: bool = True
+    compile: bool = False
     task: Any = MISSING
     model: Any = MISSING
     memory: Any = MISSING
@@ -231,7 +232,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from experiment.loggers import build_logger, finish_logger
-    from experiment.models import build_model
+    from experiment.models import build_model, compile_blocks
 
     started = time.time()
     if logging.getLogger().hasHandlers():
@@ -255,6 +256,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         datamodule.setup("fit")
     # Model and task first when possible: their checks (segment vs positions) fail before data is generated.
     model = build_model(cfg.model, early_vocab or datamodule.vocab_size)
+    if cfg.compile:
+        log.info("compile: torch.compile of %d transformer blocks (the first steps compile)", compile_blocks(model))
     module = _instantiate(cfg.task.module, "task.module", model=model)
     if early_vocab is not None:
         datamodule.prepare_data()

@@ -18,6 +18,7 @@ Examples:
     python scripts/bench_step.py --tiny --device cpu --precisions fp32
     python scripts/bench_step.py --warmup 50 --steps 100 --json bench_step.json
     python scripts/bench_step.py --profile profile.txt    # also where the time goes (torch.profiler tables)
+    python scripts/bench_step.py --compile-blocks         # every transformer block compiled (compile=true)
 The target (issue 5): Memoria GPT-2 <= 1.3x the plain step on one H100 (plain is about 34 ms fp32 there).
 Record results in docs/benchmarks.md.
 """
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="torch.compile every transformer block of each model (the CLI's compile=true)")
     parser.add_argument("--profile", default=None,
                         help="also profile 3 more steps of each (model, precision) with torch.profiler and write "
                              "the op tables (by device time and by host time) to this file")
@@ -143,6 +146,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for precision in args.precisions:
             torch.manual_seed(args.seed)
             model = build(model_name, memory_name, overrides, vocab_size, device)
+            if args.compile_blocks:
+                from experiment.models import compile_blocks
+
+                compile_blocks(model)
             optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -151,7 +158,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 profile_steps(model, optimizer, batches[-3:], device, precision, f"{label} {precision}",
                               args.profile)
             rows.append({
-                "model": label, "config": " ".join([model_name, *overrides]), "precision": precision,
+                "model": label, "precision": precision,
+                "config": " ".join([model_name, *overrides, *(["compile=true"] if args.compile_blocks else [])]),
                 "device": str(device),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "batch_size": batch_size, "seq_len": seq_len, "warmup": args.warmup, "steps": args.steps,

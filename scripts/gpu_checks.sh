@@ -5,7 +5,8 @@
 #   2. scripts/bench_memoria.py on CUDA at the paper's three configurations: ours (the models' path replayed as CUDA
 #      graphs; default, beside memoria-pytorch 1.1.0; the static-shape / no-validate path; compiled + graphed);
 #   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2, eager and with the memory
-#      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt);
+#      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt),
+#      then the same with every transformer block compiled (compile=true);
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -85,6 +86,9 @@ if [[ " ${PARTS:-1 2 3} " == *" 3 "* ]]; then
 say "3. bench_step (fp32, bf16)"
 timeout $(($(left) < 150 ? $(left) : 150)) $PY scripts/bench_step.py --warmup 20 --steps 30 \
   --json "$OUT/bench_step.json" --profile "$OUT/profile_step.txt" 2>&1 | tail -12 | tee -a "$LOG"
+say "3b. bench_step with every block compiled (compile=true)"
+timeout $(($(left) < 200 ? $(left) : 200)) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks \
+  --json "$OUT/bench_step_compiled.json" 2>&1 | tail -12 | tee -a "$LOG"
 fi
 
 # ---------------------------------------------------------------- 4. sorting, every model, side by side

@@ -9,7 +9,7 @@ from typing import Any
 from . import compressive, gpt2, gpt2_memoria, infinity_former, transformer_xl  # noqa: F401
 from .protocol import MemoryModelOutput, MemoryProtocol
 
-__all__ = ["MemoryModelOutput", "MemoryProtocol", "build_model"]
+__all__ = ["MemoryModelOutput", "MemoryProtocol", "build_model", "compile_blocks"]
 
 
 def build_model(model_cfg: Any, vocab_size: int):
@@ -32,3 +32,18 @@ def build_model(model_cfg: Any, vocab_size: int):
         config = cls.config_class.from_pretrained(pretrained, **kwargs)
         return cls.from_pretrained(pretrained, config=config)
     return cls(cls.config_class(**kwargs))
+
+
+def compile_blocks(model: Any, **compile_kwargs: Any) -> int:
+    """torch.compile every repeated transformer block of `model` in place: the classes its `_no_split_modules`
+    names (the transformers convention). What runs between blocks (embeddings, the memory bookkeeping, the head)
+    stays eager, so carried memory needs no special care. State-dict keys do not change. Returns the number of
+    blocks compiled; `compile_kwargs` go to `nn.Module.compile` (e.g. backend, mode)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [module for module in model.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} declares no transformer blocks (_no_split_modules), so compile=true "
+                         "cannot apply to it; run it with compile=false")
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)

@@ -242,6 +242,7 @@ class CompressiveModel(nn.Module):
 class CompressivePreTrainedModel(PreTrainedModel):
     config_class = CompressiveConfig
     base_model_prefix = "transformer"
+    _no_split_modules = ["CompressiveBlock"]  # noqa: RUF012  (transformers convention: the repeated block)
 
     def _init_weights(self, module):
         super()._init_weights(module)

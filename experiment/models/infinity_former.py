@@ -345,6 +345,7 @@ class InfinityFormerModel(nn.Module):
 class InfinityFormerPreTrainedModel(PreTrainedModel):
     config_class = InfinityFormerConfig
     base_model_prefix = "transformer"
+    _no_split_modules = ["InfinityFormerBlock"]  # noqa: RUF012  (transformers convention: the repeated block)
     _supports_sdpa = True
 
     def _init_weights(self, module):

@@ -244,6 +244,7 @@ class TransformerXLModel(nn.Module):
 class TransformerXLPreTrainedModel(PreTrainedModel):
     config_class = TransformerXLConfig
     base_model_prefix = "transformer"
+    _no_split_modules = ["TransformerXLLayer"]  # noqa: RUF012  (transformers convention: the repeated block)
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -283,3 +283,20 @@ def test_ddp_spawn_on_two_cpu_processes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no extra Hydra directories from workers
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert len(state["memory_state_per_rank"]) == 2
+
+
+def test_compile_true_compiles_every_block_before_training(tmp_path, monkeypatch):
+    import experiment.models
+
+    compiled = []
+    real = experiment.models.compile_blocks
+
+    def eager_compile(model, **kwargs):  # the real function, with the tracing-only backend (fast on a CPU)
+        compiled.append(real(model, backend="eager"))
+        return compiled[-1]
+
+    monkeypatch.setattr(experiment.models, "compile_blocks", eager_compile)
+    cfg = compose_config([*TINY_SORTING, *FAST, "trainer.max_steps=2", "logger=none", "compile=true"])
+    results = run(cfg, run_dir=tmp_path)
+    assert compiled == [cfg.model.config.n_layer] and results["test"]
+    torch._dynamo.reset()
