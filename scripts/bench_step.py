@@ -87,6 +87,15 @@ def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: boo
     return times
 
 
+def count_flops(model, optimizer, batches, device, dtype) -> int:
+    """FLOPs of one more training step (the memory warm, as timed), by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        time_steps(model, optimizer, batches, device, dtype, warmup=0, reset=False)
+    return counter.get_total_flops()
+
+
 def profile_steps(model, optimizer, batches, device, dtype, title: str, path: str) -> None:
     """Append torch.profiler op tables of a few more steps (where the step's time goes) to `path`."""
     from torch.profiler import ProfilerActivity, profile
@@ -117,6 +126,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--flops", action="store_true",
+                        help="also count the FLOPs of one more training step (torch.utils.flop_counter: matmuls and "
+                             "attention, forward and backward)")
     parser.add_argument("--compile-blocks", action="store_true",
                         help="torch.compile every transformer block of each model (the CLI's compile=true)")
     parser.add_argument("--profile", default=None,
@@ -154,6 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             times = time_steps(model, optimizer, batches, device, precision, args.warmup)
+            flops = count_flops(model, optimizer, batches[-1:], device, precision) if args.flops else None
             if args.profile:
                 profile_steps(model, optimizer, batches[-3:], device, precision, f"{label} {precision}",
                               args.profile)
@@ -167,6 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "min_ms": 1e3 * min(times),
                 "tokens_per_s": batch_size * seq_len / statistics.median(times),
                 "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                "gflop_per_step": None if flops is None else flops / 1e9,
             })
             del model, optimizer
             if device.type == "cuda":
@@ -184,13 +198,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def format_table(rows: list[dict], device: torch.device, batch_size: int, seq_len: int) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    header = ["model", "precision", "median ms", "mean ms", "min ms", "tokens/s", "x plain", "peak GiB"]
+    header = ["model", "precision", "median ms", "mean ms", "min ms", "tokens/s", "x plain", "peak GiB",
+              "GFLOP/step", "x plain FLOPs"]
+    plain_flops = {r["precision"]: r["gflop_per_step"] for r in rows if r["model"] == "gpt2"}
     body = []
     for r in rows:
         body.append([
             r["config"], r["precision"], f"{r['median_ms']:.1f}", f"{r['mean_ms']:.1f}", f"{r['min_ms']:.1f}",
             f"{r['tokens_per_s']:,.0f}", "-" if r["x_plain"] is None else f"{r['x_plain']:.2f}",
             "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}",
+            "-" if r["gflop_per_step"] is None else f"{r['gflop_per_step']:,.1f}",
+            "-" if r["gflop_per_step"] is None or not plain_flops.get(r["precision"])
+            else f"{r['gflop_per_step'] / plain_flops[r['precision']]:.3f}",
         ])
     widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(header)]
     lines = [f"one training step, batch {batch_size} x {seq_len} tokens, {name}",

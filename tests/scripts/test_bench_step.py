@@ -17,3 +17,10 @@ def test_tiny_cpu_run_times_both_models_side_by_side(capsys):
     assert rows[1]["x_plain"] == 1.0
     table = capsys.readouterr().out
     assert "memoria_gpt2_tiny" in table and "x plain" in table
+
+
+def test_flops_are_counted_per_model():
+    rows = load_bench().main(["--tiny", "--device", "cpu", "--warmup", "2", "--steps", "1", "--precisions", "fp32",
+                              "--flops"])
+    memoria, plain = (r["gflop_per_step"] for r in rows)
+    assert memoria > plain > 0  # the memory paths add matmuls
