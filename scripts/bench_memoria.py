@@ -103,6 +103,26 @@ def engrams_per_row(memory, impl: str) -> float:
     return float((engrams.engrams_types != 0).sum().item()) / engrams.data.shape[0]
 
 
+# Calls that launch no kernel: views and metadata.
+NO_KERNEL = {"view", "unsqueeze", "squeeze", "slice", "select", "expand", "expand_as", "alias", "reshape", "transpose",
+             "t", "split", "narrow", "as_strided", "detach", "_unsafe_view", "lift_fresh", "result_type", "empty",
+             "empty_like", "empty_strided", "contiguous", "is_nonzero", "item", "_local_scalar_dense", "resize_"}
+
+
+def count_aten_calls(step, steps: int) -> dict:
+    """Top-level aten calls per step (torch.profiler, host side): all, and those that are not views or metadata
+    (each launches at least one kernel on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    top = [e.name for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    compute = [name for name in top if name.removeprefix("aten::") not in NO_KERNEL]
+    return {"all": len(top) / steps, "not_views": len(compute) / steps}
+
+
 def run_worker(args: argparse.Namespace) -> dict:
     import torch
 
@@ -139,6 +159,8 @@ def run_worker(args: argparse.Namespace) -> dict:
             ours_options["ltm_capacity"] = args.ltm_capacity
         kwargs.update(ours_options)
     memory = memoria.Memoria(**kwargs)
+    if args.sync_free_path:
+        memory._force_sync_free = True  # the GPU's path (whole count rows, every hop) on any device
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     import_rss = peak_rss_mib()
@@ -181,6 +203,7 @@ def run_worker(args: argparse.Namespace) -> dict:
             step()
         sync()
         pipelined = (time.perf_counter() - start) / args.steps
+        calls = count_aten_calls(step, 3) if args.count_ops else None
 
     result = {
         "impl": args.impl,
@@ -201,6 +224,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "engrams_per_row": engrams_per_row(memory, args.impl),
         "torch": torch.__version__,
         "options": {k: str(v) for k, v in ours_options.items()},
+        "aten_calls_per_step": calls,
     }
     if args.impl == "reference":
         import importlib.metadata
@@ -258,7 +282,7 @@ def worker_command(args: argparse.Namespace, impl: str, config: str, device: str
             command += [flag, str(value)]
     if args.static_shape:
         command.append("--static-shape")
-    for flag in ("no_validate", "cuda_graph", "compile"):
+    for flag in ("no_validate", "cuda_graph", "compile", "count_ops", "sync_free_path"):
         if getattr(args, flag):
             command.append("--" + flag.replace("_", "-"))
     return command
@@ -313,15 +337,16 @@ def format_table(results: list) -> str:
     lines = [
         (
             "| config | device | B | impl | steps (warm-up) | ms/step median (mean) | pipelined ms/step | "
-            "CPU ms/step | engrams/row | peak MiB | ref/ours time (CPU time) | ref/ours memory |"
+            "CPU ms/step | engrams/row | peak MiB | ref/ours time (CPU time) | ref/ours memory | aten calls/step "
+            "(not views) |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_key = {(r["config"], r["device"], r["impl"]): r for r in results}
     for r in results:
         if "error" in r:
             lines.append(
-                f"| {r['config']} | {r['device']} | | {r['impl']} | failed: {r['error']} | | | | | | | |"
+                f"| {r['config']} | {r['device']} | | {r['impl']} | failed: {r['error']} | | | | | | | | |"
             )
             continue
         ratio_t = ratio_m = ""
@@ -335,6 +360,8 @@ def format_table(results: list) -> str:
                 f"({ref['cpu_ms_median'] / max(ours['cpu_ms_median'], 1e-9):.1f}x)"
             )
             ratio_m = f"{ref['peak_mib'] / max(ours['peak_mib'], 1e-9):.1f}x"
+        counted = r.get("aten_calls_per_step")
+        calls = f"{counted['all']:.0f} ({counted['not_views']:.0f})" if counted else ""
         impl = r["impl"] if r["impl"] == "ours" else f"reference {r.get('reference_version', '')}"
         if r["impl"] == "ours" and r["options"]:
             impl += " (" + ", ".join(f"{k}={v}" for k, v in r["options"].items()) + ")"
@@ -343,7 +370,7 @@ def format_table(results: list) -> str:
             f"{r['ms_median']:.2f} ({r['ms_mean']:.2f}) | {r.get('ms_pipelined', float('nan')):.2f} | "
             f"{r['cpu_ms_median']:.2f} | {r['engrams_per_row']:.0f} | "
             f"{r['peak_mib']:.0f} | "
-            f"{ratio_t} | {ratio_m} |"
+            f"{ratio_t} | {ratio_m} | {calls} |"
         )
     return "\n".join(lines)
 
@@ -383,6 +410,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-validate", action="store_true", help="ours: skip the value checks (host syncs)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="ours: replay the step as CUDA graphs (needs --static-shape --no-validate)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count the top-level aten calls per step (torch.profiler)")
+    parser.add_argument("--sync-free-path", action="store_true",
+                        help="ours: take the GPU's sync-free path on any device (to count its calls on a CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="ours: torch.compile the step (needs --static-shape --no-validate; longer warm-up)")
     parser.add_argument(

@@ -42,7 +42,7 @@ def test_table_shows_reference_over_ours_ratios() -> None:
     reference_line = next(line for line in table.splitlines() if "reference 1.1.0" in line)
     assert "| 25.0x (25.0x) | 8.0x |" in reference_line
     ours_line = next(line for line in table.splitlines() if "| ours" in line)
-    assert ours_line.endswith("|  |  |")
+    assert ours_line.endswith("|  |  |  |")
 
 
 def test_failed_worker_is_reported_in_the_table() -> None:
@@ -102,3 +102,15 @@ def test_tiny_run_of_ours(tmp_path, capsys) -> None:
     assert result["engrams_per_row"] == 250
     assert result["ms_pipelined"] > 0
     assert "| lm | cpu | 1 | ours" in capsys.readouterr().out
+
+
+def test_counts_the_calls_of_the_gpu_path(tmp_path) -> None:
+    bench = load_bench()
+    out = tmp_path / "bench.json"
+    bench.main(["--impl", "ours", "--configs", "lm", "--device", "cpu", "--batch-size", "1", "--warmup", "12",
+                "--steps", "1", "--threads", "1", "--static-shape", "--no-validate", "--sync-free-path",
+                "--count-ops", "--json", str(out)])
+    (result,) = json.loads(out.read_text())["results"]
+    calls = result["aten_calls_per_step"]
+    assert 0 < calls["not_views"] < calls["all"]
+    assert result["reminded_width_mean"] == 100  # static width: r_stm + r_ltm
