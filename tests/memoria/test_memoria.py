@@ -477,31 +477,11 @@ def test_remind_before_add_and_bad_constructor_args():
 # ------------------------------------------------------------------------------------------------ devices
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_step_makes_no_host_sync():
-    m = Memoria(50, 400, 10, 9, 50, static_shape=True, validate=False, ltm_capacity=1024)
-    dev = torch.device("cuda")
-    x = torch.randn(30, 8, 50, 64, device=dev)
-    logits = torch.randn(30, 8, 100, device=dev)
-    for t in range(30):
-        if t == 5:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            m.add_working_memory(x[t])
-            _, idx = m.remind()
-            m.adjust_lifespan_and_memories(idx, logits[t].softmax(-1) * 8)
-        finally:
-            if t == 29:
-                torch.cuda.set_sync_debug_mode(0)
-    assert int((m.store.types == L_).sum()) > 0
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu_in_deterministic_mode():
+@pytest.mark.parametrize("deterministic", [True, False])  # random ties are a hash: the same on every device
+def test_cuda_matches_cpu(deterministic):
     kw = cfg(num_reminded_stm=3, stm_capacity=3, num_final_ltms=3)
-    cpu = step_outputs(Memoria(**kw, deterministic=True), torch.Generator().manual_seed(2), 10)
-    gpu_mem = Memoria(**kw, deterministic=True, device="cuda")
+    cpu = step_outputs(Memoria(**kw, deterministic=deterministic), torch.Generator().manual_seed(2), 10)
+    gpu_mem = Memoria(**kw, deterministic=deterministic, device="cuda")
     gpu = step_outputs(gpu_mem, torch.Generator().manual_seed(2), 10)
     for (m1, i1), (m2, i2) in zip(cpu, gpu):
         assert torch.equal(i1, i2.cpu()) and torch.allclose(m1, m2.cpu())
