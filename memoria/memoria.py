@@ -611,14 +611,15 @@ class Memoria:
 
     def _device_call(self, name: str, fn, *args):
         """Run the device work `fn(*args)` of one call: compiled when `compile` is on, through a captured CUDA
-        graph when cuda_graph is on (on a GPU), always with full-fp32 matmuls."""
+        graph when cuda_graph is on (on a GPU), always with full-fp32 matmuls: no TF32, and no autocast from a
+        calling model's mixed-precision region (near-ties flip in reduced precision)."""
         store = self.store
         if self.compile:
             compiled = self._compiled.get(name)
             if compiled is None:
                 compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
             fn = compiled
-        with _full_fp32_matmul(store.device):
+        with _full_fp32_matmul(store.device), torch.autocast(store.device.type, enabled=False):
             if not self.cuda_graph or store.device.type != "cuda":
                 return fn(*args)
             if self._graphs is None or not self._graphs.valid_for(store):

@@ -151,3 +151,11 @@ def test_cuda_step_makes_no_host_sync(cuda_graph):
                 torch.cuda.set_sync_debug_mode(0)
     assert not cuda_graph or len(m._graphs.graphs) == 3
     assert int((m.store.types == L_).sum()) > 0
+
+
+def test_autocast_of_the_caller_does_not_reach_the_step():
+    """Models run Memoria inside their autocast region; scores must still be full fp32 (algorithm.md §c.2)."""
+    plain = run(Memoria(**config(seed=6)), 20, H=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = run(Memoria(**config(seed=6)), 20, H=64)
+    assert_same_runs(plain, autocast)
