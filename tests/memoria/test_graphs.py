@@ -59,14 +59,19 @@ def test_step_traces_as_whole_graphs_without_recompiling():
     """torch.compile(fullgraph=True) fails on any host sync or data-dependent Python branch, and
     error_on_recompile on any host value that changes between steps: what a CUDA-graph capture cannot hold."""
     torch._dynamo.reset()
-    eager = Memoria(**config(seed=1, ltm_capacity=6))  # a fixed capacity: the store never grows
-    traced = Memoria(**config(seed=1, ltm_capacity=6))
-    traced._force_sync_free = True
-    for name in DEVICE_CALLS:
-        setattr(traced, name, torch.compile(getattr(traced, name), fullgraph=True, backend="eager"))
+    def traced_memory() -> Memoria:
+        m = Memoria(**config(seed=1, ltm_capacity=6))  # a fixed capacity: the store never grows
+        m._force_sync_free = True
+        for name in DEVICE_CALLS:
+            setattr(m, name, torch.compile(getattr(m, name), fullgraph=True, backend="eager"))
+        return m
+
+    eager, traced = Memoria(**config(seed=1, ltm_capacity=6)), traced_memory()
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = run(traced, 14)
+        again = run(traced_memory(), 14)  # a new memory (as after a restore) reuses the compiled code
     assert_same_runs(run(eager, 14), got)
+    assert_same_runs(got, again)
     assert int(traced.evictions.sum()) > 0  # the eviction path ran inside the traced adjust
     torch._dynamo.reset()
 
