@@ -248,11 +248,11 @@ class Memoria:
         slots = store.allocate(W)  # (B, W)
         store.clear_counts(slots)
         store.data.scatter_(1, slots[:, :, None].expand(B, W, H), x)
-        store.lifespan.scatter_(1, slots, torch.full((B, W), self.initial_lifespan, device=x.device))
+        store.lifespan.scatter_(1, slots, self.initial_lifespan)
         store.types.scatter_(1, slots, valid.to(torch.uint8) * WORKING)  # free slots stay NULL where masked
         ids = store.next_id + torch.arange(W, device=x.device)  # (W,) the same ids in every row
         store.created.scatter_(1, slots, ids[None, :].expand(B, W))
-        store.age.scatter_(1, slots, torch.zeros(B, W, dtype=torch.int32, device=x.device))
+        store.age.scatter_(1, slots, 0)
         store.next_id += W
         return slots, valid.clone()
 
@@ -422,8 +422,8 @@ class Memoria:
                 self.history.on_extend(self.timestep, store, slots, hit, gain)
 
         live = store.live  # (B, C)
-        store.lifespan -= live.float()  # 2. decay live engrams only
-        store.age += live.to(torch.int32)  # 3. age
+        store.lifespan.add_(live, alpha=-1)  # 2. decay live engrams only
+        store.age.add_(live)  # 3. age
         types = store.types
         types.masked_fill_(types == WORKING, SHORTTERM)  # 4. WM -> STM
         if num_wm > 0:  # 5. STM overflow -> the oldest excess STMs become LTM (excess <= W)
