@@ -11,6 +11,7 @@ instead of hundreds.
 - Tensor arguments are copied into the graph's static inputs before a replay (skipped when the argument is that
   static tensor already, e.g. the previous call's output). Outputs are the graph's static tensors: the next replay
   overwrites them, so Memoria clones what it hands to callers.
+- The CUDA calls go through a small backend object, so the bookkeeping above can be tested off a GPU.
 """
 
 from __future__ import annotations
@@ -23,13 +24,40 @@ import torch
 Outputs = Any  # a tensor or a tuple of tensors
 
 
+class CudaBackend:
+    """Streams, capture and replay with torch.cuda."""
+
+    def stream(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device=device)
+
+    def run_on(self, stream: Any, device: torch.device, fn: Callable[..., Outputs], args: tuple) -> Outputs:
+        """fn(*args) eagerly on `stream`, ordered after and before the current stream's work."""
+        current = torch.cuda.current_stream(device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            out = fn(*args)
+        current.wait_stream(stream)
+        return out
+
+    def capture(self, stream: Any, fn: Callable[..., Outputs], args: tuple) -> tuple[Any, Outputs]:
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (a DataLoader's pin-memory thread) may keep using CUDA during the capture
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            outputs = fn(*args)
+        return graph, outputs
+
+    def replay(self, graph: Any) -> None:
+        graph.replay()
+
+
 class StepGraphs:
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, backend: Any = None) -> None:
         self.store = store  # the SlotStore these graphs read and write
         self.version = store.version
-        self.stream = torch.cuda.Stream(device=store.device)
+        self.backend = backend or CudaBackend()
+        self.stream = self.backend.stream(store.device)
         self.warm: set[tuple] = set()
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple, Outputs]] = {}
+        self.graphs: dict[tuple, tuple[Any, tuple, Outputs]] = {}
         self._outputs: dict[int, torch.Tensor] = {}  # id -> static output of any graph here (kept alive)
 
     def valid_for(self, store: Any) -> bool:
@@ -40,35 +68,23 @@ class StepGraphs:
         entry = self.graphs.get(key)
         if entry is None:
             if key not in self.warm:
-                self.warm.add(key)
-                return self._on_stream(fn, args)  # warm-up: a real call, eagerly, on the capture stream
+                self.warm.add(key)  # warm-up: a real call, eagerly, on the capture stream
+                return self.backend.run_on(self.stream, self.store.device, fn, args)
             entry = self.graphs[key] = self._capture(fn, args)
         graph, static_args, outputs = entry
         for static, arg in zip(static_args, args):
             if isinstance(arg, torch.Tensor) and arg is not static:
                 static.copy_(arg)
-        graph.replay()
+        self.backend.replay(graph)
         return outputs
 
-    def _on_stream(self, fn: Callable[..., Outputs], args: tuple) -> Outputs:
-        current = torch.cuda.current_stream(self.store.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            out = fn(*args)
-        current.wait_stream(self.stream)
-        return out
-
-    def _capture(self, fn: Callable[..., Outputs], args: tuple) -> tuple[torch.cuda.CUDAGraph, tuple, Outputs]:
+    def _capture(self, fn: Callable[..., Outputs], args: tuple) -> tuple[Any, tuple, Outputs]:
         # Inputs that are another graph's outputs are read in place; the rest get a static buffer of their own.
         static_args = tuple(
-            a if not isinstance(a, torch.Tensor) or id(a) in self._outputs and self._outputs[id(a)] is a
-            else a.clone()
-            for a in args
+            a if not isinstance(a, torch.Tensor) or self._outputs.get(id(a)) is a else a.clone() for a in args
         )
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (a DataLoader's pin-memory thread) may keep using CUDA during the capture
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-            outputs = fn(*static_args)
+        graph, outputs = self.backend.capture(self.stream, fn, static_args)
         for t in outputs if isinstance(outputs, tuple) else (outputs,):
-            self._outputs[id(t)] = t
+            if isinstance(t, torch.Tensor):
+                self._outputs[id(t)] = t
         return graph, static_args, outputs

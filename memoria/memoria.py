@@ -163,6 +163,7 @@ class Memoria:
         self._set_seed(self.seed)
         self._graphs = None  # graphs.StepGraphs of the current store, when cuda_graph is on
         self._force_sync_free = False  # tests: take the GPU's sync-free path on the CPU
+        self._graph_backend = None  # tests: graphs.StepGraphs' backend, to emulate graphs on the CPU
 
         self.device = torch.device(device) if device is not None else None
         self.ext_device: torch.device | None = None
@@ -620,10 +621,11 @@ class Memoria:
                 compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
             fn = compiled
         with _full_fp32_matmul(store.device), torch.autocast(store.device.type, enabled=False):
-            if not self.cuda_graph or store.device.type != "cuda":
+            if not self.cuda_graph or store.device.type != "cuda" and self._graph_backend is None:
                 return fn(*args)
             if self._graphs is None or not self._graphs.valid_for(store):
-                self._graphs = StepGraphs(store)  # new or reallocated store: the old graphs point at freed memory
+                # new or reallocated store: the old graphs point at freed memory
+                self._graphs = StepGraphs(store, self._graph_backend)
             return self._graphs(name, fn, *args)
 
     def _set_seed(self, seed: int) -> None:

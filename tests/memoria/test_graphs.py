@@ -97,6 +97,61 @@ def test_compiled_step_equals_eager():
     torch._dynamo.reset()
 
 
+class EmulatedGraphs:
+    """CUDA-graph semantics on the CPU, for StepGraphs' bookkeeping: a capture records the call without its
+    effects (the store is rolled back, as a capture runs nothing), a replay reruns it on the captured static
+    inputs and writes into the captured outputs in place, and fails if the store's tensors are not the ones
+    captured (a real graph holds their addresses)."""
+
+    def __init__(self):
+        self.captures = self.replays = 0
+
+    def stream(self, device):
+        return None
+
+    def run_on(self, stream, device, fn, args):
+        return fn(*args)
+
+    def capture(self, stream, fn, args):
+        store = fn.__self__.store
+        before = store.state_dict()
+        outputs = fn(*args)
+        for name, tensor in before.items():
+            getattr(store, name).copy_(tensor)
+        self.captures += 1
+        held = {name: getattr(store, name) for name in before}
+        return (fn, args, outputs, store, held), outputs
+
+    def replay(self, graph):
+        fn, args, outputs, store, held = graph
+        assert fn.__self__.store is store and all(getattr(store, n) is t for n, t in held.items())
+        fresh = fn(*args)
+        for out, new in zip(outputs if isinstance(outputs, tuple) else (outputs,),
+                            fresh if isinstance(fresh, tuple) else (fresh,)):
+            if out is not None:  # (adjust's eviction count without a cap)
+                out.copy_(new)
+        self.replays += 1
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_graph_bookkeeping_equals_eager_with_emulated_graphs(deterministic):
+    """Warm-up, capture, replay, static inputs and outputs, recapture after growth, resets and masks: the same
+    run as eager execution (the CUDA version of this test runs on a GPU)."""
+    kw = config(deterministic=deterministic, seed=2, initial_capacity=8)  # small: the store grows (recapture)
+    eager, graphed = Memoria(**kw), Memoria(**kw, cuda_graph=True)
+    for m in (eager, graphed):
+        m._force_sync_free = True
+    graphed._graph_backend = backend = EmulatedGraphs()
+    events = {12: lambda mem: mem.reset_memory(), 20: lambda mem: mem.reset_memory(rows=torch.tensor([False, True])),
+              25: lambda mem: torch.tensor([False, True])}
+    a, b = run(eager, 40, events=events), run(graphed, 40, events=events)
+    assert_same_runs(a, b)
+    assert backend.replays > 60 and backend.captures >= 6  # replayed, and recaptured after the store grew
+    assert graphed.store.capacity > 8
+    for name, t in eager.state_dict()["store"].items():
+        assert torch.equal(t, graphed.state_dict()["store"][name]), name
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 def resets() -> dict:
     """Events for run(): a full reset at step 12, row 1 reset at step 20, row 0 masked at step 25."""
