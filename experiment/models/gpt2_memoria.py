@@ -52,7 +52,7 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_reset_period          training steps between memory resets (read by the task)
     memoria_device                where the memory lives; None = the model's device
     memoria_weight_form           "exp" (paper's runs) or "neg_sq" (reference 1.1.0)
-    memoria_seed                  seed of the memory's tie-break generator (the rank is added under DDP)
+    memoria_seed                  seed of the memory's tie-break hash (the rank is added under DDP)
     memoria_deterministic         break ties oldest-first instead of at random
     memoria_ltm_capacity          cap on long-term memories per row; None = unbounded, as in the paper
     memoria_cuda_graph            on a GPU, replay the memory step's device work as CUDA graphs (same results)
