@@ -219,3 +219,15 @@ def test_autocast_of_the_caller_does_not_reach_the_step():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = run(Memoria(**config(seed=6)), 20, H=64)
     assert_same_runs(plain, autocast)
+
+
+@pytest.mark.parametrize("count_dtype", [torch.int16, torch.int64])
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_count_dtypes_give_the_same_run(count_dtype, sync_free):
+    runs = []
+    for dtype in (torch.int32, count_dtype):
+        m = Memoria(**config(seed=8), count_dtype=dtype)
+        m._force_sync_free = sync_free
+        runs.append(run(m, 25))
+        assert m.store.counts.dtype == dtype
+    assert_same_runs(*runs)
