@@ -182,6 +182,21 @@ def test_cuda_graph_replay_equals_eager(deterministic):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_and_graphed_step_equals_eager():
+    torch._dynamo.reset()
+    kw = config(seed=3, ltm_capacity=6)  # a fixed store size: one compile per call
+    eager = run(Memoria(**kw, device="cuda"), 14, device="cuda")
+    fast = Memoria(**kw, device="cuda", compile=True, cuda_graph=True)
+    got = run(fast, 14, device="cuda")
+    for t, ((m1, i1), (m2, i2)) in enumerate(zip(eager, got)):
+        assert torch.equal(i1, i2), t
+        torch.testing.assert_close(m1, m2)
+    assert len(fast._graphs.graphs) == 3
+    torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_outputs_are_not_overwritten_by_the_next_step():
     m = Memoria(**config(), device="cuda", cuda_graph=True)
     outs = run(m, 8, device="cuda")
