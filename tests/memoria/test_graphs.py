@@ -1,5 +1,6 @@
 """The step's device work is graph-safe (no host sync, no host value that changes between steps), the GPU's
-sync-free path equals the CPU's shortcuts, and CUDA-graph replay equals eager execution (on a GPU)."""
+sync-free path equals the CPU's shortcuts, compiled equals eager, and CUDA-graph replay equals eager execution
+(emulated on the CPU; for real on a GPU)."""
 
 from __future__ import annotations
 
