@@ -402,9 +402,8 @@ class Memoria:
         """Slots (B, M) of the view indices `idx` (B, M) among those the last remind handed out (its slots,
         view indices and ok, (B, M')), and hit (B, M): False where the index is -1 or not one of them."""
         match = (idx[:, :, None] == last_view[:, None, :]) & last_ok[:, None, :] & (idx >= 0)[:, :, None]  # (B,M,M')
-        if last_slots.shape[1] == 0:
-            return torch.zeros_like(idx), match.any(-1)
-        return torch.gather(last_slots, 1, match.to(torch.uint8).argmax(-1)), match.any(-1)
+        # valid view indices are distinct, so each index matches at most one slot: the sum picks it (0 if none)
+        return torch.where(match, last_slots[:, None, :], 0).sum(-1), match.any(-1)
 
     def _adjust_device(self, idx: torch.Tensor, delta: torch.Tensor, last_slots: torch.Tensor | None,
                        last_view: torch.Tensor | None, last_ok: torch.Tensor | None,

@@ -87,13 +87,15 @@ def test_cuda_graph_needs_the_static_unvalidated_path():
 
 
 def test_compiled_step_equals_eager():
-    """compile=True through inductor (C++ on the CPU, Triton on a GPU): the same steps as eager execution."""
+    """compile=True through inductor (C++ on the CPU, Triton on a GPU): the same steps as eager execution, also
+    after a reset to another batch size (as when evaluation follows training: a second compile)."""
     torch._dynamo.reset()
-    eager = Memoria(**config(seed=4, ltm_capacity=6))
-    compiled = Memoria(**config(seed=4, ltm_capacity=6), compile=True)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        got = run(compiled, 10)
-    assert_same_runs(run(eager, 10), got)
+    kw = config(num_reminded_stm=4, num_final_ltms=4, stm_capacity=8, ltm_search_depth=2, seed=4, ltm_capacity=6)
+    eager, compiled = Memoria(**kw), Memoria(**kw, compile=True)
+    for B in (2, 50):
+        for m in (eager, compiled):
+            m.reset_memory()
+        assert_same_runs(run(eager, 8, B=B), run(compiled, 8, B=B))
     assert set(compiled._compiled) == {"add", "remind", "adjust"}
     torch._dynamo.reset()
 
