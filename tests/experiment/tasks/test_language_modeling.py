@@ -302,3 +302,28 @@ def test_cli_protocol_switches_score_every_token_but_each_documents_first(wikite
         lengths = np.diff(dm.load_split(split).offsets)
         assert results[stage][f"{stage}/scored_tokens"] == int((lengths - 1).sum())  # one eval lane: whole split
         assert math.isfinite(results[stage][f"{stage}/ppl"])
+
+
+@pytest.mark.parametrize("speed_option", ["memory.compile=true", "compile=true"])
+def test_cli_language_modelling_with_a_speed_option(speed_option, wikitext, tmp_path):
+    """The speed options through the whole LM task (lanes, validation saving and restoring the training memory,
+    a checkpoint, testing it): memory.compile gives the eager run exactly; compile=true (the blocks, with the
+    compiler's own dropout stream) a close one."""
+    from experiment.cli import run
+
+    raw, tokenizer = wikitext
+    common = [
+        "task=wikitext103", "model=memoria_gpt2_tiny", "memory=tiny", f"task.data.path={raw}",
+        f"task.data.tokenizer={tokenizer}", f"task.data.segment_length={SEGMENT}", "task.data.lanes=2",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "logger=none", "print_summary=false",
+    ]
+    eager = run(compose_config(common), run_dir=tmp_path / "eager")
+    fast = run(compose_config([*common, speed_option]), run_dir=tmp_path / "fast")
+    torch._dynamo.reset()
+    for split in ("val", "test"):
+        a, b = eager[split][f"{split}/ppl"], fast[split][f"{split}/ppl"]
+        if speed_option.startswith("memory."):
+            assert a == b, split
+        else:
+            assert math.isfinite(b) and abs(b - a) / a < 0.05, (split, a, b)
