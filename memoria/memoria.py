@@ -96,6 +96,11 @@ class Memoria:
     and for a row whether it runs alone or in a batch, and with no generator state to carry.
     """
 
+    # Test hooks (class-wide defaults, settable per instance): take the GPU's sync-free path on the CPU; the backend
+    # of graphs.StepGraphs (None = CUDA), to emulate CUDA graphs on the CPU.
+    _force_sync_free = False
+    _graph_backend = None
+
     def __init__(
         self,
         num_reminded_stm: int,
@@ -162,8 +167,6 @@ class Memoria:
         self._compiled: dict = {}  # call name -> torch.compile'd device function
         self._set_seed(self.seed)
         self._graphs = None  # graphs.StepGraphs of the current store, when cuda_graph is on
-        self._force_sync_free = False  # tests: take the GPU's sync-free path on the CPU
-        self._graph_backend = None  # tests: graphs.StepGraphs' backend, to emulate graphs on the CPU
 
         self.device = torch.device(device) if device is not None else None
         self.ext_device: torch.device | None = None

@@ -676,3 +676,24 @@ def test_cuda_graph_memory_trains_like_the_eager_memory():
         if graphed:
             assert len(model.transformer.memoria._graphs.graphs) == 3  # the steps were replayed
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]))
+
+
+def test_graphed_memory_gives_the_model_the_same_outputs_with_emulated_graphs():
+    """memoria_cuda_graph through the model (its calls, clones and state) with CUDA graphs emulated on the CPU."""
+    from tests.memoria.test_graphs import EmulatedGraphs
+
+    segs = segments(8)
+    eager = run(tiny_model(), segs)
+    model = tiny_model(memoria_cuda_graph=True)
+    backend = EmulatedGraphs()
+    build = model.transformer._new_memoria
+
+    def graphed_memoria():
+        memoria = build()
+        memoria._graph_backend, memoria._force_sync_free = backend, True
+        return memoria
+
+    model.transformer._new_memoria = graphed_memoria
+    for a, b in zip(eager, run(model, segs)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert backend.replays >= 3 * 4  # the last segments were replayed

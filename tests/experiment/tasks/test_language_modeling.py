@@ -327,3 +327,27 @@ def test_cli_language_modelling_with_a_speed_option(speed_option, wikitext, tmp_
             assert a == b, split
         else:
             assert math.isfinite(b) and abs(b - a) / a < 0.05, (split, a, b)
+
+
+def test_cli_language_modelling_with_emulated_cuda_graphs(wikitext, tmp_path, monkeypatch):
+    """memory.cuda_graph=true through the LM task, with CUDA graphs emulated on the CPU: every Memoria the task
+    makes (training, validation, restored) replays its steps, and the run is the eager run."""
+    from experiment.cli import run
+    from memoria import Memoria
+    from tests.memoria.test_graphs import EmulatedGraphs
+
+    raw, tokenizer = wikitext
+    common = [
+        "task=wikitext103", "model=memoria_gpt2_tiny", "memory=tiny", f"task.data.path={raw}",
+        f"task.data.tokenizer={tokenizer}", f"task.data.segment_length={SEGMENT}", "task.data.lanes=2",
+        "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "logger=none", "print_summary=false",
+    ]
+    monkeypatch.setattr(Memoria, "_force_sync_free", True)
+    eager = run(compose_config(common), run_dir=tmp_path / "eager")
+    backend = EmulatedGraphs()
+    monkeypatch.setattr(Memoria, "_graph_backend", backend)
+    graphed = run(compose_config([*common, "memory.cuda_graph=true"]), run_dir=tmp_path / "graphed")
+    assert backend.replays > 0
+    for split in ("val", "test"):
+        assert eager[split][f"{split}/ppl"] == graphed[split][f"{split}/ppl"], split
