@@ -9,7 +9,9 @@ One step per segment:  add_working_memory(WM) -> remind() -> adjust_lifespan_and
 
 Every batch row is an independent memory. All state is on one device in fixed slots (store.py); the per-step path
 makes no host sync while the store has room (with `static_shape=True` and `validate=False`, the mode models use).
-Indices handed out by `remind` are positions in the reference `engrams` layout, as in `memoria-pytorch`.
+Each call's device work is a function of device tensors only (`_add_device`, `_remind_device`, `_adjust_device`),
+so it can be compiled or replayed as a CUDA graph (graphs.py). Indices handed out by `remind` are positions in the
+reference `engrams` layout, as in `memoria-pytorch`.
 
 Where the reference package is wrong, this follows the corrected algorithm (no spurious engram 0, only recalled STMs
 seed the walk, no edge means no step, padding never competes, global indices only; see the README).

@@ -2,8 +2,8 @@
 
 Every row owns C slots. A slot holds one engram or nothing (type NULL). Nothing is ever compacted: a deleted engram
 just frees its slot, and a slot's row and column of co-fire counts are zeroed when the slot is handed out again, so
-the (B, C + 1, C) count matrix is never copied in the per-step path. Reads always mask by type, so stale counts of free
-slots are never seen.
+the (B, C + 1, C) count matrix (row C: an all-zero sink for "no node") is never copied in the per-step path. Reads
+always mask by type, so stale counts of free slots are never seen.
 
 Creation order is kept in `created` (a store-wide counter, the same for all rows at one step: it doubles as the
 engram id), which is what "oldest" means everywhere.
