@@ -213,17 +213,28 @@ def wikitext(tmp_path_factory):
 TINY_MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*_tiny.yaml"))
 
 
+def wikitext_overrides(wikitext, model: str = "memoria_gpt2_tiny") -> list[str]:
+    """CLI overrides of a quiet WikiText-103 run on the generated local copy (2 lanes of SEGMENT tokens)."""
+    raw, tokenizer = wikitext
+    return [
+        "task=wikitext103", f"model={model}", "memory=tiny", f"task.data.path={raw}",
+        f"task.data.tokenizer={tokenizer}", f"task.data.segment_length={SEGMENT}", "task.data.lanes=2",
+        "trainer.enable_progress_bar=false", "print_summary=false",
+    ]
+
+
+SHORT_RUN = ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+             "logger=none"]
+
+
 @pytest.mark.parametrize("model_name", TINY_MODELS)
 def test_cli_trains_and_tests_every_tiny_model(model_name, wikitext, tmp_path):
     from experiment.cli import run
 
-    raw, tokenizer = wikitext
     cfg = compose_config([
-        "task=wikitext103", f"model={model_name}", "memory=tiny", f"task.data.path={raw}",
-        f"task.data.tokenizer={tokenizer}", f"task.data.segment_length={SEGMENT}", "task.data.lanes=2",
+        *wikitext_overrides(wikitext, model_name),
         "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
-        "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-        "logger=csv", "print_summary=false",
+        "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1", "logger=csv",
     ])
     results = run(cfg, run_dir=tmp_path / "run")
     assert results["global_step"] == 3
@@ -255,11 +266,7 @@ def test_cli_evaluates_a_checkpoint_with_other_segment_length_and_lanes(wikitext
     from experiment.data.wikitext103 import WikiText103DataModule
 
     raw, tokenizer = wikitext
-    common = [
-        "task=wikitext103", "model=memoria_gpt2_tiny", "memory=tiny", f"task.data.path={raw}",
-        f"task.data.tokenizer={tokenizer}", f"task.data.segment_length={SEGMENT}", "task.data.lanes=2",
-        "trainer.enable_progress_bar=false", "logger=none", "print_summary=false",
-    ]
+    common = [*wikitext_overrides(wikitext), "logger=none"]
     trained = run(compose_config([*common, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                                   "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]),
                   run_dir=tmp_path / "train")
@@ -291,11 +298,9 @@ def test_cli_protocol_switches_score_every_token_but_each_documents_first(wikite
 
     raw, tokenizer = wikitext
     results = run(compose_config([
-        "task=wikitext103", "model=memoria_gpt2_tiny", "memory=tiny", f"task.data.path={raw}",
-        f"task.data.tokenizer={tokenizer}", f"task.data.segment_length={SEGMENT}", "task.data.lanes=2",
+        *wikitext_overrides(wikitext),
         "task.data.score_all_tokens=true", "task.data.keep_remainders=true", "task.module.reset_on_document_end=true",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false", "logger=none",
-        "print_summary=false",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "logger=none",
     ]), run_dir=tmp_path / "run")
     dm = WikiText103DataModule(path=str(raw), tokenizer=tokenizer)
     for split, stage in (("valid", "val"), ("test", "test")):
@@ -311,13 +316,7 @@ def test_cli_language_modelling_with_a_speed_option(speed_option, wikitext, tmp_
     compiler's own dropout stream) a close one."""
     from experiment.cli import run
 
-    raw, tokenizer = wikitext
-    common = [
-        "task=wikitext103", "model=memoria_gpt2_tiny", "memory=tiny", f"task.data.path={raw}",
-        f"task.data.tokenizer={tokenizer}", f"task.data.segment_length={SEGMENT}", "task.data.lanes=2",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-        "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "logger=none", "print_summary=false",
-    ]
+    common = [*wikitext_overrides(wikitext), *SHORT_RUN, "trainer.max_epochs=1"]
     eager = run(compose_config(common), run_dir=tmp_path / "eager")
     fast = run(compose_config([*common, speed_option]), run_dir=tmp_path / "fast")
     torch._dynamo.reset()
@@ -336,13 +335,7 @@ def test_cli_language_modelling_with_emulated_cuda_graphs(wikitext, tmp_path, mo
     from memoria import Memoria
     from tests.memoria.test_graphs import EmulatedGraphs
 
-    raw, tokenizer = wikitext
-    common = [
-        "task=wikitext103", "model=memoria_gpt2_tiny", "memory=tiny", f"task.data.path={raw}",
-        f"task.data.tokenizer={tokenizer}", f"task.data.segment_length={SEGMENT}", "task.data.lanes=2",
-        "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-        "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "logger=none", "print_summary=false",
-    ]
+    common = [*wikitext_overrides(wikitext), *SHORT_RUN, "trainer.max_epochs=2"]
     monkeypatch.setattr(Memoria, "_force_sync_free", True)
     eager = run(compose_config(common), run_dir=tmp_path / "eager")
     backend = EmulatedGraphs()
