@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                 "gflop_per_step": None if flops is None else flops / 1e9,
             })
+            # one line per pair as it finishes, so a run stopped at its time limit still reports what it measured
+            print(f"{label} {precision}: median {rows[-1]['median_ms']:.2f} ms/step", flush=True)
             del model, optimizer
             if device.type == "cuda":
                 torch.cuda.empty_cache()

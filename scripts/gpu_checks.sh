@@ -6,7 +6,7 @@
 #      graphs; default, beside memoria-pytorch 1.1.0; the static-shape / no-validate path; compiled + graphed);
 #   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2, eager and with the memory
 #      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt),
-#      then the same with every transformer block compiled (compile=true);
+#      then the same with every transformer block compiled (compile=true), fp32 then bf16;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -92,6 +92,10 @@ say "3b. bench_step with every block compiled (compile=true)"
 timeout $(($(left) < 240 ? $(left) : 240)) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks \
   --precisions fp32 --models memoria_gpt2_graphed gpt2 --json "$OUT/bench_step_compiled.json" 2>&1 | tail -12 \
   | tee -a "$LOG"
+say "3c. the same in bf16"
+timeout $(($(left) < 200 ? $(left) : 200)) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks \
+  --precisions bf16 --models memoria_gpt2_graphed gpt2 --json "$OUT/bench_step_compiled_bf16.json" 2>&1 \
+  | tail -12 | tee -a "$LOG"
 fi
 
 # ---------------------------------------------------------------- 4. sorting, every model, side by side
@@ -145,3 +149,6 @@ else
   say "4. skipped (PARTS, or too little time left)"
 fi
 say "done"
+# The device tool brings back at most 8 files: keep the log and the pytest output loose, pack the rest.
+(cd "$OUT" && files=$(ls | grep -vE '^(gpu_checks.log|pytest_cuda.txt|details.tgz)$') && [ -n "$files" ] \
+  && tar czf details.tgz $files && rm -f $files)
