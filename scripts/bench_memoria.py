@@ -123,6 +123,24 @@ def count_aten_calls(step, steps: int) -> dict:
     return {"all": len(top) / steps, "not_views": len(compute) / steps}
 
 
+def profile_kernels(step, sync, steps: int, path: str, title: str) -> None:
+    """Append where the device time of `steps` more steps goes (torch.profiler; kernels replayed from CUDA
+    graphs are listed too) to `path`: kernels per step, device time per step, and the op/kernel table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    device_us = sum(e.device_time_total for e in kernels)  # self time of each kernel / memcpy / memset
+    with open(path, "a") as handle:
+        handle.write(f"\n==== {title}: {len(kernels) / steps:.0f} device kernels and copies per step, "
+                     f"{device_us / steps / 1e3:.3f} ms of device time per step\n")
+        handle.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40) + "\n")
+
+
 def run_worker(args: argparse.Namespace) -> dict:
     import torch
 
@@ -204,6 +222,11 @@ def run_worker(args: argparse.Namespace) -> dict:
         sync()
         pipelined = (time.perf_counter() - start) / args.steps
         calls = count_aten_calls(step, 3) if args.count_ops else None
+        if args.profile:
+            try:
+                profile_kernels(step, sync, 5, args.profile, f"{args.impl} {args.config} {device} {ours_options}")
+            except Exception as error:  # a profiler failure must not cost the timings above
+                print(f"profiling failed: {error!r}", file=sys.stderr)
 
     result = {
         "impl": args.impl,
@@ -282,6 +305,8 @@ def worker_command(args: argparse.Namespace, impl: str, config: str, device: str
             command += [flag, str(value)]
     if args.static_shape:
         command.append("--static-shape")
+    if args.profile:
+        command += ["--profile", os.path.abspath(args.profile)]
     for flag in ("no_validate", "cuda_graph", "compile", "count_ops", "sync_free_path"):
         if getattr(args, flag):
             command.append("--" + flag.replace("_", "-"))
@@ -419,6 +444,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--ltm-capacity", type=int, default=None, help="ours: cap the LTM (default unbounded)"
     )
+    parser.add_argument("--profile", default=None,
+                        help="also profile 5 more steps (torch.profiler, device kernels included) and append the "
+                             "kernel table to this file")
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
     parser.add_argument("--json", help="also write the results to this file")

@@ -60,8 +60,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: bool = True) -> list[float]:
-    """Seconds per training step for each batch after the first `warmup` ones (memory reset first if `reset`)."""
+def make_optimizer(model, kind: str) -> torch.optim.Optimizer:
+    if kind == "task":
+        from experiment.tasks.base import adam
+
+        return adam(model.parameters(), lr=2e-4)
+    return torch.optim.Adam(model.parameters(), lr=2e-4, **{kind: True})
+
+
+def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: bool = True,
+               losses: list | None = None) -> list[float]:
+    """Seconds per training step for each batch after the first `warmup` ones (memory reset first if `reset`);
+    each step's loss is appended to `losses` when given (read after the step's synchronisation)."""
     model.train()
     if reset:
         model.reset_memory()
@@ -71,6 +81,7 @@ def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: boo
     for i, input_ids in enumerate(batches):
         synchronize(device)
         start = time.perf_counter()
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for compiled blocks' CUDA graphs (if any)
         with autocast:
             output = model(input_ids)
             logits = output.logits[:, :-1]  # (B, T-1, V): the reference scores T - 1 predictions per segment
@@ -84,6 +95,8 @@ def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: boo
         synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
+        if losses is not None:
+            losses.append(loss.item())
     return times
 
 
@@ -113,6 +126,19 @@ def profile_steps(model, optimizer, batches, device, dtype, title: str, path: st
         handle.write(averages.table(sort_by="self_cpu_time_total", row_limit=20) + "\n")
 
 
+def finish_pair(pair: dict, args: argparse.Namespace, batches: list, device: torch.device) -> None:
+    """FLOPs and profile of a pair after its timings (if asked), then free its model."""
+    model, optimizer, precision = pair.pop("model"), pair.pop("optimizer"), pair["precision"]
+    if args.flops:
+        pair["gflop"] = count_flops(model, optimizer, batches[-1:], device, precision) / 1e9
+    if args.profile:
+        profile_steps(model, optimizer, batches[-3:], device, precision, f"{pair['label']} {precision}",
+                      args.profile)
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models and shapes (CPU smoke run)")
@@ -124,6 +150,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seq-len", type=int, default=None, help="default 150 (tiny: 16)")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time --steps steps of every pair this many times, in turn (all models kept alive)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--flops", action="store_true",
@@ -131,12 +159,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "attention, forward and backward)")
     parser.add_argument("--compile-blocks", action="store_true",
                         help="torch.compile every transformer block of each model (the CLI's compile=true)")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode of --compile-blocks (reduce-overhead: replay each block's forward "
+                             "and backward as CUDA graphs)")
+    parser.add_argument("--optimizer", default="task", choices=["task", "foreach", "fused"],
+                        help="Adam's implementation: task = what the LM task uses on this device; foreach / fused "
+                             "force one (fused: one kernel for every parameter; CUDA)")
     parser.add_argument("--profile", default=None,
                         help="also profile 3 more steps of each (model, precision) with torch.profiler and write "
                              "the op tables (by device time and by host time) to this file")
     args = parser.parse_args(argv)
-    if args.warmup < 0 or args.steps < 1:
-        parser.error("--warmup must be >= 0 and --steps >= 1")
+    if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
+        parser.error("--warmup must be >= 0, --steps and --rounds >= 1")
 
     device = torch.device(args.device)
     if args.models is None:
@@ -150,43 +184,65 @@ def main(argv: list[str] | None = None) -> list[dict]:
     batches = [torch.randint(vocab_size, (batch_size, seq_len), generator=generator).to(device)
                for _ in range(args.warmup + args.steps)]
 
-    rows = []
+    # Every (model, precision) pair is built and warmed up first; then `--rounds` rounds time `--steps` steps of
+    # each pair in turn, so a drift of the machine (a shared, noisy host) spreads over all pairs alike.
+    pairs = []
     for label in args.models:
         model_name, memory_name, overrides = MODELS[label]
         if args.tiny:
             model_name, memory_name = f"{model_name}_tiny", "tiny"
         for precision in args.precisions:
+            baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             torch.manual_seed(args.seed)
             model = build(model_name, memory_name, overrides, vocab_size, device)
             if args.compile_blocks:
                 from experiment.models import compile_blocks
 
-                compile_blocks(model)
-            optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+                compile_blocks(model, **({"mode": args.compile_mode} if args.compile_mode else {}))
+            optimizer = make_optimizer(model, args.optimizer)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times = time_steps(model, optimizer, batches, device, precision, args.warmup)
-            flops = count_flops(model, optimizer, batches[-1:], device, precision) if args.flops else None
-            if args.profile:
-                profile_steps(model, optimizer, batches[-3:], device, precision, f"{label} {precision}",
-                              args.profile)
-            rows.append({
-                "model": label, "precision": precision,
-                "config": " ".join([model_name, *overrides, *(["compile=true"] if args.compile_blocks else [])]),
-                "device": str(device),
-                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                "batch_size": batch_size, "seq_len": seq_len, "warmup": args.warmup, "steps": args.steps,
-                "median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times),
-                "min_ms": 1e3 * min(times),
-                "tokens_per_s": batch_size * seq_len / statistics.median(times),
-                "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                "gflop_per_step": None if flops is None else flops / 1e9,
-            })
-            # one line per pair as it finishes, so a run stopped at its time limit still reports what it measured
-            print(f"{label} {precision}: median {rows[-1]['median_ms']:.2f} ms/step", flush=True)
-            del model, optimizer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            losses = []  # the warm-up steps' losses: a check that compiled / graphed variants train alike
+            times = time_steps(model, optimizer, batches, device, precision, args.warmup,
+                               losses=losses)
+            peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30 if device.type == "cuda" else None
+            config = " ".join([model_name, *overrides, *(["compile=true"] if args.compile_blocks else []),
+                               *([f"mode={args.compile_mode}"] if args.compile_blocks and args.compile_mode else [])])
+            pairs.append({"label": label, "precision": precision, "config": config, "model": model,
+                          "optimizer": optimizer, "times": times, "peak": peak, "losses": losses[:args.warmup]})
+            # one line per pair as it is measured, so a run stopped at its time limit still reports something
+            print(f"{label} {precision}: round 1 median {1e3 * statistics.median(times):.2f} ms/step", flush=True)
+            if args.rounds == 1:
+                finish_pair(pairs[-1], args, batches, device)
+    for round_index in range(2, args.rounds + 1):
+        for pair in pairs:
+            pair["times"] += time_steps(pair["model"], pair["optimizer"], batches[args.warmup:], device,
+                                        pair["precision"], warmup=0, reset=False)
+            print(f"{pair['label']} {pair['precision']}: round {round_index} median "
+                  f"{1e3 * statistics.median(pair['times'][-args.steps:]):.2f} ms/step", flush=True)
+    if args.rounds > 1:
+        for pair in pairs:
+            finish_pair(pair, args, batches, device)
+
+    rows = []
+    for pair in pairs:
+        times = pair["times"]
+        rows.append({
+            "model": pair["label"], "precision": pair["precision"], "config": pair["config"],
+            "optimizer": args.optimizer,
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "batch_size": batch_size, "seq_len": seq_len, "warmup": args.warmup, "steps": args.steps,
+            "rounds": args.rounds,
+            "median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times),
+            "min_ms": 1e3 * min(times),
+            "round_medians_ms": [1e3 * statistics.median(times[i:i + args.steps])
+                                 for i in range(0, len(times), args.steps)],
+            "tokens_per_s": batch_size * seq_len / statistics.median(times),
+            "peak_mem_gib": pair["peak"],
+            "gflop_per_step": pair.get("gflop"),
+            "warmup_losses": pair["losses"],
+        })
 
     plain = {r["precision"]: r["median_ms"] for r in rows if r["model"] == "gpt2"}
     for row in rows:

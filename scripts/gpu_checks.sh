@@ -7,6 +7,9 @@
 #   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2, eager and with the memory
 #      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt),
 #      then the same with every transformer block compiled (compile=true), fp32 then bf16;
+#   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead) against the eager step
+#      with fused Adam, fp32 and bf16, two rounds in turn; profiles of the eager step;
+#   6. profiles of the graphed memory step (LM; graphed, and compiled + graphed): kernels and device time per step;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -16,7 +19,7 @@
 # them). Through the device tool:
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
-# PARTS (which of 1-4 to run, default "1 2 3"; add 4 when the budget allows the sorting runs),
+# PARTS (which of 1-6 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
 # SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the sorting runs, see part 4).
 set -u
 START=$(date +%s)
@@ -55,19 +58,19 @@ transformers.__version__, '| lightning', lightning.__version__, '| cuda', torch.
 } 2>&1 | tee -a "$LOG"
 
 # ---------------------------------------------------------------- 1. CUDA tests
-if [[ " ${PARTS:-1 2 3} " == *" 1 "* ]]; then
+part1() {
 say "1. pytest -m cuda"
 # Only the files that hold CUDA tests: the others need packages (datasets, wandb) the GPU image lacks.
 timeout $(($(left) < 200 ? $(left) : 200)) $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" \
   tests/memoria/test_memoria.py tests/memoria/test_graphs.py tests/experiment/models tests/experiment/tasks/test_sorting.py \
   2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15 | tee -a "$LOG"
-fi
+}
 
 # ---------------------------------------------------------------- 2. core bookkeeping benchmark
 # Variants of ours: defaults (beside the reference), the models' static path, that path replayed as CUDA graphs,
 # and compiled + graphed (LM only, with a fixed store size, since every new size compiles again; beside graphed alone
 # at the same size; the cap of 1024 LTMs is never reached at this config, about 860 engrams per row).
-if [[ " ${PARTS:-1 2 3} " == *" 2 "* ]]; then
+part2() {
 say "2. bench_memoria (cuda)"
 while IFS='|' read -r name configs impls variant; do
   # shellcheck disable=SC2086
@@ -81,10 +84,10 @@ bench_memoria_static|lm enwik8 sort|ours|--static-shape --no-validate
 bench_memoria_compiled|lm|ours|--static-shape --no-validate --cuda-graph --compile --ltm-capacity 1024
 bench_memoria_graph_capped|lm|ours|--static-shape --no-validate --cuda-graph --ltm-capacity 1024
 VARIANTS
-fi
+}
 
 # ---------------------------------------------------------------- 3. one training step at the WikiText-103 shape
-if [[ " ${PARTS:-1 2 3} " == *" 3 "* ]]; then
+part3() {
 say "3. bench_step (fp32, bf16)"
 timeout $(($(left) < 150 ? $(left) : 150)) $PY scripts/bench_step.py --warmup 20 --steps 30 \
   --json "$OUT/bench_step.json" --profile "$OUT/profile_step.txt" 2>&1 | tail -12 | tee -a "$LOG"
@@ -96,7 +99,33 @@ say "3c. the same in bf16"
 timeout $(($(left) < 200 ? $(left) : 200)) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks \
   --precisions bf16 --models memoria_gpt2_graphed gpt2 --json "$OUT/bench_step_compiled_bf16.json" 2>&1 \
   | tail -12 | tee -a "$LOG"
-fi
+}
+
+# ---------------------------------------------------------------- 5. training step: eager against graphed blocks
+# The step is bound by the host's kernel launches (about 7 us each on the lent machines), so: the eager step
+# (fused Adam, the task's optimizer on a GPU) against every block compiled with mode=reduce-overhead (each
+# block's forward and backward replayed as CUDA graphs), fp32 and bf16, two rounds each in turn, with profiles.
+part5() {
+say "5. bench_step: compiled blocks as CUDA graphs (reduce-overhead)"
+timeout $(($(left) < 150 ? $(left) : 150)) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
+  --compile-blocks --compile-mode reduce-overhead --models memoria_gpt2_graphed gpt2 \
+  --json "$OUT/bench_step_reduce_overhead.json" 2>&1 | grep -v Warning | tail -14 | tee -a "$LOG"
+say "5b. bench_step: eager, fused Adam"
+timeout $(($(left) < 100 ? $(left) : 100)) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
+  --models memoria_gpt2_graphed gpt2 --json "$OUT/bench_step_fused.json" --profile "$OUT/profile_step_fused.txt" \
+  2>&1 | tail -14 | tee -a "$LOG"
+}
+
+# ---------------------------------------------------------------- 6. where the graphed memory step's time goes
+part6() {
+say "6. bench_memoria profiles (LM, graphed; compiled + graphed)"
+for variant in "--cuda-graph" "--cuda-graph --compile"; do
+  # shellcheck disable=SC2086
+  timeout $(($(left) < 90 ? $(left) : 90)) $PY scripts/bench_memoria.py --device cuda --configs lm --impl ours \
+    --static-shape --no-validate --ltm-capacity 1024 $variant --warmup 40 --steps 30 \
+    --profile "$OUT/profile_memoria.txt" --timeout 85 2>&1 | tail -1 | tee -a "$LOG"
+done
+}
 
 # ---------------------------------------------------------------- 4. sorting, every model, side by side
 # SORT_RUNS: one run per line, "<name> <model> [more overrides]"; default: the five *_sort models with SORT_ARGS,
@@ -110,8 +139,9 @@ if [ -z "${SORT_RUNS:-}" ]; then
   # and Memoria with its memory paths starting silent (the sorting stall of docs/results.md)
   SORT_RUNS+=$'\n'"memoria_gpt2_sort_zero_init memoria_gpt2_sort model.config.memoria_zero_init_memory_output=true $SORT_ARGS"
 fi
-train_s=$(($(left) - 100))  # the rest is start-up, the last validation and the test
-if [[ " ${PARTS:-1 2 3} " == *" 4 "* ]] && [ "$train_s" -ge 60 ]; then
+part4() {
+local train_s=$(($(left) - 100))  # the rest is start-up, the last validation and the test
+if [ "$train_s" -ge 60 ]; then
   say "4. sorting runs for ${train_s} s"
   max_time=$(printf '00:00:%02d:%02d' $((train_s / 60)) $((train_s % 60)))
   mkdir -p /tmp/sort_runs
@@ -146,8 +176,14 @@ PYEOF
   done
   grep -E "^----|test/acc-final |optimizer steps|wall time|rror" "$OUT/sort_runs.txt" | tee -a "$LOG"
 else
-  say "4. skipped (PARTS, or too little time left)"
+  say "4. skipped (too little time left)"
 fi
+}
+
+# ---------------------------------------------------------------- run the parts asked for, in that order
+for part in ${PARTS:-1 2 3}; do
+  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-6)"; fi
+done
 say "done"
 # The device tool brings back at most 8 files: keep the log and the pytest output loose, pack the rest.
 (cd "$OUT" && files=$(ls | grep -vE '^(gpu_checks.log|pytest_cuda.txt|details.tgz)$') && [ -n "$files" ] \

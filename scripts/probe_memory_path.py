@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     outputs: dict[str, list[tuple[float, float]]] = {}
     original = gpt2_memoria.memory_attention
 
-    def recording(attn, hidden, memory, memory_valid, row_valid, return_probs, **kwargs):
-        y, probs = original(attn, hidden, memory, memory_valid, row_valid, return_probs, **kwargs)
+    def recording(attn, hidden, source):
+        y, probs = original(attn, hidden, source)
         # norm of the output vector, and its spread across positions (B, T, H) -> scalars
-        outputs.setdefault("mem" if return_probs else "wm", []).append(
+        outputs.setdefault("wm" if probs is None else "mem", []).append(
             (y.norm(dim=-1).mean().item(), y.std(dim=1).mean().item())
         )
         return y, probs

@@ -17,7 +17,7 @@ attention, its two LayerNorms, the Abstractor) freshly initialised.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -128,53 +128,78 @@ def check_memoria_config(config: GPT2WithMemoriaConfig) -> None:
         )
 
 
-def memory_attention(
-    attn: GPT2Attention,
-    hidden: torch.Tensor,
+class MemorySource(NamedTuple):
+    """One memory the blocks attend to, prepared once per segment and shared by every block (built by
+    `memory_source`): what does not change from block to block is computed once, not twelve times."""
+
+    values: torch.Tensor  # (B, M, H) the engrams
+    attn_mask: torch.Tensor | None  # (B, 1, 1, M) bool, True = visible; None = every slot is visible
+    row_scale: torch.Tensor  # (B, 1, 1) float32: 1 for a row with memory, 0 for one without
+    prob_weights: torch.Tensor | None  # (B, T) float32 query weights x row / heads (for Δ); None = no probs
+    score_bias: torch.Tensor | None  # (B, 1, 1, M) float32 0 / -inf: attn_mask as added to the Δ scores
+
+
+def memory_source(
     memory: torch.Tensor,
     memory_valid: torch.Tensor | None,
     row_valid: torch.Tensor,
-    return_probs: bool,
     query_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cross-attention of `hidden` (B, T, H) over `memory` (B, M, H) with a GPT-2 cross-attention module.
+    num_heads: int = 1,
+) -> MemorySource:
+    """Prepare `memory` (B, M, H) for `memory_attention`.
 
     memory_valid: (B, M) bool, False slots (Memoria's -1) get no attention; None = all visible.
     row_valid: (B,) bool; a row without memory gets exactly zero output (the output bias included).
-    return_probs: also return the attention probabilities, taken before attention dropout and outside autograd
-        (for the lifespan delta): (B, heads, T, M), or (B, M) averaged over heads and queries when `query_weights`
-        (B, T) (rows sum to 1) is given. The output always comes from the fused `scaled_dot_product_attention`
-        kernel (its backward is one kernel too).
+    query_weights: (B, T), rows summing to 1: ask for the attention probabilities averaged over heads and these
+        weighted queries (for the lifespan delta); None = no probabilities.
+    """
+    mask = None  # no causality across segments: every valid slot is visible to every query
+    if memory_valid is not None:
+        # A row with no valid slot sees all of them (finite, never NaN) and is zeroed by row_scale.
+        mask = (memory_valid | ~row_valid[:, None])[:, None, None, :]  # (B, 1, 1, M)
+    prob_weights = score_bias = None
+    if query_weights is not None:
+        prob_weights = query_weights.float() * (row_valid[:, None] / num_heads)  # (B, T)
+        if mask is not None:
+            score_bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, -math.inf)
+    return MemorySource(memory, mask, row_valid[:, None, None].float(), prob_weights, score_bias)
+
+
+def memory_attention(
+    attn: GPT2Attention, hidden: torch.Tensor, source: MemorySource
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-attention of `hidden` (B, T, H) over `source.values` (B, M, H) with a GPT-2 cross-attention module.
+
+    Returns the output (B, T, H), and when `source.prob_weights` is set the attention probabilities taken before
+    attention dropout and outside autograd, averaged over heads and weighted queries: (B, M), zero for rows
+    without memory. The output always comes from the fused `scaled_dot_product_attention` kernel (its backward
+    is one kernel too).
     """
     B, T, H = hidden.shape
-    M = memory.shape[1]
+    M = source.values.shape[1]
     nh, hd = attn.num_heads, attn.head_dim
     q = attn.q_attn(hidden).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-    k, v = attn.c_attn(memory).split(attn.split_size, dim=2)  # (B, M, H) each
+    k, v = attn.c_attn(source.values).split(attn.split_size, dim=2)  # (B, M, H) each
     k = k.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
     v = v.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
     dropout_p = attn.attn_dropout.p if attn.training else 0.0
-
-    mask = None  # no causality across segments: every valid slot is visible to every query
-    if memory_valid is not None:
-        # A row with no valid slot sees all of them (finite, never NaN) and is zeroed below.
-        mask = (memory_valid | ~row_valid[:, None])[:, None, None, :]  # (B, 1, 1, M)
+    mask = source.attn_mask
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=attn.scaling)
 
     probs = None
-    if return_probs:
+    if source.prob_weights is not None:
         with torch.no_grad():
-            scores = torch.matmul(q, k.transpose(-1, -2)).float() * attn.scaling  # (B, nh, T, M)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, -math.inf)
+            scores = torch.matmul(q, k.transpose(-1, -2)).float()  # (B, nh, T, M)
+            if source.score_bias is not None:
+                scores = torch.add(source.score_bias, scores, alpha=attn.scaling)  # masked slots -inf
+            else:
+                scores = scores * attn.scaling
             probs = torch.softmax(scores, dim=-1)  # (B, nh, T, M)
-            if query_weights is not None:
-                probs = torch.einsum("bhtm,bt->bm", probs, query_weights.float()) / nh  # (B, M)
-            probs = probs * (row_valid if probs.dim() == 2 else row_valid[:, None, None])[..., None]
+            probs = torch.einsum("bhtm,bt->bm", probs, source.prob_weights)  # (B, M) mean over heads, queries
 
     y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
     y = attn.resid_dropout(attn.c_proj(y))
-    return y * row_valid[:, None, None].to(y.dtype), probs
+    return y * source.row_scale.to(y.dtype), probs  # (B, T, H): a no-op cast unless under autocast
 
 
 class GPT2WithMemoriaBlock(GPT2Block):
@@ -193,17 +218,12 @@ class GPT2WithMemoriaBlock(GPT2Block):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        working_memory: torch.Tensor | None = None,
-        working_memory_rows: torch.Tensor | None = None,
-        reminded: torch.Tensor | None = None,
-        reminded_valid: torch.Tensor | None = None,
-        query_weights: torch.Tensor | None = None,
-        reminded_rows: torch.Tensor | None = None,
+        working_memory: MemorySource | None = None,
+        reminded: MemorySource | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states (B, T, H); working_memory (B, W, H) with working_memory_rows (B,) bool;
-        reminded (B, M, H) with reminded_valid (B, M) bool and reminded_rows (B,) = reminded_valid.any(1)
-        (computed here when None); query_weights (B, T) sums to 1 per row (None = uniform).
+        """hidden_states (B, T, H); the working memory (W engrams) and the reminded memory (M engrams, with
+        `prob_weights`) as prepared by `memory_source`, each None when absent.
 
         Returns the new hidden states and this layer's reminded-attention probabilities averaged over heads
         and query positions, (B, M) detached, or None without reminded memory.
@@ -214,20 +234,11 @@ class GPT2WithMemoriaBlock(GPT2Block):
 
         reminded_probs = None
         if working_memory is not None:
-            wm_out, _ = memory_attention(
-                self.memory_attn, self.ln_wm(h), working_memory, None, working_memory_rows, return_probs=False
-            )
+            wm_out, _ = memory_attention(self.memory_attn, self.ln_wm(h), working_memory)
             h = h + wm_out
-        if reminded is not None and reminded.shape[1] > 0:
-            if reminded_rows is None:
-                reminded_rows = reminded_valid.any(dim=1)  # (B,)
-            if query_weights is None:
-                query_weights = h.new_full(h.shape[:2], 1.0 / h.shape[1])  # (B, T) uniform
-            mem_out, reminded_probs = memory_attention(
-                self.memory_attn, self.ln_mem(h), reminded, reminded_valid, reminded_rows, return_probs=True,
-                query_weights=query_weights,
-            )  # reminded_probs (B, M): mean over heads and (weighted) queries
-            h = h + mem_out
+        if reminded is not None and reminded.values.shape[1] > 0:
+            mem_out, reminded_probs = memory_attention(self.memory_attn, self.ln_mem(h), reminded)
+            h = h + mem_out  # reminded_probs (B, M): mean over heads and (weighted) queries
 
         h = h + self.mlp(self.ln_2(h))
         return h, reminded_probs
@@ -487,31 +498,31 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             self._move_memory(input_ids.device)  # the model was moved since the memory was written
 
         # --- memory read (outside every block, so activation checkpointing never replays it)
-        working_memory = wm_rows = reminded = reminded_idx = reminded_valid = reminded_rows = None
+        working_memory = reminded = reminded_idx = reminded_valid = None
         if self.prev_hidden is not None:
             prev_hidden = self.prev_hidden
             wm_rows = self.prev_hidden_rows  # (B,)
             # WM carries gradient into the Abstractor through the working-memory attention of this segment.
             if self.abstractor is not None:
-                working_memory = self.abstractor(prev_hidden)  # (B, W, H)
+                wm = self.abstractor(prev_hidden)  # (B, W, H)
             else:
-                working_memory = prev_hidden  # (B, T, H): raw hidden states as working memory
+                wm = prev_hidden  # (B, T, H): raw hidden states as working memory
             if self.memoria is None:
                 self.memoria = self._new_memoria()
-            self.memoria.add_working_memory(working_memory, mask=wm_rows)
-            reminded, reminded_idx = self.memoria.remind()  # (B, M, H) float32, (B, M) int64, -1 = none
-            reminded = reminded.to(device=h.device, dtype=h.dtype)
+            self.memoria.add_working_memory(wm, mask=wm_rows)
+            remembered, reminded_idx = self.memoria.remind()  # (B, M, H) float32, (B, M) int64, -1 = none
             reminded_idx = reminded_idx.to(h.device)
             reminded_valid = reminded_idx >= 0  # (B, M)
-            reminded_rows = reminded_valid.any(dim=1)  # (B,) once here, not in every block
+            working_memory = memory_source(wm, None, wm_rows)
+            reminded = memory_source(
+                remembered.to(device=h.device, dtype=h.dtype), reminded_valid, reminded_valid.any(dim=1),
+                query_weights, cfg.num_attention_heads,
+            )
 
         # --- blocks
         probs_sum = None
         for block in self.h:
-            h, probs = block(
-                h, causal_mask, working_memory, wm_rows, reminded, reminded_valid, query_weights, reminded_rows,
-                **kwargs,
-            )
+            h, probs = block(h, causal_mask, working_memory, reminded, **kwargs)
             if probs is not None:
                 probs_sum = probs if probs_sum is None else probs_sum + probs
         hidden = self.ln_f(h)  # (B, T, H)

@@ -4,7 +4,8 @@ stage boundaries and the checks every task needs before training.
 A task subclass implements `training_step` / `validation_step` / `test_step` and drives the model only through the
 memory protocol (`experiment/models/protocol.py`). What the base gives it:
 
-- `configure_optimizers`: Adam (torch defaults, `weight_decay` 0 by default) at `learning_rate`, with
+- `configure_optimizers`: Adam (torch defaults, `weight_decay` 0 by default; torch's fused kernel when every
+  parameter is on a GPU) at `learning_rate`, with
   `schedule="linear"` (linear warm-up over `warmup_ratio` of all optimizer steps, then linear decay to 0) or
   `schedule="constant"`; the scheduler is stepped once per *optimizer* step. Total steps come from
   `trainer.estimated_stepping_batches` (devices and gradient accumulation accounted for).
@@ -50,6 +51,14 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int):
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return multiplier
+
+
+def adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam with torch's defaults; on a GPU the fused implementation (one kernel launch for every parameter
+    instead of several per group of tensors: the host's launch work is a large part of a training step)."""
+    params = list(params)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def constant_multiplier(step: int) -> float:
@@ -106,7 +115,7 @@ class MemoryTask(L.LightningModule):
     # ----------------------------------------------------------------------------------------------------------
     # optimizer
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+        optimizer = adam(self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         if self.schedule == "constant":
             multiplier = constant_multiplier
         else:

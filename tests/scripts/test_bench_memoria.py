@@ -114,3 +114,12 @@ def test_counts_the_calls_of_the_gpu_path(tmp_path) -> None:
     calls = result["aten_calls_per_step"]
     assert 0 < calls["not_views"] < calls["all"]
     assert result["reminded_width_mean"] == 100  # static width: r_stm + r_ltm
+
+
+def test_profile_appends_a_table_per_run(tmp_path) -> None:
+    bench = load_bench()
+    profile = tmp_path / "profile.txt"
+    bench.main(["--impl", "ours", "--configs", "lm", "--device", "cpu", "--batch-size", "1", "--warmup", "1",
+                "--steps", "1", "--threads", "1", "--profile", str(profile)])
+    text = profile.read_text()
+    assert text.count("==== ours lm cpu") == 1 and "per step" in text and "aten::" in text

@@ -24,3 +24,10 @@ def test_flops_are_counted_per_model():
                               "--flops"])
     memoria, plain = (r["gflop_per_step"] for r in rows)
     assert memoria > plain > 0  # the memory paths add matmuls
+
+
+def test_rounds_time_every_pair_in_turn():
+    rows = load_bench().main(["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--rounds", "3",
+                              "--precisions", "fp32", "--models", "memoria_gpt2", "gpt2", "--optimizer", "foreach"])
+    assert all(len(r["round_medians_ms"]) == 3 and r["rounds"] == 3 for r in rows)
+    assert all(r["optimizer"] == "foreach" for r in rows)

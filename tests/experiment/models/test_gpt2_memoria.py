@@ -15,6 +15,7 @@ from experiment.models.gpt2_memoria import (
     GPT2WithMemoriaModel,
     lifespan_delta,
     memory_attention,
+    memory_source,
 )
 from experiment.models.protocol import MemoryModelOutput
 
@@ -273,17 +274,17 @@ def test_memory_attention_row_without_valid_memory_is_exactly_zero():
     memory = torch.randn(3, 4, 32)
     valid = torch.tensor([[True, True, False, False], [False, False, False, False], [True, True, True, True]])
     row_valid = valid.any(1)
-    out, probs = memory_attention(attn, hidden, memory, valid, row_valid, return_probs=True)
+    weights = torch.full((3, 5), 1 / 5)
+    out, probs = memory_attention(attn, hidden, memory_source(memory, valid, row_valid, weights, attn.num_heads))
     assert torch.isfinite(out).all() and torch.isfinite(probs).all()
     assert out[1].abs().max().item() == 0.0  # output bias included
     assert probs[1].abs().max().item() == 0.0
-    assert probs[0, ..., 2:].abs().max().item() == 0.0  # -1 slots get no attention
-    torch.testing.assert_close(probs[[0, 2]].sum(-1), torch.ones(2, 2, 5))
+    assert probs[0, 2:].abs().max().item() == 0.0  # -1 slots get no attention
+    torch.testing.assert_close(probs[[0, 2]].sum(-1), torch.ones(2))
     # a whole batch with M = 0
-    out0, probs0 = memory_attention(
-        attn, hidden, memory[:, :0], valid[:, :0], torch.zeros(3, dtype=torch.bool), True
-    )
-    assert out0.abs().max().item() == 0.0 and probs0.shape == (3, 2, 5, 0)
+    empty = memory_source(memory[:, :0], valid[:, :0], torch.zeros(3, dtype=torch.bool), weights, attn.num_heads)
+    out0, probs0 = memory_attention(attn, hidden, empty)
+    assert out0.abs().max().item() == 0.0 and probs0.shape == (3, 0)
 
 
 def test_memory_attention_equals_explicit_masked_softmax_attention():
@@ -291,7 +292,9 @@ def test_memory_attention_equals_explicit_masked_softmax_attention():
     hidden, memory = torch.randn(3, 5, 32), torch.randn(3, 4, 32)
     valid = torch.tensor([[True, False, True, False], [True, True, True, True], [False, False, False, False]])
     rows = valid.any(1)
-    out, probs = memory_attention(attn, hidden, memory, valid, rows, return_probs=True)
+    weights = torch.rand(3, 5).softmax(-1)  # query weights: probs averaged over heads and weighted queries
+    source = memory_source(memory, valid, rows, weights, attn.num_heads)
+    out, mean_probs = memory_attention(attn, hidden, source)
     # by hand: per head, softmax over the valid slots of q.k / sqrt(d), times v, then c_proj; zero without memory
     B, T, H, nh = 3, 5, 32, attn.num_heads
     q = attn.q_attn(hidden).view(B, T, nh, -1).transpose(1, 2)
@@ -300,23 +303,22 @@ def test_memory_attention_equals_explicit_masked_softmax_attention():
     expect_probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
     expect = attn.c_proj((expect_probs @ v).transpose(1, 2).reshape(B, T, H)) * rows[:, None, None]
     torch.testing.assert_close(out, expect)
-    torch.testing.assert_close(probs, expect_probs)
-    unmasked, _ = memory_attention(attn, hidden, memory, None, torch.ones(3, dtype=torch.bool), False)
+    torch.testing.assert_close(mean_probs, (expect_probs.mean(1) * weights[:, :, None]).sum(1))
+    # no mask and no query weights: plain attention over every slot, no probabilities
+    unmasked, no_probs = memory_attention(attn, hidden, memory_source(memory, None, torch.ones(3, dtype=torch.bool)))
     full = attn.c_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H))
     torch.testing.assert_close(unmasked, full)
-    weights = torch.rand(3, 5).softmax(-1)  # query weights: probs averaged over heads and weighted queries
-    _, mean_probs = memory_attention(attn, hidden, memory, valid, rows, True, query_weights=weights)
-    torch.testing.assert_close(mean_probs, (expect_probs.mean(1) * weights[:, :, None]).sum(1))
+    assert no_probs is None
 
 
 def test_lifespan_probabilities_are_taken_before_attention_dropout():
     attn = _attention_module(attn_pdrop=0.9)
     hidden, memory = torch.randn(2, 5, 32), torch.randn(2, 4, 32)
     valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    rows = valid.any(1)
+    source = memory_source(memory, valid, valid.any(1), torch.full((2, 5), 1 / 5), attn.num_heads)
     torch.manual_seed(1)
-    train_out, train_probs = memory_attention(attn.train(), hidden, memory, valid, rows, return_probs=True)
-    eval_out, eval_probs = memory_attention(attn.eval(), hidden, memory, valid, rows, return_probs=True)
+    train_out, train_probs = memory_attention(attn.train(), hidden, source)
+    eval_out, eval_probs = memory_attention(attn.eval(), hidden, source)
     assert not torch.allclose(train_out, eval_out)  # dropout really acted on the output
     torch.testing.assert_close(train_probs, eval_probs)  # ... but not on the probabilities used for Δ
 
