@@ -63,6 +63,7 @@ class RunSchema:
     run_name: str = MISSING
     print_summary: bool = True
     compile: bool = False
+    compile_mode: str = "default"
     task: Any = MISSING
     model: Any = MISSING
     memory: Any = MISSING
@@ -97,6 +98,7 @@ MEMORY_ZERO_ALLOWED = {"num_memories", "num_reminded_stm", "num_reminded_ltm", "
                        "lifespan_extend_scale"}
 MEMORY_NOT_HYPERPARAMETERS = {"seed"}
 TASK_KEYS = ("name", "monitor", "monitor_mode", "module", "data")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -114,6 +116,9 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a file; point it at a checkpoint such as "
                           "<run dir>/checkpoints/last.ckpt.")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode={cfg.compile_mode} is not a torch.compile mode; use one of "
+                          f"{', '.join(COMPILE_MODES)} (with compile=true).")
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda"):
         import torch
@@ -231,6 +236,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from experiment.callbacks import CudaGraphStepMarker
     from experiment.loggers import build_logger, finish_logger
     from experiment.models import build_model, compile_blocks
 
@@ -256,8 +262,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         datamodule.setup("fit")
     # Model and task first when possible: their checks (segment vs positions) fail before data is generated.
     model = build_model(cfg.model, early_vocab or datamodule.vocab_size)
+    callbacks = []
     if cfg.compile:
-        log.info("compile: torch.compile of %d transformer blocks (the first steps compile)", compile_blocks(model))
+        count = compile_blocks(model, mode=cfg.compile_mode)
+        log.info("compile: torch.compile (mode %s) of %d transformer blocks (the first steps compile)",
+                 cfg.compile_mode, count)
+        if cfg.compile_mode in ("reduce-overhead", "max-autotune"):
+            callbacks.append(CudaGraphStepMarker())  # these modes replay the blocks as CUDA graphs
     module = _instantiate(cfg.task.module, "task.module", model=model)
     if early_vocab is not None:
         datamodule.prepare_data()
@@ -283,7 +294,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                       save_top_k=1, enable_version_counter=False)
     logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved,
                           resume_from=cfg.ckpt_path if mode is Mode.train else None)
-    trainer = instantiate(cfg.trainer, callbacks=[checkpoint, last_checkpoint], logger=logger,
+    trainer = instantiate(cfg.trainer, callbacks=[checkpoint, last_checkpoint, *callbacks], logger=logger,
                           default_root_dir=str(run_dir))
 
     results: dict[str, Any] = {

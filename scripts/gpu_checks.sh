@@ -121,9 +121,9 @@ part6() {
 say "6. bench_memoria profiles (LM, graphed; compiled + graphed)"
 for variant in "--cuda-graph" "--cuda-graph --compile"; do
   # shellcheck disable=SC2086
-  timeout $(($(left) < 90 ? $(left) : 90)) $PY scripts/bench_memoria.py --device cuda --configs lm --impl ours \
+  timeout $(($(left) < 160 ? $(left) : 160)) $PY scripts/bench_memoria.py --device cuda --configs lm --impl ours \
     --static-shape --no-validate --ltm-capacity 1024 $variant --warmup 40 --steps 30 \
-    --profile "$OUT/profile_memoria.txt" --timeout 85 2>&1 | tail -1 | tee -a "$LOG"
+    --profile "$OUT/profile_memoria.txt" --timeout 150 2>&1 | tail -1 | tee -a "$LOG"
 done
 }
 

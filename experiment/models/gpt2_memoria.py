@@ -55,7 +55,8 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_seed                  seed of the memory's tie-break hash (the rank is added under DDP)
     memoria_deterministic         break ties oldest-first instead of at random
     memoria_ltm_capacity          cap on long-term memories per row; None = unbounded, as in the paper
-    memoria_cuda_graph            on a GPU, replay the memory step's device work as CUDA graphs (same results)
+    memoria_cuda_graph            on a GPU, replay the memory step's device work as CUDA graphs (same results;
+                                  on by default, ignored off a GPU)
     memoria_compile               torch.compile the memory step's device work (same results; slow first step)
     memoria_zero_init_memory_output  start the memory cross-attention's output projection at zero, so the memory
                                   paths add nothing at initialisation (not the paper's model: an option for the
@@ -77,7 +78,7 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_seed: int = 0
     memoria_deterministic: bool = False
     memoria_ltm_capacity: int | None = None
-    memoria_cuda_graph: bool = False
+    memoria_cuda_graph: bool = True
     memoria_compile: bool = False
     memoria_zero_init_memory_output: bool = False
 

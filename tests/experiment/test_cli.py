@@ -300,3 +300,31 @@ def test_compile_true_compiles_every_block_before_training(tmp_path, monkeypatch
     results = run(cfg, run_dir=tmp_path)
     assert compiled == [cfg.model.config.n_layer] and results["test"]
     torch._dynamo.reset()
+
+
+def test_compile_mode_reaches_torch_compile_and_graph_modes_mark_every_batch(tmp_path, monkeypatch):
+    import experiment.models
+
+    modes, marks = [], []
+    real = experiment.models.compile_blocks
+
+    def eager_compile(model, **kwargs):  # the real function with the tracing-only backend; record the mode
+        modes.append(kwargs.get("mode"))
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(experiment.models, "compile_blocks", eager_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    cfg = compose_config([*TINY_SORTING, *FAST, "trainer.max_steps=2", "logger=none", "compile=true",
+                          "compile_mode=reduce-overhead"])
+    results = run(cfg, run_dir=tmp_path)
+    torch._dynamo.reset()
+    assert modes == ["reduce-overhead"] and results["test"]
+    assert len(marks) >= 2 + 1  # two training batches, at least one test batch (and the validation batches)
+    marks.clear()
+    run(compose_config([*TINY_SORTING, *FAST, "trainer.max_steps=1", "logger=none"]), run_dir=tmp_path / "plain")
+    assert marks == []  # no marker without a graph mode
+
+
+def test_unknown_compile_mode_is_refused_with_the_choices():
+    with pytest.raises(ConfigError, match="compile_mode=fastest .*reduce-overhead"):
+        validate_config(compose_config([*TINY_SORTING, "compile=true", "compile_mode=fastest"]))

@@ -646,8 +646,8 @@ def test_zero_init_memory_output_makes_memory_silent_until_trained(tmp_path):
 
 def test_memory_speed_options_reach_memoria_and_change_nothing_on_the_cpu():
     segs = segments(6)
-    plain = run(tiny_model(), segs)
-    fast = tiny_model(memoria_cuda_graph=True)  # a no-op off a GPU
+    plain = run(tiny_model(memoria_cuda_graph=False), segs)
+    fast = tiny_model(memoria_cuda_graph=True)  # a no-op off a GPU (and the default)
     got = run(fast, segs)
     assert fast.transformer.memoria.cuda_graph
     for a, b in zip(plain, got):
@@ -685,7 +685,7 @@ def test_graphed_memory_gives_the_model_the_same_outputs_with_emulated_graphs():
     from tests.memoria.test_graphs import EmulatedGraphs
 
     segs = segments(8)
-    eager = run(tiny_model(), segs)
+    eager = run(tiny_model(memoria_cuda_graph=False), segs)
     model = tiny_model(memoria_cuda_graph=True)
     backend = EmulatedGraphs()
     build = model.transformer._new_memoria

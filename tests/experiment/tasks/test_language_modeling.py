@@ -337,7 +337,7 @@ def test_cli_language_modelling_with_emulated_cuda_graphs(wikitext, tmp_path, mo
 
     common = [*wikitext_overrides(wikitext), *SHORT_RUN, "trainer.max_epochs=2"]
     monkeypatch.setattr(Memoria, "_force_sync_free", True)
-    eager = run(compose_config(common), run_dir=tmp_path / "eager")
+    eager = run(compose_config([*common, "memory.cuda_graph=false"]), run_dir=tmp_path / "eager")
     backend = EmulatedGraphs()
     monkeypatch.setattr(Memoria, "_graph_backend", backend)
     graphed = run(compose_config([*common, "memory.cuda_graph=true"]), run_dir=tmp_path / "graphed")
