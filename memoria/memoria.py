@@ -38,6 +38,14 @@ _MASK32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2**31, so a 32-bit value times it stays below 2**63: no int64 overflow
 
 
+def _packed_key(value: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """int64 sort keys in the order of (value, low): the float32 `value` mapped to an int32 of the same order
+    (-0.0 and +0.0 equal) in the high half, `low` (int64 in [0, 2**32)) in the low half. One sort instead of two."""
+    bits = (value + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: magnitude bits flipped, so the order holds
+    return (ordered.to(torch.int64) << 32) | low
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (xorshift-multiply) of int64 values in [0, 2**32), elementwise."""
     x = ((x >> 16) ^ x) * _HASH_MUL & _MASK32
@@ -300,7 +308,7 @@ class Memoria:
         wm = torch.gather(store.data, 1, wm_slots[:, :, None].expand(*wm_slots.shape, H))  # (B, W, H)
         cue = self._cue(wm, wm_valid)  # what _similarity needs of the WM, computed once
         row_has_wm = wm_valid.any(1)  # (B,)
-        frac = self._tie_fraction(store)  # (B, C) float64 in [0, 0.49]: the tie-break among equal values
+        frac, tie = self._tie_keys(store)  # (B, C) each: the tie-break among equal counts, and among equal scores
 
         # --- STM recall: top r_stm live STMs by similarity to the WM (padding never competes)
         k_stm_cap = min(C, self.stm_capacity)
@@ -308,7 +316,7 @@ class Memoria:
         stm_slots = torch.topk(is_stm.to(torch.uint8), k_stm_cap, dim=1, sorted=False).indices  # (B, S)
         stm_ok = torch.gather(is_stm, 1, stm_slots) & row_has_wm[:, None]
         stm_score = self._similarity(cue, stm_slots)  # (B, S)
-        rs_slots, rs_ok = self._top(stm_score, stm_ok, torch.gather(frac, 1, stm_slots), stm_slots, k_s)
+        rs_slots, rs_ok = self._top(stm_score, stm_ok, torch.gather(tie, 1, stm_slots), stm_slots, k_s)
 
         # --- initial LTMs, then the walk. `open_` (B, C + 1): the tie fraction of every LTM not yet visited,
         # -inf elsewhere; column C is a sink for "no node". A count plus it is >= 1 exactly when the count is
@@ -338,7 +346,7 @@ class Memoria:
         f_slots = torch.topk(found.to(torch.uint8), k_f_cap, dim=1, sorted=False).indices  # (B, F)
         f_ok = torch.gather(found, 1, f_slots)
         f_score = self._similarity(cue, f_slots)
-        rl_slots, rl_ok = self._top(f_score, f_ok, torch.gather(frac, 1, f_slots), f_slots, k_l)
+        rl_slots, rl_ok = self._top(f_score, f_ok, torch.gather(tie, 1, f_slots), f_slots, k_l)
 
         # --- fire together, wire together: +1 on every ordered pair of the fired set, diagonal included
         fired = torch.cat([wm_slots, rs_slots, rl_slots], 1)  # (B, K)
@@ -350,11 +358,16 @@ class Memoria:
         # --- output: recalled STMs, then recalled LTMs (each by descending score), -1 padding at the end
         out_slots = torch.cat([rs_slots, rl_slots], 1)  # (B, k_s + k_l)
         out_ok = torch.cat([rs_ok, rl_ok], 1)
-        front = torch.sort((~out_ok).to(torch.int8), dim=1, stable=True).indices  # valid first, order kept
-        out_slots, out_ok = torch.gather(out_slots, 1, front), torch.gather(out_ok, 1, front)
-        _, offset, rank = store.view_order()
-        view_idx = torch.where(out_ok, offset[:, None] + torch.gather(rank, 1, out_slots), -1)  # (B, M)
+        # valid first, order kept: a stable partition by position arithmetic (no sort)
         M = out_slots.shape[1]
+        valid_upto = out_ok.cumsum(1)  # (B, M) valid entries up to and including each
+        n_valid = valid_upto[:, -1:]  # (B, 1)
+        position = torch.arange(M, device=dev)
+        dest = torch.where(out_ok, valid_upto - 1, n_valid + position - valid_upto)  # (B, M) a permutation
+        out_slots = torch.empty_like(out_slots).scatter_(1, dest, out_slots)
+        out_ok = position < n_valid  # (B, M)
+        offset, rank = store.view_ranks(out_slots)  # (B,), (B, M): reference-layout positions of out_slots
+        view_idx = torch.where(out_ok, offset[:, None] + rank, -1)  # (B, M)
         memories = torch.gather(store.data, 1, out_slots[:, :, None].expand(B, M, H)) * out_ok[:, :, None]
         return memories, view_idx, out_slots, out_ok
 
@@ -636,16 +649,19 @@ class Memoria:
         self.seed = seed
         self._seed32 = int(_mix32(torch.tensor(seed & _MASK32)))  # mixed once: nearby seeds differ widely
 
-    def _tie_fraction(self, store: SlotStore) -> torch.Tensor:
-        """(B, C) float64 in [0, 0.49]: added to integer counts, it breaks ties without changing their order;
-        also the secondary sort key of score ties. Random mode: a uniform draw per engram and step, hashed from
-        (seed, engram id, step = store.next_id); distinct ids get distinct hash inputs within a step.
-        Deterministic: larger for older engrams."""
+    def _tie_keys(self, store: SlotStore) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tie-break of this step, in two forms of one order (larger wins), each (B, C):
+        frac float64 in [0, 0.49]: added to integer counts it breaks their ties without changing their order;
+        key int64 in [0, 2**32): the secondary key of score ties, packed below the score in `_top`'s sort key.
+        Random mode: a uniform 32-bit draw per engram and step, hashed from (seed, engram id, step =
+        store.next_id); distinct ids get distinct hash inputs within a step. Deterministic: older engrams first
+        (the key saturates after 2**32 - 1 engram ids: past that, equal keys keep slot order)."""
         if self.deterministic:
-            return 0.49 * (1.0 - store.created.double() / (store.next_id + 1))
+            frac = 0.49 * (1.0 - store.created.double() / (store.next_id + 1))
+            return frac, _MASK32 - store.created.clamp(max=_MASK32)
         salt = (store.next_id & _MASK32) ^ self._seed32  # () this step's salt
         u = _mix32((store.created & _MASK32) ^ salt)  # (B, C) in [0, 2**32)
-        return u.double() * (0.49 / 2**32)
+        return u.double() * (0.49 / 2**32), u  # u * c keeps the order of u exactly (u < 2**32 << 2**53)
 
     def _cue(self, wm: torch.Tensor, wm_valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The working memory wm (B, W, H) (rows `wm_valid` (B, W)) as _similarity uses it: neg_sq its centroid
@@ -675,14 +691,19 @@ class Memoria:
 
     def _top(self, score: torch.Tensor, ok: torch.Tensor, tie: torch.Tensor, slots: torch.Tensor,
              k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k best of `slots` (B, K) by score (descending), ties by `tie` (larger first); invalid never win
-        (valid scores are finite). Returns (slots (B, k), ok (B, k))."""
+        """The k best of `slots` (B, K) by score (descending), ties by `tie` (a `_tie_keys` key, larger first),
+        then by position; invalid never win (valid scores are finite). Returns (slots (B, k), ok (B, k)).
+        One sort: float32 scores map to int32 in the same order and sit above the 32-bit tie key in an int64."""
         if k == 0:
             return slots[:, :0], ok[:, :0]
-        by_tie = torch.sort(tie, dim=1, descending=True, stable=True).indices  # secondary key first ...
-        s = torch.gather(torch.where(ok, score, -math.inf), 1, by_tie)
-        by_score = torch.sort(s, dim=1, descending=True, stable=True).indices  # ... then a stable primary sort
-        pick = torch.gather(by_tie, 1, by_score[:, :k])  # (B, k) positions in slots
+        s = torch.where(ok, score, -math.inf)  # (B, K)
+        if s.dtype == torch.float32:
+            key = _packed_key(s, tie)  # (B, K): score, then tie
+            pick = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
+        else:  # other score dtypes (a float64 default dtype): the same order from two stable sorts
+            by_tie = torch.sort(tie, dim=1, descending=True, stable=True).indices
+            by_score = torch.sort(torch.gather(s, 1, by_tie), dim=1, descending=True, stable=True).indices
+            pick = torch.gather(by_tie, 1, by_score[:, :k])
         return torch.gather(slots, 1, pick), torch.gather(ok, 1, pick)
 
     def _strongest_ltm(self, counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor,
@@ -722,10 +743,14 @@ class Memoria:
         types = store.types
         is_ltm = types == LONGTERM
         excess = (is_ltm.sum(1) - self.ltm_capacity).clamp(min=0)  # (B,)
-        ltm_created = torch.where(is_ltm, store.created, torch.iinfo(torch.int64).max)
-        by_age = torch.sort(ltm_created, dim=1, stable=True).indices
-        life = torch.gather(torch.where(is_ltm, store.lifespan, math.inf), 1, by_age)
-        order = torch.gather(by_age, 1, torch.sort(life, dim=1, stable=True).indices)[:, :k]  # (B, k)
+        life = torch.where(is_ltm, store.lifespan, math.inf)  # (B, C)
+        if life.dtype == torch.float32:  # one sort: lifespan, then engram id (saturating past 2**32 - 1 ids)
+            order = torch.sort(_packed_key(life, store.created.clamp(max=_MASK32)), dim=1, stable=True).indices
+        else:  # other dtypes (a float64 default dtype): oldest first, then a stable sort by lifespan
+            by_age = torch.sort(torch.where(is_ltm, store.created, torch.iinfo(torch.int64).max), dim=1,
+                                stable=True).indices
+            order = torch.gather(by_age, 1, torch.sort(torch.gather(life, 1, by_age), dim=1, stable=True).indices)
+        order = order[:, :k]  # (B, k)
         evict = torch.arange(k, device=store.device)[None, :] < excess[:, None]
         types.scatter_(1, order, torch.where(evict, NULL, torch.gather(types, 1, order)))
         return excess

@@ -26,6 +26,7 @@ LONGTERM = int(EngramType.LONGTERM)
 
 _STATE_TENSORS = ("data", "lifespan", "types", "created", "age", "counts", "next_id")
 _GROWN = ("data", "lifespan", "types", "created", "age", "counts")  # the per-slot tensors
+_RANK_BY_COMPARE = 1 << 24  # largest (B, K, C) comparison view_ranks makes instead of sorting the store
 
 
 class SlotStore:
@@ -117,6 +118,22 @@ class SlotStore:
         n_live = live.sum(1)  # (B,)
         offset = n_live.max() - n_live  # (B,) front padding of each row
         return order, offset, rank
+
+    def view_ranks(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference-layout positions of live `slots` (B, K) without sorting the store: offset (B,) as in
+        `view_order`, and rank (B, K) = how many live engrams of the row are older (engram ids are distinct
+        within a row). A (B, K, C) comparison when that stays within _RANK_BY_COMPARE elements, else
+        `view_order`'s sort."""
+        B, C = self.types.shape
+        live = self.live
+        n_live = live.sum(1)  # (B,)
+        offset = n_live.max() - n_live  # (B,)
+        if B * slots.shape[1] * C > _RANK_BY_COMPARE:
+            _, _, rank = self.view_order()
+            return offset, torch.gather(rank, 1, slots)
+        created = torch.gather(self.created, 1, slots)  # (B, K)
+        older = (self.created[:, None, :] < created[:, :, None]) & live[:, None, :]  # (B, K, C)
+        return offset, older.sum(-1)
 
     def view(self, track_age: bool, track_id: bool) -> Engrams:
         """Build the reference `Engrams` view (a copy). Costs a host sync; for inspection only."""

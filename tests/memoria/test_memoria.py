@@ -4,6 +4,7 @@ and a slow per-row oracle over random multi-step runs."""
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -304,6 +305,46 @@ def test_small_initial_capacity_grows_and_gives_the_same_run():
     assert outs[0] == outs[1]
 
 
+def test_top_one_packed_sort_equals_two_stable_sorts():
+    """_top's single int64 sort (float32 score bits above the 32-bit tie key) orders exactly as sorting by the tie
+    key, then stably by score (its path for other score dtypes): negatives, both zeros, -inf, equal scores and
+    equal tie keys included."""
+    m = Memoria(**cfg())
+    g = torch.Generator().manual_seed(0)
+    values = torch.tensor([-math.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 2.0000002, 7.25])
+    for _ in range(200):
+        B, K = 3, int(torch.randint(1, 12, (), generator=g))
+        score = values[torch.randint(len(values), (B, K), generator=g)]
+        ok = torch.rand(B, K, generator=g) < 0.8
+        tie = torch.tensor([0, 1, 2**31, 2**32 - 1])[torch.randint(4, (B, K), generator=g)]  # keys < 2**32
+        slots = torch.randperm(40, generator=g)[: B * K].view(B, K)
+        k = int(torch.randint(1, K + 1, (), generator=g))
+        packed = m._top(score, ok, tie, slots, k)
+        two_sorts = m._top(score.double(), ok, tie, slots, k)
+        assert torch.equal(packed[0], two_sorts[0]) and torch.equal(packed[1], two_sorts[1])
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_view_ranks_by_comparison_equal_the_sorted_view(monkeypatch, deterministic):
+    """remind's view indices, ranked by comparing ids (small stores) or from the sorted layout (large ones)."""
+    import memoria.store
+
+    runs = []
+    for limit in (memoria.store._RANK_BY_COMPARE, 0):
+        monkeypatch.setattr(memoria.store, "_RANK_BY_COMPARE", limit)
+        g = torch.Generator().manual_seed(5)
+        m = Memoria(**cfg(num_reminded_stm=3, stm_capacity=4, num_final_ltms=3), deterministic=deterministic,
+                    static_shape=True)
+        out = []
+        for _ in range(20):
+            m.add_working_memory(torch.randn(3, 3, 4, generator=g))
+            _, idx = m.remind()
+            out.append(idx)
+            m.adjust_lifespan_and_memories(idx, torch.rand(idx.shape, generator=g) * 4)
+        runs.append(torch.stack(out))
+    assert torch.equal(runs[0], runs[1]) and (runs[0] >= 0).sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------ batch, state
 def test_batch_rows_are_independent():
     kw = cfg(num_reminded_stm=3, stm_capacity=3, num_final_ltms=3, initial_lifespan=3)
@@ -414,6 +455,27 @@ def test_ltm_capacity_evicts_lowest_lifespan():
     assert e.engram_ids[0].tolist() == [3, 4, 5]  # the oldest (lowest lifespan) LTMs went first
     assert int(m.evictions.sum()) == 3
     assert m.store.capacity == 1 + 2 + 1  # fixed: stm + ltm + W
+
+
+def test_ltm_eviction_packed_sort_equals_two_stable_sorts():
+    """The cap's eviction order (lowest lifespan, then oldest) from one packed sort equals the two-sort order
+    (its path for non-float32 lifespans), with many equal lifespans."""
+    import copy
+
+    g = torch.Generator().manual_seed(2)
+    m = Memoria(**cfg(stm_capacity=2, num_reminded_stm=2, num_final_ltms=2, initial_lifespan=6), ltm_capacity=40)
+    for _ in range(12):
+        m.add_working_memory(torch.randn(3, 2, 4, generator=g))
+        _, idx = m.remind()
+        m.adjust_lifespan_and_memories(idx, torch.randint(0, 3, idx.shape, generator=g).float())  # equal gains
+    packed, two_sorts = copy.deepcopy(m), copy.deepcopy(m)
+    two_sorts.store.lifespan = two_sorts.store.lifespan.double()
+    for mem in (packed, two_sorts):
+        mem.ltm_capacity = 3
+    k = m.store.capacity
+    lost = packed._evict_ltm(packed.store, k), two_sorts._evict_ltm(two_sorts.store, k)
+    assert torch.equal(lost[0], lost[1]) and int(lost[0].sum()) > 3
+    assert torch.equal(packed.store.types, two_sorts.store.types)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
