@@ -120,7 +120,10 @@ def count_aten_calls(step, steps: int) -> dict:
     top = [e.name for e in prof.events() if e.name.startswith("aten::")
            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
     compute = [name for name in top if name.removeprefix("aten::") not in NO_KERNEL]
-    return {"all": len(top) / steps, "not_views": len(compute) / steps}
+    # the expensive kinds on a GPU (a radix sort or top-k costs 10-30 small kernels' time)
+    heavy = {kind: sum(name in (f"aten::{kind}", f"aten::{kind}_") for name in top) / steps
+             for kind in ("sort", "topk", "gather", "scatter", "scatter_add", "max", "cumsum")}
+    return {"all": len(top) / steps, "not_views": len(compute) / steps, "by_kind": heavy}
 
 
 def profile_kernels(step, sync, steps: int, path: str, title: str) -> None:
