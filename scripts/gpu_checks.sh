@@ -8,7 +8,7 @@
 #      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt),
 #      then the same with every transformer block compiled (compile=true), fp32 then bf16;
 #   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead) against the eager step
-#      with fused Adam, fp32 and bf16, two rounds in turn; profiles of the eager step;
+#      with fused Adam, fp32 and bf16, two rounds in turn; profiles of both (what is left between the graphs);
 #   6. profiles of the graphed memory step (LM; graphed, and compiled + graphed): kernels and device time per step;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
@@ -109,7 +109,8 @@ part5() {
 say "5. bench_step: compiled blocks as CUDA graphs (reduce-overhead)"
 timeout $(($(left) < 150 ? $(left) : 150)) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
   --compile-blocks --compile-mode reduce-overhead --models memoria_gpt2_graphed gpt2 \
-  --json "$OUT/bench_step_reduce_overhead.json" 2>&1 | grep -v Warning | tail -14 | tee -a "$LOG"
+  --json "$OUT/bench_step_reduce_overhead.json" --profile "$OUT/profile_step_reduce_overhead.txt" 2>&1 \
+  | grep -v Warning | tail -14 | tee -a "$LOG"
 say "5b. bench_step: eager, fused Adam"
 timeout $(($(left) < 100 ? $(left) : 100)) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
   --models memoria_gpt2_graphed gpt2 --json "$OUT/bench_step_fused.json" --profile "$OUT/profile_step_fused.txt" \

@@ -242,3 +242,31 @@ def test_resumed_training_keeps_the_restored_memory(datamodule, tmp_path):
     assert torch.equal(model.get_memory_state()["prev_hidden"], saved)
     task.on_train_start()  # a later, fresh start: empty again
     assert model.get_memory_state()["prev_hidden"] is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_blocks_replayed_as_cuda_graphs_train_like_eager_on_gpu(datamodule, tmp_path):
+    """compile=true compile_mode=reduce-overhead as the CLI sets it up (blocks compiled, each batch marked as a new
+    graph step): two segments per example, validation, test; without dropout the run is the eager run."""
+    from experiment.callbacks import CudaGraphStepMarker
+    from experiment.models import compile_blocks
+
+    results = {}
+    for graphed in (False, True):
+        model = memoria_model()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        callbacks = []
+        if graphed:
+            compile_blocks(model, mode="reduce-overhead")
+            callbacks.append(CudaGraphStepMarker())
+        task = SortingTask(model, segment_size=32, warmup_ratio=0.0)
+        trainer = tiny_trainer(tmp_path / str(graphed), accelerator="gpu", max_steps=4, limit_val_batches=1,
+                               callbacks=callbacks)
+        trainer.fit(task, datamodule=datamodule)
+        results[graphed] = trainer.test(task, datamodule=datamodule, verbose=False)[0]
+    torch._dynamo.reset()
+    assert torch.isfinite(torch.tensor(results[True]["test/loss"]))
+    torch.testing.assert_close(results[True]["test/loss"], results[False]["test/loss"], rtol=1e-3, atol=1e-4)
