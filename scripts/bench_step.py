@@ -19,6 +19,8 @@ Examples:
     python scripts/bench_step.py --warmup 50 --steps 100 --json bench_step.json
     python scripts/bench_step.py --profile profile.txt    # also where the time goes (torch.profiler tables)
     python scripts/bench_step.py --compile-blocks         # every transformer block compiled (compile=true)
+    python scripts/bench_step.py --compile-blocks --compile-mode reduce-overhead --rounds 2
+                                                          # ... replayed as CUDA graphs; two rounds in turn
 The target (issue 5): Memoria GPT-2 <= 1.3x the plain step on one H100 (plain is about 34 ms fp32 there).
 Record results in docs/benchmarks.md.
 """
