@@ -61,8 +61,9 @@ transformers.__version__, '| lightning', lightning.__version__, '| cuda', torch.
 part1() {
 say "1. pytest -m cuda"
 # Only the files that hold CUDA tests: the others need packages (datasets, wandb) the GPU image lacks.
-timeout $(($(left) < 200 ? $(left) : 200)) $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" \
+timeout $(($(left) < 240 ? $(left) : 240)) $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" \
   tests/memoria/test_memoria.py tests/memoria/test_graphs.py tests/experiment/models tests/experiment/tasks/test_sorting.py \
+  tests/experiment/tasks/test_language_modeling.py \
   2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15 | tee -a "$LOG"
 }
 

@@ -328,6 +328,23 @@ def test_cli_language_modelling_with_a_speed_option(speed_option, wikitext, tmp_
             assert math.isfinite(b) and abs(b - a) / a < 0.05, (split, a, b)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cli_language_modelling_on_gpu_with_blocks_as_cuda_graphs(wikitext, tmp_path):
+    """A whole LM run on the GPU (training, validation restoring the training memory, checkpoint, test) with the
+    memory step graphed (the default) and every block replayed as CUDA graphs (compile_mode=reduce-overhead):
+    close to the eager run (the compiled blocks draw their own dropout masks)."""
+    from experiment.cli import run
+
+    common = [*wikitext_overrides(wikitext), *SHORT_RUN, "trainer=gpu", "trainer.max_epochs=2"]
+    eager = run(compose_config(common), run_dir=tmp_path / "eager")
+    graphed = run(compose_config([*common, "compile=true", "compile_mode=reduce-overhead"]), run_dir=tmp_path / "g")
+    torch._dynamo.reset()
+    for split in ("val", "test"):
+        a, b = eager[split][f"{split}/ppl"], graphed[split][f"{split}/ppl"]
+        assert math.isfinite(b) and abs(b - a) / a < 0.05, (split, a, b)
+
+
 def test_cli_language_modelling_with_emulated_cuda_graphs(wikitext, tmp_path, monkeypatch):
     """memory.cuda_graph=true through the LM task, with CUDA graphs emulated on the CPU: every Memoria the task
     makes (training, validation, restored) replays its steps, and the run is the eager run."""
