@@ -125,12 +125,12 @@ class SlotStore:
         within a row). A (B, K, C) comparison when that stays within _RANK_BY_COMPARE elements, else
         `view_order`'s sort."""
         B, C = self.types.shape
+        if B * slots.shape[1] * C > _RANK_BY_COMPARE:
+            _, offset, rank = self.view_order()
+            return offset, torch.gather(rank, 1, slots)
         live = self.live
         n_live = live.sum(1)  # (B,)
-        offset = n_live.max() - n_live  # (B,)
-        if B * slots.shape[1] * C > _RANK_BY_COMPARE:
-            _, _, rank = self.view_order()
-            return offset, torch.gather(rank, 1, slots)
+        offset = n_live.max() - n_live  # (B,) as in view_order
         created = torch.gather(self.created, 1, slots)  # (B, K)
         older = (self.created[:, None, :] < created[:, :, None]) & live[:, None, :]  # (B, K, C)
         return offset, older.sum(-1)

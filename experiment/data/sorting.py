@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .tokenized_cache import cache_root
+
 NUM_SYMBOLS = 20
 SEPARATOR = NUM_SYMBOLS  # token 20
 VOCAB_SIZE = NUM_SYMBOLS + 1
@@ -96,8 +98,7 @@ def cache_file_name(length: int, num_train: int, num_dev: int, num_test: int, se
 
 def default_cache_dir() -> Path:
     """$MEMORIA_CACHE_DIR, else ~/.cache/memoria; generated data lives under `sorting/` inside."""
-    root = os.environ.get("MEMORIA_CACHE_DIR") or Path.home() / ".cache" / "memoria"
-    return Path(root).expanduser() / "sorting"
+    return cache_root() / "sorting"
 
 
 def write_json_atomic(data: Any, path: str | Path) -> None:

@@ -26,17 +26,21 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_CACHE_ROOT = "~/.cache/memoria"  # shared with the sorting data (experiment/data/sorting.py)
+DEFAULT_CACHE_ROOT = "~/.cache/memoria"  # see cache_root(); the sorting data lives there too
 CACHE_DIR_ENV = "MEMORIA_CACHE_DIR"
 FORMAT_VERSION = 1
+
+
+def cache_root() -> Path:
+    """$MEMORIA_CACHE_DIR, else ~/.cache/memoria: the root of every generated or tokenised data cache."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_ROOT).expanduser()
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     """`cache_dir` if given, else $MEMORIA_CACHE_DIR/tokens, else ~/.cache/memoria/tokens."""
     if cache_dir:
         return Path(cache_dir).expanduser().resolve()
-    root = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_ROOT
-    return (Path(root).expanduser() / "tokens").resolve()
+    return (cache_root() / "tokens").resolve()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
