@@ -1,4 +1,5 @@
-"""Memoria: Hebbian memory for transformers (Park & Bak, ICML 2024). Imports torch only.
+"""Memoria: Hebbian memory for transformers (Park & Bak, ICML 2024). Imports torch only (and, for the
+GPU graph-walk kernel in kernels.py, Triton, which torch's CUDA builds ship).
 
     from memoria import Memoria, EngramType, Engrams, Abstractor
 """

@@ -98,6 +98,9 @@ class Memoria:
         cuda_graph       on a GPU, replay each step's device work as CUDA graphs (graphs.py): a few launches
                          instead of hundreds. Needs static_shape=True, validate=False and keep_history=False;
                          off a GPU it changes nothing
+        fused_walk       on a GPU with Triton (part of torch's CUDA builds), run remind's graph walk as one Triton
+                         kernel (kernels.py) instead of ~7 small kernels a hop; same results. Off a GPU, without
+                         Triton, or inside torch.compile (which fuses the walk itself), the torch ops run
         compile          torch.compile the step's device work (fuses its elementwise kernels; the first step at
                          each store size compiles, which takes a while); combines with cuda_graph. Needs
                          the same settings as cuda_graph
@@ -107,9 +110,11 @@ class Memoria:
     """
 
     # Test hooks (class-wide defaults, settable per instance): take the GPU's sync-free path on the CPU; the backend
-    # of graphs.StepGraphs (None = CUDA), to emulate CUDA graphs on the CPU.
+    # of graphs.StepGraphs (None = CUDA), to emulate CUDA graphs on the CPU; run the Triton walk off a GPU (under
+    # TRITON_INTERPRET=1).
     _force_sync_free = False
     _graph_backend = None
+    _walk_kernel_off_gpu = False
 
     def __init__(
         self,
@@ -134,6 +139,7 @@ class Memoria:
         history_limit: int = 100_000,
         cuda_graph: bool = False,
         compile: bool = False,
+        fused_walk: bool = True,
     ) -> None:
         self.num_reminded_stm = _check_count("num_reminded_stm", num_reminded_stm)
         self.stm_capacity = _check_count("stm_capacity", stm_capacity)
@@ -174,6 +180,7 @@ class Memoria:
                              "history")
         self.cuda_graph = bool(cuda_graph)
         self.compile = bool(compile)
+        self.fused_walk = bool(fused_walk)
         self._compiled: dict = {}  # call name -> torch.compile'd device function
         self._set_seed(self.seed)
         self._graphs = None  # graphs.StepGraphs of the current store, when cuda_graph is on
@@ -330,14 +337,19 @@ class Memoria:
             cols = torch.topk(is_ltm.to(torch.uint8), int(is_ltm.sum(1).max()), dim=1, sorted=False).indices
         # each recalled STM seeds its most co-fired LTM, if it has any positive count. A chain that found no edge
         # continues from C, the count matrix's all-zero sink row, so it finds none again: stopped for good.
-        cur, active = self._strongest_ltm(counts, torch.where(rs_ok, rs_slots, C), open_[:, :C], cols)  # (B, k_s)
-        open_.scatter_(1, cur, -math.inf)
-        # greedy lock-step walk: each chain follows its strongest unvisited LTM edge; no edge -> the chain stops
-        for _ in range(self.ltm_search_depth):
-            if not self._sync_free and not bool(active.any()):
-                break  # free on the CPU; on a GPU the hops run to keep the step sync-free
-            cur, active = self._strongest_ltm(counts, cur, open_[:, :C], cols)
+        seeds = torch.where(rs_ok, rs_slots, C)  # (B, k_s)
+        walk_kernel = self._walk_kernel(dev) if cols is None else None
+        if walk_kernel is not None:  # the seeds' hop and the walk's in one kernel
+            walk_kernel(counts, seeds, open_, self.ltm_search_depth + 1)
+        else:
+            cur, active = self._strongest_ltm(counts, seeds, open_[:, :C], cols)  # (B, k_s)
             open_.scatter_(1, cur, -math.inf)
+            # greedy lock-step walk: each chain follows its strongest unvisited LTM edge; no edge -> it stops
+            for _ in range(self.ltm_search_depth):
+                if not self._sync_free and not bool(active.any()):
+                    break  # free on the CPU; on a GPU the hops run to keep the step sync-free
+                cur, active = self._strongest_ltm(counts, cur, open_[:, :C], cols)
+                open_.scatter_(1, cur, -math.inf)
         found = is_ltm & torch.isneginf(open_[:, :C])  # (B, C) F = seeds + every node reached
 
         # --- final LTMs: top r_ltm of F by similarity to the WM
@@ -705,6 +717,18 @@ class Memoria:
             by_score = torch.sort(torch.gather(s, 1, by_tie), dim=1, descending=True, stable=True).indices
             pick = torch.gather(by_tie, 1, by_score[:, :k])
         return torch.gather(slots, 1, pick), torch.gather(ok, 1, pick)
+
+    def _walk_kernel(self, dev: torch.device):
+        """kernels.walk when the walk should run as one Triton kernel here, else None (see `fused_walk`)."""
+        if not self.fused_walk or (dev.type != "cuda" and not self._walk_kernel_off_gpu):
+            return None
+        if torch.compiler.is_compiling():
+            return None  # inductor fuses the torch walk itself
+        try:
+            from . import kernels
+        except ImportError:  # no Triton (a CPU build of torch, macOS): the torch walk
+            return None
+        return kernels.walk
 
     def _strongest_ltm(self, counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor,
                        cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -176,6 +176,8 @@ def run_worker(args: argparse.Namespace) -> dict:
             ours_options["cuda_graph"] = True
         if args.compile:
             ours_options["compile"] = True
+        if args.no_fused_walk:
+            ours_options["fused_walk"] = False
         if args.ltm_capacity:
             ours_options["ltm_capacity"] = args.ltm_capacity
         kwargs.update(ours_options)
@@ -310,7 +312,7 @@ def worker_command(args: argparse.Namespace, impl: str, config: str, device: str
         command.append("--static-shape")
     if args.profile:
         command += ["--profile", os.path.abspath(args.profile)]
-    for flag in ("no_validate", "cuda_graph", "compile", "count_ops", "sync_free_path"):
+    for flag in ("no_validate", "cuda_graph", "compile", "no_fused_walk", "count_ops", "sync_free_path"):
         if getattr(args, flag):
             command.append("--" + flag.replace("_", "-"))
     return command
@@ -444,6 +446,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="ours: take the GPU's sync-free path on any device (to count its calls on a CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="ours: torch.compile the step (needs --static-shape --no-validate; longer warm-up)")
+    parser.add_argument("--no-fused-walk", action="store_true",
+                        help="ours: the graph walk in torch ops instead of one Triton kernel (GPUs)")
     parser.add_argument(
         "--ltm-capacity", type=int, default=None, help="ours: cap the LTM (default unbounded)"
     )

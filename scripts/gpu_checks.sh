@@ -9,7 +9,8 @@
 #      then the same with every transformer block compiled (compile=true), fp32 then bf16;
 #   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead) against the eager step
 #      with fused Adam, fp32 and bf16, two rounds in turn; profiles of both (what is left between the graphs);
-#   6. profiles of the graphed memory step (LM; graphed, and compiled + graphed): kernels and device time per step;
+#   6. profiles of the graphed memory step (LM; graphed with the Triton walk, with the torch walk, and compiled +
+#      graphed): kernels and device time per step;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -62,7 +63,7 @@ part1() {
 say "1. pytest -m cuda"
 # Only the files that hold CUDA tests: the others need packages (datasets, wandb) the GPU image lacks.
 timeout $(($(left) < 240 ? $(left) : 240)) $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" \
-  tests/memoria/test_memoria.py tests/memoria/test_graphs.py tests/experiment/models tests/experiment/tasks/test_sorting.py \
+  tests/memoria/test_memoria.py tests/memoria/test_graphs.py tests/memoria/test_kernels.py tests/experiment/models tests/experiment/tasks/test_sorting.py \
   tests/experiment/tasks/test_language_modeling.py \
   2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15 | tee -a "$LOG"
 }
@@ -120,8 +121,8 @@ timeout $(($(left) < 100 ? $(left) : 100)) $PY scripts/bench_step.py --warmup 20
 
 # ---------------------------------------------------------------- 6. where the graphed memory step's time goes
 part6() {
-say "6. bench_memoria profiles (LM, graphed; compiled + graphed)"
-for variant in "--cuda-graph" "--cuda-graph --compile"; do
+say "6. bench_memoria profiles (LM, graphed; graphed with the torch walk; compiled + graphed)"
+for variant in "--cuda-graph" "--cuda-graph --no-fused-walk" "--cuda-graph --compile"; do
   # shellcheck disable=SC2086
   timeout $(($(left) < 160 ? $(left) : 160)) $PY scripts/bench_memoria.py --device cuda --configs lm --impl ours \
     --static-shape --no-validate --ltm-capacity 1024 $variant --warmup 40 --steps 30 \

@@ -1,0 +1,87 @@
+"""The graph walk of `remind` as one Triton kernel (GPUs; Triton ships with torch's CUDA builds).
+
+In torch ops every hop of the walk is a gather of count rows, an add, a row max, a where and a scatter: about
+seven small kernels a hop, 77 for the LM configuration's 11 hops, most of the step's device time once it is
+replayed as a CUDA graph. Here one program per batch row runs every hop: for each chain it scans the count row of
+its current engram in tiles, keeps the running best (count + tie fraction of open targets, first column on equal
+values, as `torch.max`), then closes the hop's targets and moves on. Same inputs, same result as the torch walk
+(`Memoria._strongest_ltm` hop by hop); `tests/memoria/test_kernels.py` checks that through Triton's interpreter.
+
+This module imports triton; `memoria.py` imports it only when a walk runs on a GPU (or a test forces it). Off a
+GPU it runs only in Triton's interpreter: TRITON_INTERPRET=1 set before triton is first imported (the tests do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+_TILE = 8192  # elements of one (chains x columns) tile: 32 float64 per thread at 8 warps
+_NUM_WARPS = 8
+
+
+@triton.jit
+def _walk_rows(counts_ptr, open_ptr, cur_ptr, C, R, hops,
+               stride_cb, stride_cr, stride_ob, stride_xb,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program per batch row b. counts (B, C + 1, C) int (row C: the all-zero sink), open (B, >= C) float64:
+    the tie fraction (< 0.5) of open targets, -inf elsewhere (updated in place: visited targets become -inf),
+    cur (B, R) int64: the chains' sources (C = stopped), overwritten hop by hop with their targets."""
+    b = tl.program_id(0).to(tl.int64)
+    counts_b = counts_ptr + b * stride_cb
+    open_b = open_ptr + b * stride_ob
+    cur_b = cur_ptr + b * stride_xb
+    for _hop in range(hops):
+        # every chain picks its strongest open target, all against the same open set (lock-step)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+            r_ok = r < R
+            src = tl.load(cur_b + r, mask=r_ok, other=C)  # (BLOCK_R,) C = the sink row: no edges
+            best = tl.full([BLOCK_R], float("-inf"), tl.float64)
+            arg = tl.full([BLOCK_R], 0, tl.int64) + C
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+                c_ok = c < C
+                tie = tl.load(open_b + c, mask=c_ok, other=float("-inf"))  # (BLOCK_C,) float64
+                count = tl.load(counts_b + src[:, None] * stride_cr + c[None, :],
+                                mask=r_ok[:, None] & c_ok[None, :], other=0)  # (BLOCK_R, BLOCK_C)
+                value = count.to(tl.float64) + tie[None, :]  # >= 1 iff a positive count to an open target
+                tile_best, tile_arg = tl.max(value, axis=1, return_indices=True)  # first column on equal values
+                better = tile_best > best  # strict: an earlier tile keeps an equal value
+                best = tl.where(better, tile_best, best)
+                arg = tl.where(better, tile_arg.to(tl.int64) + c0, arg)
+            target = tl.where(best >= 1.0, arg, C)  # no positive open edge: the chain stops (C from now on)
+            tl.store(cur_b + r, target, mask=r_ok)  # each chain reads and writes only its own entry
+        tl.debug_barrier()
+        # then the hop's targets are visited: closed for every later hop
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = r < R
+            target = tl.load(cur_b + r, mask=r_ok, other=C)
+            tl.store(open_b + target, tl.full([BLOCK_R], float("-inf"), tl.float64), mask=r_ok & (target < C))
+        tl.debug_barrier()
+
+
+def walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int) -> None:
+    """Run `hops` lock-step hops of the greedy walk from `src` (B, R) int64 (C = no chain) over `counts`
+    (B, C + 1, C), closing every visited target in `open_` (B, >= C) float64 in place. Equals, hop by hop,
+    `cur, _ = _strongest_ltm(counts, cur, open_[:, :C]); open_.scatter_(1, cur, -inf)`."""
+    B, R = src.shape
+    C = counts.shape[2]
+    if B == 0 or R == 0 or C == 0 or hops == 0:
+        return
+    if not (counts.stride(2) == 1 and open_.stride(1) == 1 and open_.dtype == torch.float64):
+        raise ValueError("walk needs counts and open_ contiguous in their last dimension and open_ float64")
+    cur = src.to(torch.int64).contiguous().clone()  # (B, R) scratch: chain positions
+    block_r = min(64, triton.next_power_of_2(R))
+    block_c = min(max(16, _TILE // block_r), triton.next_power_of_2(C))
+    # launch on the tensors' GPU, whichever is current (a no-op context on the CPU, under the interpreter)
+    with torch.cuda.device(counts.device) if counts.is_cuda else contextlib.nullcontext():
+        _walk_rows[(B,)](
+            counts, open_, cur, C, R, hops,
+            counts.stride(0), counts.stride(1), open_.stride(0), cur.stride(0),
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+        )
