@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-_TILE = 8192  # elements of one (chains x columns) tile: 32 float64 per thread at 8 warps
+# Elements of one (chains x columns) tile and warps per program: 16 float64 values a thread, which compiles for
+# sm_80/sm_90 in 174 registers without spills (twice that spills). scripts/bench_walk.py times other choices.
+_TILE = 4096
 _NUM_WARPS = 8
 
 
@@ -65,10 +67,12 @@ def _walk_rows(counts_ptr, open_ptr, cur_ptr, C, R, hops,
         tl.debug_barrier()
 
 
-def walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int) -> None:
+def walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int, tile: int | None = None,
+         num_warps: int | None = None) -> None:
     """Run `hops` lock-step hops of the greedy walk from `src` (B, R) int64 (C = no chain) over `counts`
     (B, C + 1, C), closing every visited target in `open_` (B, >= C) float64 in place. Equals, hop by hop,
-    `cur, _ = _strongest_ltm(counts, cur, open_[:, :C]); open_.scatter_(1, cur, -inf)`."""
+    `cur, _ = _strongest_ltm(counts, cur, open_[:, :C]); open_.scatter_(1, cur, -inf)`. `tile` (elements of a
+    chains x columns tile, a power of 2) and `num_warps` override the defaults (for tuning)."""
     B, R = src.shape
     C = counts.shape[2]
     if B == 0 or R == 0 or C == 0 or hops == 0:
@@ -76,12 +80,13 @@ def walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int
     if not (counts.stride(2) == 1 and open_.stride(1) == 1 and open_.dtype == torch.float64):
         raise ValueError("walk needs counts and open_ contiguous in their last dimension and open_ float64")
     cur = src.to(torch.int64).contiguous().clone()  # (B, R) scratch: chain positions
-    block_r = min(64, triton.next_power_of_2(R))
-    block_c = min(max(16, _TILE // block_r), triton.next_power_of_2(C))
+    tile = tile or _TILE
+    block_r = min(64, triton.next_power_of_2(R), tile)
+    block_c = min(max(16, tile // block_r), triton.next_power_of_2(C))
     # launch on the tensors' GPU, whichever is current (a no-op context on the CPU, under the interpreter)
     with torch.cuda.device(counts.device) if counts.is_cuda else contextlib.nullcontext():
         _walk_rows[(B,)](
             counts, open_, cur, C, R, hops,
             counts.stride(0), counts.stride(1), open_.stride(0), cur.stride(0),
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps or _NUM_WARPS,
         )

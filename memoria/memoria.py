@@ -339,8 +339,8 @@ class Memoria:
         # continues from C, the count matrix's all-zero sink row, so it finds none again: stopped for good.
         seeds = torch.where(rs_ok, rs_slots, C)  # (B, k_s)
         walk_kernel = self._walk_kernel(dev) if cols is None else None
-        if walk_kernel is not None:  # the seeds' hop and the walk's in one kernel
-            walk_kernel(counts, seeds, open_, self.ltm_search_depth + 1)
+        if walk_kernel is not None and self._try_walk_kernel(walk_kernel, counts, seeds, open_):
+            pass  # the seeds' hop and the walk's, in one kernel
         else:
             cur, active = self._strongest_ltm(counts, seeds, open_[:, :C], cols)  # (B, k_s)
             open_.scatter_(1, cur, -math.inf)
@@ -729,6 +729,19 @@ class Memoria:
         except ImportError:  # no Triton (a CPU build of torch, macOS): the torch walk
             return None
         return kernels.walk
+
+    def _try_walk_kernel(self, walk_kernel, counts: torch.Tensor, seeds: torch.Tensor, open_: torch.Tensor) -> bool:
+        """Run the walk kernel; if Triton cannot build or launch it here (an untested Triton version, an old GPU),
+        warn once, turn fused_walk off and return False: the caller runs the torch walk (same results). Triton
+        fails before it launches, so `open_` is untouched then."""
+        try:
+            walk_kernel(counts, seeds, open_, self.ltm_search_depth + 1)
+            return True
+        except Exception as error:  # noqa: BLE001  (any build or launch error: the torch walk is always there)
+            warnings.warn(f"Memoria: the Triton walk kernel failed ({type(error).__name__}: {error}); using the "
+                          "torch walk (same results; pass fused_walk=False to skip the kernel)", stacklevel=2)
+            self.fused_walk = False
+            return False
 
     def _strongest_ltm(self, counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor,
                        cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@
 #      with fused Adam, fp32 and bf16, two rounds in turn; profiles of both (what is left between the graphs);
 #   6. profiles of the graphed memory step (LM; graphed with the Triton walk, with the torch walk, and compiled +
 #      graphed): kernels and device time per step;
+#   7. scripts/bench_walk.py: the graph walk alone, torch ops against the Triton kernel at several tiles and warps;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -20,7 +21,7 @@
 # them). Through the device tool:
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
-# PARTS (which of 1-6 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
+# PARTS (which of 1-7 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
 # SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the sorting runs, see part 4).
 set -u
 START=$(date +%s)
@@ -128,6 +129,13 @@ for variant in "--cuda-graph" "--cuda-graph --no-fused-walk" "--cuda-graph --com
     --static-shape --no-validate --ltm-capacity 1024 $variant --warmup 40 --steps 30 \
     --profile "$OUT/profile_memoria.txt" --timeout 150 2>&1 | tail -1 | tee -a "$LOG"
 done
+}
+
+# ---------------------------------------------------------------- 7. the graph walk alone: torch ops vs Triton kernel
+part7() {
+say "7. bench_walk (torch walk vs the Triton kernel, graphed)"
+timeout $(($(left) < 120 ? $(left) : 120)) $PY scripts/bench_walk.py --json "$OUT/bench_walk.json" 2>&1 \
+  | tee "$OUT/bench_walk.txt" | tail -40 | tee -a "$LOG"
 }
 
 # ---------------------------------------------------------------- 4. sorting, every model, side by side

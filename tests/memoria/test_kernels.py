@@ -112,6 +112,24 @@ def test_the_torch_walk_runs_where_the_kernel_does_not(monkeypatch):
     assert m._walk_kernel(torch.device("cpu")) is None  # turned off
 
 
+def test_a_failing_kernel_falls_back_to_the_torch_walk(interpret, monkeypatch):
+    """An untested Triton that cannot build the kernel costs a warning, not the run: same outputs as without it."""
+    kw = config(seed=6)
+    plain, fused = Memoria(**kw), Memoria(**kw)
+    plain._force_sync_free = fused._force_sync_free = True
+    plain.fused_walk = False
+    fused._walk_kernel_off_gpu = True
+
+    def broken(*args):
+        raise RuntimeError("no such PTX version")
+
+    monkeypatch.setattr(kernels, "walk", broken)
+    with pytest.warns(UserWarning, match="Triton walk kernel failed .*no such PTX version"):
+        got = run(fused, 20)
+    assert_same_runs(run(plain, 20), got)
+    assert fused.fused_walk is False  # warned once, then the torch walk
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("deterministic", [True, False])

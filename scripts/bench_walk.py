@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Time remind's graph walk alone on a GPU: the torch ops (what runs without Triton) against the Triton kernel of
+memoria/kernels.py at several tile sizes and warp counts, both replayed as CUDA graphs (as the models run the
+step), at the sizes of the paper's three configurations. Checks that every variant gives the torch walk's result.
+
+    python scripts/bench_walk.py                       # lm enwik8 sort, the default sweep
+    python scripts/bench_walk.py --configs lm --tiles 4096 --warps 8 --json walk.json
+
+The walk's cost does not depend on the counts' values (every hop reads whole count rows, stopped chains read the
+all-zero sink row), so the inputs are random: sparse counts, 70% of the slots long-term, a few chains without a seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from memoria import Memoria, kernels  # noqa: E402
+
+# batch, store capacity (slots per row; about what the stores reach in bench_memoria), chains (num_reminded_stm),
+# hops (ltm_search_depth + 1)
+CONFIGS = {
+    "lm": (8, 1024, 50, 11),
+    "enwik8": (8, 2560, 192, 11),
+    "sort": (32, 4096, 256, 11),
+}
+
+
+def inputs(B: int, C: int, R: int, device: torch.device, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    counts = torch.randint(0, 5, (B, C + 1, C), generator=g, device=device, dtype=torch.int32)
+    counts *= torch.rand(B, C + 1, C, generator=g, device=device) < 0.05
+    counts[:, C] = 0
+    is_ltm = torch.rand(B, C, generator=g, device=device) < 0.7
+    open_ = torch.full((B, C + 1), -math.inf, dtype=torch.float64, device=device)
+    open_[:, :C] = torch.where(is_ltm, torch.rand(B, C, generator=g, device=device, dtype=torch.float64) * 0.49,
+                               -math.inf)
+    src = torch.randint(0, C, (B, R), generator=g, device=device)
+    src[:, -3:] = C  # chains without a seed
+    return counts, src, open_
+
+
+def torch_walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int) -> None:
+    C = counts.shape[2]
+    cur = src
+    for _ in range(hops):
+        cur, _ = Memoria._strongest_ltm(None, counts, cur, open_[:, :C])
+        open_.scatter_(1, cur, -math.inf)
+
+
+def time_graphed(fn, open_init: torch.Tensor, replays: int) -> tuple[float, torch.Tensor]:
+    """fn(open_) captured (after a warm-up) with a reset of open_ in front; ms per replay (median of 5 rounds)."""
+    open_ = open_init.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up (Triton compiles here)
+            open_.copy_(open_init)
+            fn(open_)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        open_.copy_(open_init)
+        fn(open_)
+    rounds = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        rounds.append(start.elapsed_time(end) / replays)
+    return sorted(rounds)[len(rounds) // 2], open_.clone()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["lm", "enwik8", "sort"])
+    parser.add_argument("--tiles", nargs="+", type=int, default=[2048, 4096, 8192])
+    parser.add_argument("--warps", nargs="+", type=int, default=[4, 8, 16])
+    parser.add_argument("--replays", type=int, default=50)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_walk.py needs a CUDA GPU (the kernel's CPU check is tests/memoria/test_kernels.py)")
+        return 1
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {kernels.triton.__version__}")
+    results = []
+    for name in args.configs:
+        B, C, R, hops = CONFIGS[name]
+        counts, src, open_init = inputs(B, C, R, device)
+        base_ms, want = time_graphed(lambda o: torch_walk(counts, src, o, hops), open_init, args.replays)
+        print(f"{name} (B {B}, C {C}, chains {R}, hops {hops}): torch walk, graphed {base_ms * 1000:8.1f} us")
+        results.append({"config": name, "variant": "torch", "us": base_ms * 1000})
+        for tile in args.tiles:
+            for warps in args.warps:
+                try:
+                    ms, got = time_graphed(lambda o, t=tile, w=warps: kernels.walk(counts, src, o, hops, t, w),
+                                           open_init, args.replays)
+                except Exception as error:  # noqa: BLE001  (a config that does not build: report, go on)
+                    print(f"  tile {tile:5d} warps {warps:2d}: failed ({type(error).__name__}: {error})")
+                    continue
+                same = torch.equal(got, want)
+                print(f"  tile {tile:5d} warps {warps:2d}: {ms * 1000:8.1f} us  ({base_ms / ms:4.1f}x)"
+                      f"{'' if same else '  RESULT DIFFERS FROM THE TORCH WALK'}")
+                results.append({"config": name, "variant": "kernel", "tile": tile, "warps": warps,
+                                "us": ms * 1000, "same": same})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results},
+                                              indent=1))
+    return 0 if all(r.get("same", True) for r in results) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
