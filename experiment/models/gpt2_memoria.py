@@ -166,23 +166,41 @@ def memory_source(
     return MemorySource(memory, mask, row_valid[:, None, None].float(), prob_weights, score_bias)
 
 
+def memory_keys_values(
+    attn: GPT2Attention, values: torch.Tensor, sizes: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values (B, nh, M_i, hd) of memories laid side by side in `values` (B, sum M_i, H), `sizes` = the
+    M_i: one projection for all of them (one GEMM forward, one for the weight gradient, instead of one per
+    memory; the same rows as projecting each memory alone)."""
+    B, M, H = values.shape
+    nh, hd = attn.num_heads, attn.head_dim
+    k, v = attn.c_attn(values).split(attn.split_size, dim=2)  # (B, M, H) each
+    k = k.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
+    v = v.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
+    return list(zip(k.split(sizes, dim=2), v.split(sizes, dim=2)))
+
+
 def memory_attention(
-    attn: GPT2Attention, hidden: torch.Tensor, source: MemorySource
+    attn: GPT2Attention,
+    hidden: torch.Tensor,
+    source: MemorySource,
+    keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-attention of `hidden` (B, T, H) over `source.values` (B, M, H) with a GPT-2 cross-attention module.
 
+    keys_values: the source's keys and values (B, nh, M, hd) when already projected (`memory_keys_values`);
+    None = project `source.values` here.
     Returns the output (B, T, H), and when `source.prob_weights` is set the attention probabilities taken before
     attention dropout and outside autograd, averaged over heads and weighted queries: (B, M), zero for rows
     without memory. The output always comes from the fused `scaled_dot_product_attention` kernel (its backward
     is one kernel too).
     """
     B, T, H = hidden.shape
-    M = source.values.shape[1]
     nh, hd = attn.num_heads, attn.head_dim
     q = attn.q_attn(hidden).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-    k, v = attn.c_attn(source.values).split(attn.split_size, dim=2)  # (B, M, H) each
-    k = k.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
-    v = v.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
+    if keys_values is None:
+        [keys_values] = memory_keys_values(attn, source.values, [source.values.shape[1]])
+    k, v = keys_values  # (B, nh, M, hd) each
     dropout_p = attn.attn_dropout.p if attn.training else 0.0
     mask = source.attn_mask
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=attn.scaling)
@@ -221,10 +239,12 @@ class GPT2WithMemoriaBlock(GPT2Block):
         attention_mask: torch.Tensor | None = None,
         working_memory: MemorySource | None = None,
         reminded: MemorySource | None = None,
+        memory_values: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states (B, T, H); the working memory (W engrams) and the reminded memory (M engrams, with
-        `prob_weights`) as prepared by `memory_source`, each None when absent.
+        `prob_weights`) as prepared by `memory_source`, each None when absent (or M = 0). memory_values:
+        `joint_memory_values` of the two, made once per segment by the model; None = made here.
 
         Returns the new hidden states and this layer's reminded-attention probabilities averaged over heads
         and query positions, (B, M) detached, or None without reminded memory.
@@ -234,15 +254,36 @@ class GPT2WithMemoriaBlock(GPT2Block):
         h = h + attn_out
 
         reminded_probs = None
-        if working_memory is not None:
-            wm_out, _ = memory_attention(self.memory_attn, self.ln_wm(h), working_memory)
-            h = h + wm_out
-        if reminded is not None and reminded.values.shape[1] > 0:
-            mem_out, reminded_probs = memory_attention(self.memory_attn, self.ln_mem(h), reminded)
-            h = h + mem_out  # reminded_probs (B, M): mean over heads and (weighted) queries
+        sources = present_memories(working_memory, reminded)
+        if sources:
+            if memory_values is None:
+                memory_values = joint_memory_values(working_memory, reminded)
+            # both memories' keys and values in one projection (the shared module's c_attn), in source order
+            kvs = memory_keys_values(self.memory_attn, memory_values, [src.values.shape[1] for src in sources])
+            for source, keys_values in zip(sources, kvs):
+                if source is working_memory:
+                    wm_out, _ = memory_attention(self.memory_attn, self.ln_wm(h), source, keys_values)
+                    h = h + wm_out
+                else:
+                    mem_out, reminded_probs = memory_attention(self.memory_attn, self.ln_mem(h), source, keys_values)
+                    h = h + mem_out  # reminded_probs (B, M): mean over heads and (weighted) queries
 
         h = h + self.mlp(self.ln_2(h))
         return h, reminded_probs
+
+
+def present_memories(working_memory: MemorySource | None, reminded: MemorySource | None) -> list[MemorySource]:
+    """The memories a block attends to, in order: the working memory, then the reminded one if it has slots."""
+    return [src for src in (working_memory, reminded) if src is not None and src.values.shape[1] > 0]
+
+
+def joint_memory_values(working_memory: MemorySource | None, reminded: MemorySource | None) -> torch.Tensor | None:
+    """The values of `present_memories` side by side, (B, W + M, H) (None without memory): what every block's
+    memory attention projects to keys and values in one GEMM."""
+    sources = present_memories(working_memory, reminded)
+    if not sources:
+        return None
+    return sources[0].values if len(sources) == 1 else torch.cat([src.values for src in sources], dim=1)
 
 
 def _clone_tensors(value: Any) -> Any:
@@ -521,9 +562,10 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             )
 
         # --- blocks
+        memory_values = joint_memory_values(working_memory, reminded)  # (B, W + M, H), once for every block
         probs_sum = None
         for block in self.h:
-            h, probs = block(h, causal_mask, working_memory, reminded, **kwargs)
+            h, probs = block(h, causal_mask, working_memory, reminded, memory_values, **kwargs)
             if probs is not None:
                 probs_sum = probs if probs_sum is None else probs_sum + probs
         hidden = self.ln_f(h)  # (B, T, H)

@@ -10,9 +10,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config
 
 import experiment.models  # noqa: F401  (registers the Auto classes)
 from experiment.models.gpt2_memoria import (
+    GPT2WithMemoriaBlock,
     GPT2WithMemoriaConfig,
     GPT2WithMemoriaLMHeadModel,
     GPT2WithMemoriaModel,
+    joint_memory_values,
     lifespan_delta,
     memory_attention,
     memory_source,
@@ -699,3 +701,36 @@ def test_graphed_memory_gives_the_model_the_same_outputs_with_emulated_graphs():
     for a, b in zip(eager, run(model, segs)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert backend.replays >= 3 * 4  # the last segments were replayed
+
+
+def test_block_projects_both_memories_in_one_gemm_with_the_same_result():
+    """Keys and values of the working and the reminded memory come from one c_attn call on the two side by
+    side; the block's output and probabilities equal those of projecting each memory on its own."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    block = GPT2WithMemoriaBlock(config, layer_idx=0).eval()
+    perturb_biases(block)
+    hidden, wm, remembered = torch.randn(3, 5, 32), torch.randn(3, 4, 32), torch.randn(3, 6, 32)
+    valid = torch.rand(3, 6) < 0.6
+    valid[2] = False  # a row with nothing reminded
+    rows = torch.ones(3, dtype=torch.bool)
+    working = memory_source(wm, None, rows)
+    reminded = memory_source(remembered, valid, valid.any(1), torch.rand(3, 5).softmax(-1), config.n_head)
+    calls = []
+    block.memory_attn.c_attn.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
+    out, probs = block(hidden, None, working, reminded)
+    assert calls == [(3, 10, 32)]  # one projection of W + M rows
+
+    # the same block, each memory projected on its own
+    attn = block.memory_attn
+    h = hidden + block.attn(block.ln_1(hidden))[0]
+    h = h + memory_attention(attn, block.ln_wm(h), working)[0]
+    mem_out, expect_probs = memory_attention(attn, block.ln_mem(h), reminded)
+    h = h + mem_out
+    expect = h + block.mlp(block.ln_2(h))
+    torch.testing.assert_close(out, expect)
+    torch.testing.assert_close(probs, expect_probs)
+    # the model hands every block the joint values, made once per segment
+    assert torch.equal(joint_memory_values(working, reminded), torch.cat([wm, remembered], 1))
+    assert joint_memory_values(working, reminded._replace(values=remembered[:, :0])) is wm
+    assert joint_memory_values(None, None) is None
