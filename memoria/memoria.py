@@ -338,10 +338,7 @@ class Memoria:
         # each recalled STM seeds its most co-fired LTM, if it has any positive count. A chain that found no edge
         # continues from C, the count matrix's all-zero sink row, so it finds none again: stopped for good.
         seeds = torch.where(rs_ok, rs_slots, C)  # (B, k_s)
-        walk_kernel = self._walk_kernel(dev) if cols is None else None
-        if walk_kernel is not None and self._try_walk_kernel(walk_kernel, counts, seeds, open_):
-            pass  # the seeds' hop and the walk's, in one kernel
-        else:
+        if cols is not None or not self._walk_in_one_kernel(counts, seeds, open_):  # else done: one kernel
             cur, active = self._strongest_ltm(counts, seeds, open_[:, :C], cols)  # (B, k_s)
             open_.scatter_(1, cur, -math.inf)
             # greedy lock-step walk: each chain follows its strongest unvisited LTM edge; no edge -> it stops
@@ -718,26 +715,23 @@ class Memoria:
             pick = torch.gather(by_tie, 1, by_score[:, :k])
         return torch.gather(slots, 1, pick), torch.gather(ok, 1, pick)
 
-    def _walk_kernel(self, dev: torch.device):
-        """kernels.walk when the walk should run as one Triton kernel here, else None (see `fused_walk`)."""
-        if not self.fused_walk or (dev.type != "cuda" and not self._walk_kernel_off_gpu):
-            return None
+    def _walk_in_one_kernel(self, counts: torch.Tensor, seeds: torch.Tensor, open_: torch.Tensor) -> bool:
+        """The seeds' hop and every walk hop as one Triton kernel (kernels.walk), where it applies (`fused_walk`);
+        False where it does not, and the caller runs the torch walk. If Triton cannot build or launch the kernel
+        (an untested Triton, an old GPU), warn once and turn fused_walk off: Triton fails before it launches, so
+        `open_` is untouched and the torch walk gives the same result."""
+        if not self.fused_walk or (counts.device.type != "cuda" and not self._walk_kernel_off_gpu):
+            return False
         if torch.compiler.is_compiling():
-            return None  # inductor fuses the torch walk itself
+            return False  # inductor fuses the torch walk itself
         try:
             from . import kernels
-        except ImportError:  # no Triton (a CPU build of torch, macOS): the torch walk
-            return None
-        return kernels.walk
-
-    def _try_walk_kernel(self, walk_kernel, counts: torch.Tensor, seeds: torch.Tensor, open_: torch.Tensor) -> bool:
-        """Run the walk kernel; if Triton cannot build or launch it here (an untested Triton version, an old GPU),
-        warn once, turn fused_walk off and return False: the caller runs the torch walk (same results). Triton
-        fails before it launches, so `open_` is untouched then."""
+        except ImportError:  # no Triton (a CPU build of torch, macOS)
+            return False
         try:
-            walk_kernel(counts, seeds, open_, self.ltm_search_depth + 1)
+            kernels.walk(counts, seeds, open_, self.ltm_search_depth + 1)
             return True
-        except Exception as error:  # noqa: BLE001  (any build or launch error: the torch walk is always there)
+        except Exception as error:  # any build or launch error: the torch walk is always there
             warnings.warn(f"Memoria: the Triton walk kernel failed ({type(error).__name__}: {error}); using the "
                           "torch walk (same results; pass fused_walk=False to skip the kernel)", stacklevel=2)
             self.fused_walk = False

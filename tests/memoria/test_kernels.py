@@ -104,12 +104,15 @@ def test_memoria_with_the_walk_kernel_equals_the_torch_walk(interpret, determini
 
 
 def test_the_torch_walk_runs_where_the_kernel_does_not(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "walk", lambda *a: calls.append(1))
+    counts, src, open_ = random_walk_inputs(2, 16, 4, seed=3)
     m = Memoria(**config())
-    assert m._walk_kernel(torch.device("cpu")) is None  # off a GPU
+    assert not m._walk_in_one_kernel(counts, src, open_) and not calls  # off a GPU
     m._walk_kernel_off_gpu = True
-    assert m._walk_kernel(torch.device("cpu")) is kernels.walk
+    assert m._walk_in_one_kernel(counts, src, open_) and len(calls) == 1
     m.fused_walk = False
-    assert m._walk_kernel(torch.device("cpu")) is None  # turned off
+    assert not m._walk_in_one_kernel(counts, src, open_) and len(calls) == 1  # turned off
 
 
 def test_a_failing_kernel_falls_back_to_the_torch_walk(interpret, monkeypatch):
