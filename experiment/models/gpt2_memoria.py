@@ -58,6 +58,8 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_cuda_graph            on a GPU, replay the memory step's device work as CUDA graphs (same results;
                                   on by default, ignored off a GPU)
     memoria_compile               torch.compile the memory step's device work (same results; slow first step)
+    memoria_fused_walk            on a GPU with Triton, the memory's graph walk as one Triton kernel (same results;
+                                  on by default, ignored off a GPU)
     memoria_zero_init_memory_output  start the memory cross-attention's output projection at zero, so the memory
                                   paths add nothing at initialisation (not the paper's model: an option for the
                                   sorting stall of docs/results.md)
@@ -80,6 +82,7 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_ltm_capacity: int | None = None
     memoria_cuda_graph: bool = True
     memoria_compile: bool = False
+    memoria_fused_walk: bool = True
     memoria_zero_init_memory_output: bool = False
 
     def __post_init__(self, **kwargs):
@@ -394,6 +397,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             validate=False,
             cuda_graph=cfg.memoria_cuda_graph,
             compile=cfg.memoria_compile,
+            fused_walk=cfg.memoria_fused_walk,
         )
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:

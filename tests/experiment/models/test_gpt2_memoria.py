@@ -656,6 +656,7 @@ def test_memory_speed_options_reach_memoria_and_change_nothing_on_the_cpu():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     compiled = tiny_model(memoria_compile=True).transformer._new_memoria()
     assert compiled.compile and compiled.static_shape and not compiled.validate
+    assert compiled.fused_walk and not tiny_model(memoria_fused_walk=False).transformer._new_memoria().fused_walk
 
 
 @pytest.mark.cuda
