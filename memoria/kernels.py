@@ -1,11 +1,18 @@
-"""The graph walk of `remind` as one Triton kernel (GPUs; Triton ships with torch's CUDA builds).
+"""The graph walk of `remind` as Triton kernels (GPUs; Triton ships with torch's CUDA builds).
 
 In torch ops every hop of the walk is a gather of count rows, an add, a row max, a where and a scatter: about
 seven small kernels a hop, 77 for the LM configuration's 11 hops, most of the step's device time once it is
-replayed as a CUDA graph. Here one program per batch row runs every hop: for each chain it scans the count row of
-its current engram in tiles, keeps the running best (count + tie fraction of open targets, first column on equal
-values, as `torch.max`), then closes the hop's targets and moves on. Same inputs, same result as the torch walk
-(`Memoria._strongest_ltm` hop by hop); `tests/memoria/test_kernels.py` checks that through Triton's interpreter.
+replayed as a CUDA graph. Here each chain scans the count row of its current engram in tiles and keeps the running
+best (count + tie fraction of open targets, first column on equal values, as `torch.max`); then the hop's targets
+are closed and the next hop starts. Two ways to run it (`walk(mode=...)`):
+
+    "rows"  one launch for every hop: one program per batch row runs all its chains, closes their targets itself
+            and goes on (B programs; fewest launches)
+    "hops"  one launch per hop: programs over (row, block of chains), then a torch scatter closes the targets
+            (more programs at once, two launches a hop)
+
+Same inputs, same result as the torch walk (`Memoria._strongest_ltm` hop by hop); `tests/memoria/test_kernels.py`
+checks both modes through Triton's interpreter, and `scripts/bench_walk.py` times them on a GPU.
 
 This module imports triton; `memoria.py` imports it only when a walk runs on a GPU (or a test forces it). Off a
 GPU it runs only in Triton's interpreter: TRITON_INTERPRET=1 set before triton is first imported (the tests do).
@@ -14,6 +21,7 @@ GPU it runs only in Triton's interpreter: TRITON_INTERPRET=1 set before triton i
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import triton
@@ -23,24 +31,31 @@ import triton.language as tl
 # sm_80/sm_90 in 174 registers without spills (twice that spills). scripts/bench_walk.py times other choices.
 _TILE = 4096
 _NUM_WARPS = 8
+_MODE = "rows"
+_HOP_CHAINS = 4  # chains per program in "hops" mode
+MODES = ("rows", "hops")
 
 
 @triton.jit
-def _walk_rows(counts_ptr, open_ptr, cur_ptr, C, R, hops,
+def _walk_rows(counts_ptr, open_ptr, cur_ptr, C, R, hops, chains,
                stride_cb, stride_cr, stride_ob, stride_xb,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program per batch row b. counts (B, C + 1, C) int (row C: the all-zero sink), open (B, >= C) float64:
-    the tie fraction (< 0.5) of open targets, -inf elsewhere (updated in place: visited targets become -inf),
-    cur (B, R) int64: the chains' sources (C = stopped), overwritten hop by hop with their targets."""
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CLOSE: tl.constexpr):
+    """Program (b, p) moves chains [p * chains, (p + 1) * chains) of batch row b, `hops` hops. counts (B, C + 1, C)
+    int (row C: the all-zero sink), open (B, C + 1) float64: the tie fraction (< 0.5) of open targets, -inf
+    elsewhere, cur (B, R) int64: the chains' sources (C = stopped), overwritten hop by hop with their targets.
+    CLOSE: the program holds all of its row's chains and closes each hop's targets in open itself (visited
+    targets become -inf); else the caller closes them between launches (then hops must be 1)."""
     b = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1) * chains
+    last = tl.minimum(first + chains, R)
     counts_b = counts_ptr + b * stride_cb
     open_b = open_ptr + b * stride_ob
     cur_b = cur_ptr + b * stride_xb
     for _hop in range(hops):
         # every chain picks its strongest open target, all against the same open set (lock-step)
-        for r0 in range(0, R, BLOCK_R):
+        for r0 in range(first, last, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
-            r_ok = r < R
+            r_ok = r < last
             src = tl.load(cur_b + r, mask=r_ok, other=C)  # (BLOCK_R,) C = the sink row: no edges
             best = tl.full([BLOCK_R], float("-inf"), tl.float64)
             arg = tl.full([BLOCK_R], 0, tl.int64) + C
@@ -57,36 +72,47 @@ def _walk_rows(counts_ptr, open_ptr, cur_ptr, C, R, hops,
                 arg = tl.where(better, tile_arg.to(tl.int64) + c0, arg)
             target = tl.where(best >= 1.0, arg, C)  # no positive open edge: the chain stops (C from now on)
             tl.store(cur_b + r, target, mask=r_ok)  # each chain reads and writes only its own entry
-        tl.debug_barrier()
-        # then the hop's targets are visited: closed for every later hop
-        for r0 in range(0, R, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            r_ok = r < R
-            target = tl.load(cur_b + r, mask=r_ok, other=C)
-            tl.store(open_b + target, tl.full([BLOCK_R], float("-inf"), tl.float64), mask=r_ok & (target < C))
-        tl.debug_barrier()
+        if CLOSE:
+            tl.debug_barrier()
+            # then the hop's targets are visited: closed for every later hop
+            for r0 in range(0, R, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                r_ok = r < R
+                target = tl.load(cur_b + r, mask=r_ok, other=C)
+                tl.store(open_b + target, tl.full([BLOCK_R], float("-inf"), tl.float64), mask=r_ok & (target < C))
+            tl.debug_barrier()
 
 
-def walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int, tile: int | None = None,
-         num_warps: int | None = None) -> None:
+def walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int, *, tile: int | None = None,
+         num_warps: int | None = None, mode: str | None = None, hop_chains: int | None = None) -> None:
     """Run `hops` lock-step hops of the greedy walk from `src` (B, R) int64 (C = no chain) over `counts`
-    (B, C + 1, C), closing every visited target in `open_` (B, >= C) float64 in place. Equals, hop by hop,
-    `cur, _ = _strongest_ltm(counts, cur, open_[:, :C]); open_.scatter_(1, cur, -inf)`. `tile` (elements of a
-    chains x columns tile, a power of 2) and `num_warps` override the defaults (for tuning)."""
+    (B, C + 1, C), closing every visited target in `open_` (B, C + 1) float64 in place (column C: "no node").
+    Equals, hop by hop, `cur, _ = _strongest_ltm(counts, cur, open_[:, :C]); open_.scatter_(1, cur, -inf)`.
+    `tile` (elements of a chains x columns tile, a power of 2), `num_warps`, `mode` ("rows" or "hops", see
+    above) and `hop_chains` (chains per program in "hops" mode) override the defaults (for tuning)."""
     B, R = src.shape
     C = counts.shape[2]
+    mode = mode or _MODE
+    if mode not in MODES:
+        raise ValueError(f"walk mode must be one of {MODES}, got {mode!r}")
     if B == 0 or R == 0 or C == 0 or hops == 0:
         return
-    if not (counts.stride(2) == 1 and open_.stride(1) == 1 and open_.dtype == torch.float64):
-        raise ValueError("walk needs counts and open_ contiguous in their last dimension and open_ float64")
+    if not (counts.stride(2) == 1 and open_.stride(1) == 1 and open_.dtype == torch.float64
+            and open_.shape[1] > C):
+        raise ValueError("walk needs counts and open_ (B, C + 1) float64, each contiguous in its last dimension")
     cur = src.to(torch.int64).contiguous().clone()  # (B, R) scratch: chain positions
+    chains = R if mode == "rows" else min(R, hop_chains or _HOP_CHAINS)
     tile = tile or _TILE
-    block_r = min(64, triton.next_power_of_2(R), tile)
+    block_r = min(64, triton.next_power_of_2(chains), tile)
     block_c = min(max(16, tile // block_r), triton.next_power_of_2(C))
+    strides = (counts.stride(0), counts.stride(1), open_.stride(0), cur.stride(0))
+    options = dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps or _NUM_WARPS)
     # launch on the tensors' GPU, whichever is current (a no-op context on the CPU, under the interpreter)
     with torch.cuda.device(counts.device) if counts.is_cuda else contextlib.nullcontext():
-        _walk_rows[(B,)](
-            counts, open_, cur, C, R, hops,
-            counts.stride(0), counts.stride(1), open_.stride(0), cur.stride(0),
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps or _NUM_WARPS,
-        )
+        if mode == "rows":
+            _walk_rows[(B, 1)](counts, open_, cur, C, R, hops, chains, *strides, CLOSE=True, **options)
+            return
+        for _ in range(hops):
+            _walk_rows[(B, triton.cdiv(R, chains))](counts, open_, cur, C, R, 1, chains, *strides, CLOSE=False,
+                                                     **options)
+            open_.scatter_(1, cur, -math.inf)  # column C takes the stopped chains' C

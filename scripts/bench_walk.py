@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Time remind's graph walk alone on a GPU: the torch ops (what runs without Triton) against the Triton kernel of
-memoria/kernels.py at several tile sizes and warp counts, both replayed as CUDA graphs (as the models run the
-step), at the sizes of the paper's three configurations. Checks that every variant gives the torch walk's result.
+"""Time remind's graph walk alone on a GPU: the torch ops (what runs without Triton) against the Triton kernels of
+memoria/kernels.py — mode "rows" (one launch, a program per batch row) at several tile sizes and warp counts, mode
+"hops" (a launch per hop, programs over blocks of chains) at several chains per program — all replayed as CUDA
+graphs (as the models run the step), at the sizes of the paper's three configurations. Checks that every variant
+gives the torch walk's result. The defaults in memoria/kernels.py (_MODE, _TILE, _NUM_WARPS, _HOP_CHAINS) should
+be the fastest row here.
 
     python scripts/bench_walk.py                       # lm enwik8 sort, the default sweep
-    python scripts/bench_walk.py --configs lm --tiles 4096 --warps 8 --json walk.json
+    python scripts/bench_walk.py --configs lm --tiles 4096 --warps 8 --hop-chains 4 --json walk.json
 
 The walk's cost does not depend on the counts' values (every hop reads whole count rows, stopped chains read the
 all-zero sink row), so the inputs are random: sparse counts, 70% of the slots long-term, a few chains without a seed.
@@ -86,6 +89,8 @@ def main() -> int:
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["lm", "enwik8", "sort"])
     parser.add_argument("--tiles", nargs="+", type=int, default=[2048, 4096, 8192])
     parser.add_argument("--warps", nargs="+", type=int, default=[4, 8, 16])
+    parser.add_argument("--hop-chains", nargs="+", type=int, default=[2, 4, 8, 16],
+                        help='chains per program in mode "hops" (at tile 4096, warps 4 and 8)')
     parser.add_argument("--replays", type=int, default=50)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -101,19 +106,23 @@ def main() -> int:
         base_ms, want = time_graphed(lambda o: torch_walk(counts, src, o, hops), open_init, args.replays)
         print(f"{name} (B {B}, C {C}, chains {R}, hops {hops}): torch walk, graphed {base_ms * 1000:8.1f} us")
         results.append({"config": name, "variant": "torch", "us": base_ms * 1000})
-        for tile in args.tiles:
-            for warps in args.warps:
-                try:
-                    ms, got = time_graphed(lambda o, t=tile, w=warps: kernels.walk(counts, src, o, hops, t, w),
-                                           open_init, args.replays)
-                except Exception as error:  # noqa: BLE001  (a config that does not build: report, go on)
-                    print(f"  tile {tile:5d} warps {warps:2d}: failed ({type(error).__name__}: {error})")
-                    continue
-                same = torch.equal(got, want)
-                print(f"  tile {tile:5d} warps {warps:2d}: {ms * 1000:8.1f} us  ({base_ms / ms:4.1f}x)"
-                      f"{'' if same else '  RESULT DIFFERS FROM THE TORCH WALK'}")
-                results.append({"config": name, "variant": "kernel", "tile": tile, "warps": warps,
-                                "us": ms * 1000, "same": same})
+        variants = [dict(mode="rows", tile=t, num_warps=w) for t in args.tiles for w in args.warps]
+        variants += [dict(mode="hops", tile=4096, num_warps=w, hop_chains=c) for c in args.hop_chains for w in (4, 8)]
+        for variant in variants:
+            label = " ".join(f"{k.replace('num_', '')} {v}" for k, v in variant.items())
+            try:
+                ms, got = time_graphed(lambda o, v=variant: kernels.walk(counts, src, o, hops, **v), open_init,
+                                       args.replays)
+            except Exception as error:  # noqa: BLE001  (a variant that does not build: report, go on)
+                print(f"  {label:42s} failed ({type(error).__name__}: {str(error)[:200]})")
+                continue
+            same = torch.equal(got, want)
+            print(f"  {label:42s} {ms * 1000:8.1f} us  ({base_ms / ms:4.1f}x)"
+                  f"{'' if same else '  RESULT DIFFERS FROM THE TORCH WALK'}")
+            results.append({"config": name, **variant, "us": ms * 1000, "same": same})
+        default_ms, _ = time_graphed(lambda o: kernels.walk(counts, src, o, hops), open_init, args.replays)
+        print(f"  {'defaults of memoria/kernels.py':42s} {default_ms * 1000:8.1f} us  ({base_ms / default_ms:4.1f}x)")
+        results.append({"config": name, "variant": "defaults", "us": default_ms * 1000})
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results},
                                               indent=1))

@@ -11,7 +11,8 @@
 #      with fused Adam, fp32 and bf16, two rounds in turn; profiles of both (what is left between the graphs);
 #   6. profiles of the graphed memory step (LM; graphed with the Triton walk, with the torch walk, and compiled +
 #      graphed): kernels and device time per step;
-#   7. scripts/bench_walk.py: the graph walk alone, torch ops against the Triton kernel at several tiles and warps;
+#   7. scripts/bench_walk.py: the graph walk alone, torch ops against the Triton kernels (both modes, several tiles,
+#      warps and chains per program), graphed, at the three configurations' sizes;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -134,7 +135,7 @@ done
 # ---------------------------------------------------------------- 7. the graph walk alone: torch ops vs Triton kernel
 part7() {
 say "7. bench_walk (torch walk vs the Triton kernel, graphed)"
-timeout $(($(left) < 120 ? $(left) : 120)) $PY scripts/bench_walk.py --json "$OUT/bench_walk.json" 2>&1 \
+timeout $(($(left) < 180 ? $(left) : 180)) $PY scripts/bench_walk.py --json "$OUT/bench_walk.json" 2>&1 \
   | tee "$OUT/bench_walk.txt" | tail -40 | tee -a "$LOG"
 }
 

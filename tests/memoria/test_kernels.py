@@ -59,13 +59,15 @@ def random_walk_inputs(B, C, R, seed, dtype=torch.int32, ties=False):
     ],
 )
 @pytest.mark.parametrize("ties", [False, True])
-def test_walk_kernel_equals_the_torch_walk(interpret, monkeypatch, B, C, R, hops, tile, ties):
+@pytest.mark.parametrize("mode", kernels.MODES)
+def test_walk_kernel_equals_the_torch_walk(interpret, monkeypatch, B, C, R, hops, tile, ties, mode):
     monkeypatch.setattr(kernels, "_TILE", tile)
+    monkeypatch.setattr(kernels, "_HOP_CHAINS", 3)  # "hops": several programs a row, the last one partial
     counts, src, open_ = random_walk_inputs(B, C, R, seed=C + R + hops, ties=ties)
     want = open_.clone()
     torch_walk(counts, src, want, hops)
     got = open_.clone()
-    kernels.walk(counts, src, got, hops)
+    kernels.walk(counts, src, got, hops, mode=mode)
     assert torch.equal(got[:, :C], want[:, :C])
     assert int(torch.isneginf(want[:, :C]).sum()) > int(torch.isneginf(open_[:, :C]).sum())  # it went somewhere
 
@@ -84,6 +86,16 @@ def test_walk_kernel_leaves_src_and_counts_alone(interpret):
     counts0, src0 = counts.clone(), src.clone()
     kernels.walk(counts, src, open_, 3)
     assert torch.equal(counts, counts0) and torch.equal(src, src0)
+
+
+def test_walk_kernel_refuses_what_it_cannot_read(interpret):
+    counts, src, open_ = random_walk_inputs(2, 16, 4, seed=2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        kernels.walk(counts, src, open_, 3, mode="columns")
+    with pytest.raises(ValueError, match=r"open_ \(B, C \+ 1\) float64"):
+        kernels.walk(counts, src, open_[:, :16].contiguous(), 3)
+    with pytest.raises(ValueError, match=r"open_ \(B, C \+ 1\) float64"):
+        kernels.walk(counts, src, open_.float(), 3)
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
