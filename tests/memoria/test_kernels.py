@@ -162,6 +162,7 @@ def test_cuda_walk_kernel_equals_the_torch_walk(deterministic):
     counts, src, open_ = random_walk_inputs(8, 1100, 50, seed=6)
     want = open_.clone()
     torch_walk(counts, src, want, 11)
-    got = open_.cuda()
-    kernels.walk(counts.cuda(), src.cuda(), got, 11)
-    assert torch.equal(got.cpu()[:, :1100], want[:, :1100])
+    for mode in kernels.MODES:
+        got = open_.cuda()
+        kernels.walk(counts.cuda(), src.cuda(), got, 11, mode=mode)
+        assert torch.equal(got.cpu()[:, :1100], want[:, :1100]), mode
