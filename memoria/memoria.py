@@ -457,8 +457,11 @@ class Memoria:
             is_stm = types == SHORTTERM
             excess = (is_stm.sum(1) - self.stm_capacity).clamp(min=0)  # (B,)
             k = min(num_wm, C)
-            key = torch.where(is_stm, store.created, torch.iinfo(torch.int64).max)
-            oldest = torch.topk(key, k, dim=1, largest=False, sorted=True).indices  # (B, k)
+            # oldest first by engram id, as an int32 key (a GPU top-k passes over half the bits of an int64's):
+            # ids back from the next one, distinct among live engrams (equal only past 2**31 - 1 ids back)
+            ids_back = (store.next_id - store.created).clamp(max=torch.iinfo(torch.int32).max)  # (B, C) >= 1
+            key = torch.where(is_stm, ids_back, -1).to(torch.int32)
+            oldest = torch.topk(key, k, dim=1, largest=True, sorted=True).indices  # (B, k) oldest first
             promote = torch.arange(k, device=dev)[None, :] < excess[:, None]
             types.scatter_(1, oldest, torch.where(promote, LONGTERM, torch.gather(types, 1, oldest)))
         dead = live & (store.lifespan <= 0)  # 6. delete: the slot is freed (its counts are zeroed on reuse)

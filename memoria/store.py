@@ -89,8 +89,9 @@ class SlotStore:
     # ---------------------------------------------------------------- slots
     def allocate(self, num: int) -> torch.Tensor:
         """Pick `num` free slots per row (B, num); the caller has made sure there is room."""
-        free = (self.types == NULL).to(torch.float32)  # (B, C)
-        # topk over a 0/1 mask: any `num` free slots, distinct, found on the device without a sync
+        free = (self.types == NULL).to(torch.uint8)  # (B, C)
+        # topk over a 0/1 mask: any `num` free slots, distinct, found on the device without a sync (uint8: a
+        # GPU top-k's radix passes cover 8 bits, not a float's 32)
         return torch.topk(free, num, dim=1, sorted=False).indices  # (B, num)
 
     def clear_counts(self, slots: torch.Tensor) -> None:
