@@ -18,6 +18,7 @@ Examples:
     python scripts/bench_step.py --tiny --device cpu --precisions fp32
     python scripts/bench_step.py --warmup 50 --steps 100 --json bench_step.json
     python scripts/bench_step.py --profile profile.txt    # also where the time goes (torch.profiler tables)
+    python scripts/bench_step.py --phases                 # ... and per phase of the step (CUDA events)
     python scripts/bench_step.py --compile-blocks         # every transformer block compiled (compile=true)
     python scripts/bench_step.py --compile-blocks --compile-mode reduce-overhead --rounds 2
                                                           # ... replayed as CUDA graphs; two rounds in turn
@@ -70,19 +71,84 @@ def make_optimizer(model, kind: str) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=2e-4, **{kind: True})
 
 
+# The phases of one step, in order (`--phases`): each runs from its mark to the next one.
+PHASES = ("embed + memory read", "blocks forward", "ln_f + memory write", "LM head + loss", "backward",
+          "clip + Adam + zero_grad")
+
+
+class _MarkBefore(torch.nn.Module):
+    """`module` that calls `mark()` first, from outside it: a hook on a compiled block would run inside the
+    compiled call."""
+
+    def __init__(self, module: torch.nn.Module, mark) -> None:
+        super().__init__()
+        self.module = module
+        self.mark = mark
+
+    def forward(self, *args, **kwargs):
+        self.mark()
+        return self.module(*args, **kwargs)
+
+
+class PhaseClock:
+    """Marks the phases of a step: CUDA events on a GPU (device time between marks, no extra sync; read after the
+    step's synchronisation), wall time on the CPU. Inside the model's forward, the trunk's first block (wrapped),
+    its final LayerNorm and the trunk itself (hooks) mark the phases, so the models stay as they are."""
+
+    def __init__(self, model, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.per_step: list[list[float]] = []
+        self.trunk = model.transformer
+        self.first_block = self.trunk.h[0]
+        self.trunk.h[0] = _MarkBefore(self.first_block, self.mark)
+        self.handles = [
+            self.trunk.ln_f.register_forward_pre_hook(lambda *_: self.mark()),
+            self.trunk.register_forward_hook(lambda *_: self.mark()),
+        ]
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def end_step(self, keep: bool) -> None:
+        """After the step's synchronisation: its phase durations in ms (kept if `keep`)."""
+        marks, self.marks = self.marks, []
+        if len(marks) != len(PHASES) + 1:
+            raise RuntimeError(f"expected {len(PHASES) + 1} phase marks per step, got {len(marks)}")
+        if keep:
+            pairs = zip(marks, marks[1:])
+            self.per_step.append([a.elapsed_time(b) if self.cuda else 1e3 * (b - a) for a, b in pairs])
+
+    def medians(self) -> dict[str, float]:
+        return {name: statistics.median(step[i] for step in self.per_step) for i, name in enumerate(PHASES)}
+
+    def remove(self) -> None:
+        self.trunk.h[0] = self.first_block
+        for handle in self.handles:
+            handle.remove()
+
+
 def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: bool = True,
-               losses: list | None = None) -> list[float]:
+               losses: list | None = None, clock: PhaseClock | None = None) -> list[float]:
     """Seconds per training step for each batch after the first `warmup` ones (memory reset first if `reset`);
-    each step's loss is appended to `losses` when given (read after the step's synchronisation)."""
+    each step's loss is appended to `losses` when given (read after the step's synchronisation); `clock` times
+    the step's phases."""
     model.train()
     if reset:
         model.reset_memory()
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bf16"
                 else contextlib.nullcontext())
+    mark = clock.mark if clock is not None else (lambda: None)
     times = []
     for i, input_ids in enumerate(batches):
         synchronize(device)
         start = time.perf_counter()
+        mark()
         torch.compiler.cudagraph_mark_step_begin()  # a new iteration for compiled blocks' CUDA graphs (if any)
         with autocast:
             output = model(input_ids)
@@ -90,13 +156,18 @@ def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: boo
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
             if output.aux_loss is not None:
                 loss = loss + output.aux_loss
+        mark()
         loss.backward()
+        mark()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        mark()
         synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
+        if clock is not None:
+            clock.end_step(keep=i >= warmup)
         if losses is not None:
             losses.append(loss.item())
     return times
@@ -131,6 +202,10 @@ def profile_steps(model, optimizer, batches, device, dtype, title: str, path: st
 def finish_pair(pair: dict, args: argparse.Namespace, batches: list, device: torch.device) -> None:
     """FLOPs and profile of a pair after its timings (if asked), then free its model."""
     model, optimizer, precision = pair.pop("model"), pair.pop("optimizer"), pair["precision"]
+    clock = pair.pop("clock")
+    if clock is not None:  # off before the FLOP count and the profile: they are not timed steps
+        pair["phases"] = clock.medians()
+        clock.remove()
     if args.flops:
         pair["gflop"] = count_flops(model, optimizer, batches[-1:], device, precision) / 1e9
     if args.profile:
@@ -167,6 +242,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--optimizer", default="task", choices=["task", "foreach", "fused"],
                         help="Adam's implementation: task = what the LM task uses on this device; foreach / fused "
                              "force one (fused: one kernel for every parameter; CUDA)")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the step's phases (memory read, blocks, memory write, head + loss, "
+                             "backward, optimizer): CUDA events on a GPU, wall time on the CPU")
     parser.add_argument("--profile", default=None,
                         help="also profile 3 more steps of each (model, precision) with torch.profiler and write "
                              "the op tables (by device time and by host time) to this file")
@@ -205,13 +283,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             losses = []  # the warm-up steps' losses: a check that compiled / graphed variants train alike
+            clock = PhaseClock(model, device) if args.phases else None
             times = time_steps(model, optimizer, batches, device, precision, args.warmup,
-                               losses=losses)
+                               losses=losses, clock=clock)
             peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30 if device.type == "cuda" else None
             config = " ".join([model_name, *overrides, *(["compile=true"] if args.compile_blocks else []),
                                *([f"mode={args.compile_mode}"] if args.compile_blocks and args.compile_mode else [])])
             pairs.append({"label": label, "precision": precision, "config": config, "model": model,
-                          "optimizer": optimizer, "times": times, "peak": peak, "losses": losses[:args.warmup]})
+                          "optimizer": optimizer, "times": times, "peak": peak, "losses": losses[:args.warmup],
+                          "clock": clock})
             # one line per pair as it is measured, so a run stopped at its time limit still reports something
             print(f"{label} {precision}: round 1 median {1e3 * statistics.median(times):.2f} ms/step", flush=True)
             if args.rounds == 1:
@@ -219,7 +299,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for round_index in range(2, args.rounds + 1):
         for pair in pairs:
             pair["times"] += time_steps(pair["model"], pair["optimizer"], batches[args.warmup:], device,
-                                        pair["precision"], warmup=0, reset=False)
+                                        pair["precision"], warmup=0, reset=False, clock=pair["clock"])
             print(f"{pair['label']} {pair['precision']}: round {round_index} median "
                   f"{1e3 * statistics.median(pair['times'][-args.steps:]):.2f} ms/step", flush=True)
     if args.rounds > 1:
@@ -244,12 +324,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "peak_mem_gib": pair["peak"],
             "gflop_per_step": pair.get("gflop"),
             "warmup_losses": pair["losses"],
+            "phases_ms": pair.get("phases"),
         })
 
     plain = {r["precision"]: r["median_ms"] for r in rows if r["model"] == "gpt2"}
     for row in rows:
         row["x_plain"] = row["median_ms"] / plain[row["precision"]] if row["precision"] in plain else None
     print(format_table(rows, device, batch_size, seq_len))
+    if args.phases:
+        print(format_phases(rows, device))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)
@@ -276,6 +359,19 @@ def format_table(rows: list[dict], device: torch.device, batch_size: int, seq_le
              "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in body]
+    return "\n".join(lines)
+
+
+def format_phases(rows: list[dict], device: torch.device) -> str:
+    """Median ms of each phase (columns) per (model, precision) (rows)."""
+    clock = "GPU time between CUDA events" if device.type == "cuda" else "wall time"
+    lines = [f"phases of the step, median ms ({clock})",
+             "| model | precision | " + " | ".join(PHASES) + " | sum |",
+             "|---|---|" + "---|" * (len(PHASES) + 1)]
+    for r in rows:
+        phases = r["phases_ms"]
+        cells = [f"{phases[name]:.2f}" for name in PHASES] + [f"{sum(phases.values()):.2f}"]
+        lines.append(f"| {r['config']} | {r['precision']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

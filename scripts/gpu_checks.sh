@@ -7,7 +7,8 @@
 #   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2, eager and with the memory
 #      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt),
 #      then the same with every transformer block compiled (compile=true), fp32 then bf16;
-#   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead) against the eager step
+#   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead) against the eager step,
+#      timed per phase (memory read, blocks, memory write, head, backward, optimizer; CUDA events)
 #      with fused Adam, fp32 and bf16, two rounds in turn; profiles of both (what is left between the graphs);
 #   6. profiles of the graphed memory step (LM; graphed with the Triton walk, with the torch walk, and compiled +
 #      graphed): kernels and device time per step;
@@ -112,13 +113,13 @@ timeout $(($(left) < 200 ? $(left) : 200)) $PY scripts/bench_step.py --warmup 20
 part5() {
 say "5. bench_step: compiled blocks as CUDA graphs (reduce-overhead)"
 timeout $(($(left) < 150 ? $(left) : 150)) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
-  --compile-blocks --compile-mode reduce-overhead --models memoria_gpt2_graphed gpt2 \
+  --compile-blocks --compile-mode reduce-overhead --models memoria_gpt2_graphed gpt2 --phases \
   --json "$OUT/bench_step_reduce_overhead.json" --profile "$OUT/profile_step_reduce_overhead.txt" 2>&1 \
-  | grep -v Warning | tail -14 | tee -a "$LOG"
+  | grep -v Warning | tail -24 | tee -a "$LOG"
 say "5b. bench_step: eager, fused Adam"
 timeout $(($(left) < 100 ? $(left) : 100)) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
-  --models memoria_gpt2_graphed gpt2 --json "$OUT/bench_step_fused.json" --profile "$OUT/profile_step_fused.txt" \
-  2>&1 | tail -14 | tee -a "$LOG"
+  --models memoria_gpt2_graphed gpt2 --phases --json "$OUT/bench_step_fused.json" --profile "$OUT/profile_step_fused.txt" \
+  2>&1 | tail -24 | tee -a "$LOG"
 }
 
 # ---------------------------------------------------------------- 6. where the graphed memory step's time goes

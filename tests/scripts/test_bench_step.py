@@ -31,3 +31,16 @@ def test_rounds_time_every_pair_in_turn():
                               "--precisions", "fp32", "--models", "memoria_gpt2", "gpt2", "--optimizer", "foreach"])
     assert all(len(r["round_medians_ms"]) == 3 and r["rounds"] == 3 for r in rows)
     assert all(r["optimizer"] == "foreach" for r in rows)
+
+
+def test_phases_split_the_step_of_every_model(capsys):
+    bench = load_bench()
+    rows = bench.main(["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "3", "--rounds", "2",
+                       "--precisions", "fp32", "--phases"])
+    for row in rows:
+        phases = row["phases_ms"]
+        assert list(phases) == list(bench.PHASES) and all(ms >= 0 for ms in phases.values())
+        assert phases["blocks forward"] > 0 and phases["backward"] > 0
+        # the phases cover the step: their sum is the step, less the few marks' own cost
+        assert 0.5 * row["median_ms"] < sum(phases.values()) <= 1.05 * row["median_ms"]
+    assert "phases of the step" in capsys.readouterr().out
