@@ -7,9 +7,9 @@
 #   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2, eager and with the memory
 #      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt),
 #      then the same with every transformer block compiled (compile=true), fp32 then bf16;
-#   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead) against the eager step,
-#      timed per phase (memory read, blocks, memory write, head, backward, optimizer; CUDA events)
-#      with fused Adam, fp32 and bf16, two rounds in turn; profiles of both (what is left between the graphs);
+#   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead) against the eager step
+#      with fused Adam, fp32 and bf16, two rounds in turn; each timed per phase (memory read, blocks, memory
+#      write, head + loss, backward, optimizer; CUDA events); profiles of both (what is left between the graphs);
 #   6. profiles of the graphed memory step (LM; graphed with the Triton walk, with the torch walk, and compiled +
 #      graphed): kernels and device time per step;
 #   7. scripts/bench_walk.py: the graph walk alone, torch ops against the Triton kernels (both modes, several tiles,
