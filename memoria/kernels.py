@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 # Elements of one (chains x columns) tile and warps per program: 16 float64 values a thread, which compiles for
-# sm_80/sm_90 in 174 registers without spills (twice that spills). scripts/bench_walk.py times other choices.
+# sm_90 in 175 registers (sm_80: 219) without spills; a tile twice as big, or half the warps, spills.
+# scripts/bench_walk.py times other choices (and mode "hops", with `_HOP_CHAINS` chains per program).
 _TILE = 4096
 _NUM_WARPS = 8
 _MODE = "rows"
@@ -37,7 +38,7 @@ MODES = ("rows", "hops")
 
 
 @triton.jit
-def _walk_rows(counts_ptr, open_ptr, cur_ptr, C, R, hops, chains,
+def _walk_kernel(counts_ptr, open_ptr, cur_ptr, C, R, hops, chains,
                stride_cb, stride_cr, stride_ob, stride_xb,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CLOSE: tl.constexpr):
     """Program (b, p) moves chains [p * chains, (p + 1) * chains) of batch row b, `hops` hops. counts (B, C + 1, C)
@@ -110,9 +111,9 @@ def walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int
     # launch on the tensors' GPU, whichever is current (a no-op context on the CPU, under the interpreter)
     with torch.cuda.device(counts.device) if counts.is_cuda else contextlib.nullcontext():
         if mode == "rows":
-            _walk_rows[(B, 1)](counts, open_, cur, C, R, hops, chains, *strides, CLOSE=True, **options)
+            _walk_kernel[(B, 1)](counts, open_, cur, C, R, hops, chains, *strides, CLOSE=True, **options)
             return
         for _ in range(hops):
-            _walk_rows[(B, triton.cdiv(R, chains))](counts, open_, cur, C, R, 1, chains, *strides, CLOSE=False,
+            _walk_kernel[(B, triton.cdiv(R, chains))](counts, open_, cur, C, R, 1, chains, *strides, CLOSE=False,
                                                      **options)
             open_.scatter_(1, cur, -math.inf)  # column C takes the stopped chains' C
