@@ -12,7 +12,8 @@ are closed and the next hop starts. Two ways to run it (`walk(mode=...)`):
             (more programs at once, two launches a hop)
 
 Same inputs, same result as the torch walk (`Memoria._strongest_ltm` hop by hop); `tests/memoria/test_kernels.py`
-checks both modes through Triton's interpreter, and `scripts/bench_walk.py` times them on a GPU.
+checks both modes through Triton's interpreter, and `scripts/bench_walk.py` times them on a GPU. `walk_op` is the
+same as a torch custom op (`torch.ops.memoria.walk`), which torch.compile keeps whole inside a compiled step.
 
 This module imports triton; `memoria.py` imports it only when a walk runs on a GPU (or a test forces it). Off a
 GPU it runs only in Triton's interpreter: TRITON_INTERPRET=1 set before triton is first imported (the tests do).
@@ -117,3 +118,14 @@ def walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int
             _walk_kernel[(B, triton.cdiv(R, chains))](counts, open_, cur, C, R, 1, chains, *strides, CLOSE=False,
                                                      **options)
             open_.scatter_(1, cur, -math.inf)  # column C takes the stopped chains' C
+
+
+@torch.library.custom_op("memoria::walk", mutates_args=("open_",))
+def walk_op(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int) -> None:
+    """`walk` with the defaults, as a custom op: torch.compile calls it as it is (it mutates `open_` only)."""
+    walk(counts, src, open_, hops)
+
+
+@walk_op.register_fake
+def _walk_op_fake(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int) -> None:
+    return None  # no outputs: the op writes into open_

@@ -67,6 +67,21 @@ def _full_fp32_matmul(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+_KERNELS: Any = None  # memoria.kernels once imported, False if Triton is missing (see _kernels)
+
+
+def _kernels() -> Any:
+    """The Triton kernels module (memoria/kernels.py), or None without Triton; imported on first use."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from . import kernels
+            _KERNELS = kernels
+        except ImportError:
+            _KERNELS = False
+    return _KERNELS or None
+
+
 def _check_count(name: str, value: Any, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -99,8 +114,8 @@ class Memoria:
                          instead of hundreds. Needs static_shape=True, validate=False and keep_history=False;
                          off a GPU it changes nothing
         fused_walk       on a GPU with Triton (part of torch's CUDA builds), run remind's graph walk as one Triton
-                         kernel (kernels.py) instead of ~7 small kernels a hop; same results. Off a GPU, without
-                         Triton, or inside torch.compile (which fuses the walk itself), the torch ops run
+                         kernel (kernels.py) instead of ~7 small kernels a hop; same results, with or without
+                         compile. Off a GPU or without Triton the torch ops run
         compile          torch.compile the step's device work (fuses its elementwise kernels; the first step at
                          each store size compiles, which takes a while); combines with cuda_graph. Needs
                          the same settings as cuda_graph
@@ -647,6 +662,8 @@ class Memoria:
         if self.compile:
             compiled = self._compiled.get(name)
             if compiled is None:
+                if name == "remind":
+                    self._check_walk_kernel(store.device)
                 compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
             fn = compiled
         with _full_fp32_matmul(store.device), torch.autocast(store.device.type, enabled=False):
@@ -719,26 +736,34 @@ class Memoria:
         return torch.gather(slots, 1, pick), torch.gather(ok, 1, pick)
 
     def _walk_in_one_kernel(self, counts: torch.Tensor, seeds: torch.Tensor, open_: torch.Tensor) -> bool:
-        """The seeds' hop and every walk hop as one Triton kernel (kernels.walk), where it applies (`fused_walk`);
-        False where it does not, and the caller runs the torch walk. If Triton cannot build or launch the kernel
-        (an untested Triton, an old GPU), warn once and turn fused_walk off: Triton fails before it launches, so
-        `open_` is untouched and the torch walk gives the same result."""
+        """The seeds' hop and every walk hop as one Triton kernel (kernels.walk_op), where it applies
+        (`fused_walk`); False where it does not, and the caller runs the torch walk. If Triton cannot build or
+        launch the kernel (an untested Triton, an old GPU), warn once and turn fused_walk off: Triton fails before
+        it launches, so `open_` is untouched and the torch walk gives the same result. Inside torch.compile the op
+        is called as it is (`_check_walk_kernel` built it eagerly before the first trace)."""
         if not self.fused_walk or (counts.device.type != "cuda" and not self._walk_kernel_off_gpu):
             return False
-        if torch.compiler.is_compiling():
-            return False  # inductor fuses the torch walk itself
-        try:
-            from . import kernels
-        except ImportError:  # no Triton (a CPU build of torch, macOS)
+        kernels = _kernels()
+        if kernels is None:  # no Triton (a CPU build of torch, macOS)
             return False
+        if torch.compiler.is_compiling():
+            kernels.walk_op(counts, seeds, open_, self.ltm_search_depth + 1)
+            return True
         try:
-            kernels.walk(counts, seeds, open_, self.ltm_search_depth + 1)
+            kernels.walk_op(counts, seeds, open_, self.ltm_search_depth + 1)
             return True
         except Exception as error:  # any build or launch error: the torch walk is always there
             warnings.warn(f"Memoria: the Triton walk kernel failed ({type(error).__name__}: {error}); using the "
                           "torch walk (same results; pass fused_walk=False to skip the kernel)", stacklevel=2)
             self.fused_walk = False
             return False
+
+    def _check_walk_kernel(self, dev: torch.device) -> None:
+        """Build and run the walk kernel once on a tiny input, eagerly, so a kernel that cannot work here is
+        turned off (with its warning) before torch.compile traces a step that would call it."""
+        counts = torch.zeros(1, 2, 1, dtype=self.count_dtype, device=dev)  # C = 1: one slot, the sink row
+        open_ = torch.zeros(1, 2, dtype=torch.float64, device=dev)
+        self._walk_in_one_kernel(counts, torch.zeros(1, 1, dtype=torch.int64, device=dev), open_)
 
     def _strongest_ltm(self, counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor,
                        cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@
 #   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead) against the eager step
 #      with fused Adam, fp32 and bf16, two rounds in turn; each timed per phase (memory read, blocks, memory
 #      write, head + loss, backward, optimizer; CUDA events); profiles of both (what is left between the graphs);
-#   6. profiles of the graphed memory step (LM; graphed with the Triton walk, with the torch walk, and compiled +
-#      graphed): kernels and device time per step;
+#   6. profiles of the graphed memory step (LM; graphed, and compiled + graphed, each with the Triton walk and
+#      without): kernels and device time per step;
 #   7. scripts/bench_walk.py: the graph walk alone, torch ops against the Triton kernels (both modes, several tiles,
 #      warps and chains per program), graphed, at the three configurations' sizes;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
@@ -124,8 +124,9 @@ timeout $(($(left) < 100 ? $(left) : 100)) $PY scripts/bench_step.py --warmup 20
 
 # ---------------------------------------------------------------- 6. where the graphed memory step's time goes
 part6() {
-say "6. bench_memoria profiles (LM, graphed; graphed with the torch walk; compiled + graphed)"
-for variant in "--cuda-graph" "--cuda-graph --no-fused-walk" "--cuda-graph --compile"; do
+say "6. bench_memoria profiles (LM, graphed: walk kernel / torch walk; compiled + graphed: kernel / inductor's walk)"
+for variant in "--cuda-graph" "--cuda-graph --no-fused-walk" "--cuda-graph --compile" \
+               "--cuda-graph --compile --no-fused-walk"; do
   # shellcheck disable=SC2086
   timeout $(($(left) < 160 ? $(left) : 160)) $PY scripts/bench_memoria.py --device cuda --configs lm --impl ours \
     --static-shape --no-validate --ltm-capacity 1024 $variant --warmup 40 --steps 30 \

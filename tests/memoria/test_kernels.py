@@ -115,6 +115,22 @@ def test_memoria_with_the_walk_kernel_equals_the_torch_walk(interpret, determini
     assert int((fused.store.types == L_).sum()) > 0
 
 
+def test_compiled_step_calls_the_walk_kernel_and_equals_eager(interpret, monkeypatch):
+    """compile=True (inductor, fullgraph) keeps the kernel's custom op whole inside the compiled remind."""
+    torch._dynamo.reset()
+    kw = config(seed=7, ltm_capacity=6, ltm_search_depth=4)
+    eager, compiled = Memoria(**kw), Memoria(**kw, compile=True)
+    eager.fused_walk = False
+    compiled._walk_kernel_off_gpu = True
+    calls = []
+    real = kernels.walk
+    monkeypatch.setattr(kernels, "walk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert_same_runs(run(eager, 12), run(compiled, 12))
+    assert len(calls) >= 12  # the pre-flight build, then every compiled remind
+    assert compiled.fused_walk and int((compiled.store.types == L_).sum()) > 0
+    torch._dynamo.reset()
+
+
 def test_the_torch_walk_runs_where_the_kernel_does_not(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "walk", lambda *a: calls.append(1))
