@@ -663,7 +663,7 @@ class Memoria:
             compiled = self._compiled.get(name)
             if compiled is None:
                 if name == "remind":
-                    self._check_walk_kernel(store.device)
+                    self._check_walk_kernel(store)
                 compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
             fn = compiled
         with _full_fp32_matmul(store.device), torch.autocast(store.device.type, enabled=False):
@@ -758,12 +758,15 @@ class Memoria:
             self.fused_walk = False
             return False
 
-    def _check_walk_kernel(self, dev: torch.device) -> None:
-        """Build and run the walk kernel once on a tiny input, eagerly, so a kernel that cannot work here is
-        turned off (with its warning) before torch.compile traces a step that would call it."""
-        counts = torch.zeros(1, 2, 1, dtype=self.count_dtype, device=dev)  # C = 1: one slot, the sink row
-        open_ = torch.zeros(1, 2, dtype=torch.float64, device=dev)
-        self._walk_in_one_kernel(counts, torch.zeros(1, 1, dtype=torch.int64, device=dev), open_)
+    def _check_walk_kernel(self, store: SlotStore) -> None:
+        """Build and run the walk kernel once, eagerly, at the store's sizes (one row, every chain stopped, so it
+        reads only the zero sink row), so a kernel that cannot work here is turned off (with its warning) before
+        torch.compile traces a step that would call it."""
+        C, dev = store.capacity, store.device
+        k_s = min(self.num_reminded_stm, C, self.stm_capacity)  # the chains, as in remind
+        counts = torch.zeros(1, 1, C, dtype=self.count_dtype, device=dev).expand(1, C + 1, C)  # no memory for it
+        open_ = torch.zeros(1, C + 1, dtype=torch.float64, device=dev)
+        self._walk_in_one_kernel(counts, torch.full((1, k_s), C, dtype=torch.int64, device=dev), open_)
 
     def _strongest_ltm(self, counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor,
                        cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

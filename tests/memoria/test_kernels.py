@@ -131,6 +131,25 @@ def test_compiled_step_calls_the_walk_kernel_and_equals_eager(interpret, monkeyp
     torch._dynamo.reset()
 
 
+def test_compile_checks_the_kernel_before_tracing_it(interpret, monkeypatch):
+    """A kernel that cannot be built is found by the eager pre-flight: warned about once, and the compiled
+    step traces the torch walk instead."""
+    torch._dynamo.reset()
+    kw = config(seed=8, ltm_capacity=6)
+    compiled = Memoria(**kw, compile=True)
+    compiled._walk_kernel_off_gpu = True
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(kernels, "walk", broken)
+    with pytest.warns(UserWarning, match="Triton walk kernel failed"):
+        got = run(compiled, 8)
+    assert not compiled.fused_walk
+    assert_same_runs(run(Memoria(**kw), 8), got)
+    torch._dynamo.reset()
+
+
 def test_the_torch_walk_runs_where_the_kernel_does_not(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "walk", lambda *a: calls.append(1))
