@@ -106,7 +106,8 @@ def engrams_per_row(memory, impl: str) -> float:
 # Calls that launch no kernel: views and metadata.
 NO_KERNEL = {"view", "unsqueeze", "squeeze", "slice", "select", "expand", "expand_as", "alias", "reshape", "transpose",
              "t", "split", "narrow", "as_strided", "detach", "_unsafe_view", "lift_fresh", "result_type", "empty",
-             "empty_like", "empty_strided", "contiguous", "is_nonzero", "item", "_local_scalar_dense", "resize_"}
+             "empty_like", "empty_strided", "contiguous", "is_nonzero", "item", "_local_scalar_dense", "resize_",
+             "set_", "new_empty"}  # (the last two: Triton's interpreter handing tensors around)
 
 
 def count_aten_calls(step, steps: int) -> dict:
@@ -145,6 +146,8 @@ def profile_kernels(step, sync, steps: int, path: str, title: str) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> dict:
+    if args.walk_kernel_off_gpu and args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: Triton kernels on CPU tensors
     import torch
 
     baseline_rss = peak_rss_mib()
@@ -184,6 +187,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     memory = memoria.Memoria(**kwargs)
     if args.sync_free_path:
         memory._force_sync_free = True  # the GPU's path (whole count rows, every hop) on any device
+    if args.walk_kernel_off_gpu:
+        memory._walk_kernel_off_gpu = True  # the Triton walk on the CPU (its interpreter: slow, to count calls)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     import_rss = peak_rss_mib()
@@ -312,7 +317,8 @@ def worker_command(args: argparse.Namespace, impl: str, config: str, device: str
         command.append("--static-shape")
     if args.profile:
         command += ["--profile", os.path.abspath(args.profile)]
-    for flag in ("no_validate", "cuda_graph", "compile", "no_fused_walk", "count_ops", "sync_free_path"):
+    for flag in ("no_validate", "cuda_graph", "compile", "no_fused_walk", "count_ops", "sync_free_path",
+                 "walk_kernel_off_gpu"):
         if getattr(args, flag):
             command.append("--" + flag.replace("_", "-"))
     return command
@@ -444,6 +450,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also count the top-level aten calls per step (torch.profiler)")
     parser.add_argument("--sync-free-path", action="store_true",
                         help="ours: take the GPU's sync-free path on any device (to count its calls on a CPU)")
+    parser.add_argument("--walk-kernel-off-gpu", action="store_true",
+                        help="ours, with --sync-free-path: the Triton walk kernel on the CPU, in Triton's "
+                             "interpreter (to count the GPU path's calls on a CPU; slow)")
     parser.add_argument("--compile", action="store_true",
                         help="ours: torch.compile the step (needs --static-shape --no-validate; longer warm-up)")
     parser.add_argument("--no-fused-walk", action="store_true",
