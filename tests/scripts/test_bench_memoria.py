@@ -106,14 +106,20 @@ def test_tiny_run_of_ours(tmp_path, capsys) -> None:
 
 def test_counts_the_calls_of_the_gpu_path(tmp_path) -> None:
     bench = load_bench()
-    out = tmp_path / "bench.json"
-    bench.main(["--impl", "ours", "--configs", "lm", "--device", "cpu", "--batch-size", "1", "--warmup", "12",
-                "--steps", "1", "--threads", "1", "--static-shape", "--no-validate", "--sync-free-path",
-                "--count-ops", "--json", str(out)])
-    (result,) = json.loads(out.read_text())["results"]
-    calls = result["aten_calls_per_step"]
-    assert 0 < calls["not_views"] < calls["all"]
-    assert result["reminded_width_mean"] == 100  # static width: r_stm + r_ltm
+    pytest.importorskip("triton", reason="the walk kernel needs Triton")
+    counts = {}
+    for kernel in ([], ["--walk-kernel-off-gpu"]):
+        out = tmp_path / f"bench{len(kernel)}.json"
+        bench.main(["--impl", "ours", "--configs", "lm", "--device", "cpu", "--batch-size", "1", "--warmup", "12",
+                    "--steps", "1", "--threads", "1", "--static-shape", "--no-validate", "--sync-free-path",
+                    "--count-ops", *kernel, "--json", str(out)])
+        (result,) = json.loads(out.read_text())["results"]
+        counts[bool(kernel)] = calls = result["aten_calls_per_step"]
+        assert 0 < calls["not_views"] < calls["all"]
+        assert result["reminded_width_mean"] == 100  # static width: r_stm + r_ltm
+    # the walk kernel replaces the walk's per-hop gathers, scatters and row maxima (11 hops here)
+    assert counts[False]["by_kind"]["max"] - counts[True]["by_kind"]["max"] == 11
+    assert counts[True]["not_views"] < counts[False]["not_views"] - 40
 
 
 def test_profile_appends_a_table_per_run(tmp_path) -> None:
