@@ -48,16 +48,16 @@ def _walk_kernel(counts_ptr, open_ptr, cur_ptr, C, R, hops, chains,
     CLOSE: the program holds all of its row's chains and closes each hop's targets in open itself (visited
     targets become -inf); else the caller closes them between launches (then hops must be 1)."""
     b = tl.program_id(0).to(tl.int64)
-    first = tl.program_id(1) * chains
-    last = tl.minimum(first + chains, R)
+    first = tl.program_id(1) * chains  # this program's first chain
     counts_b = counts_ptr + b * stride_cb
     open_b = open_ptr + b * stride_ob
     cur_b = cur_ptr + b * stride_xb
     for _hop in range(hops):
         # every chain picks its strongest open target, all against the same open set (lock-step)
-        for r0 in range(first, last, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
-            r_ok = r < last
+        for r0 in range(0, chains, BLOCK_R):
+            within = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,) positions among this program's chains
+            r = first + within
+            r_ok = (within < chains) & (r < R)
             src = tl.load(cur_b + r, mask=r_ok, other=C)  # (BLOCK_R,) C = the sink row: no edges
             best = tl.full([BLOCK_R], float("-inf"), tl.float64)
             arg = tl.full([BLOCK_R], 0, tl.int64) + C
