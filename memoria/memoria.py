@@ -71,13 +71,17 @@ _KERNELS: Any = None  # memoria.kernels once imported, False if Triton is missin
 
 
 def _kernels() -> Any:
-    """The Triton kernels module (memoria/kernels.py), or None without Triton; imported on first use."""
+    """The Triton kernels module (memoria/kernels.py), or None without a working Triton; imported on first use."""
     global _KERNELS
     if _KERNELS is None:
         try:
             from . import kernels
             _KERNELS = kernels
-        except ImportError:
+        except ImportError:  # no Triton (a CPU build of torch, macOS): the torch walk, silently
+            _KERNELS = False
+        except Exception as error:  # a Triton that fails on import (a mismatched install): say so once
+            warnings.warn(f"Memoria: importing Triton failed ({type(error).__name__}: {error}); the graph walk "
+                          "runs as torch ops", stacklevel=2)
             _KERNELS = False
     return _KERNELS or None
 
