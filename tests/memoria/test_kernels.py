@@ -19,7 +19,6 @@ from memoria import kernels  # noqa: E402  (after the skip: it imports triton)
 L_ = int(EngramType.LONGTERM)
 
 
-
 @pytest.fixture
 def interpret():
     """Kernels on CPU tensors: only in Triton's interpreter (tests/conftest.py turns it on without a GPU)."""
