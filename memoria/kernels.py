@@ -6,10 +6,11 @@ replayed as a CUDA graph. Here each chain scans the count row of its current eng
 best (count + tie fraction of open targets, first column on equal values, as `torch.max`); then the hop's targets
 are closed and the next hop starts. Two ways to run it (`walk(mode=...)`):
 
+    "hops"  (default) one launch per hop: programs over (row, block of 4 chains), then a torch scatter closes the
+            targets (two launches a hop; B * chains / 4 programs, each one a tile or a few)
     "rows"  one launch for every hop: one program per batch row runs all its chains, closes their targets itself
-            and goes on (B programs; fewest launches)
-    "hops"  one launch per hop: programs over (row, block of chains), then a torch scatter closes the targets
-            (more programs at once, two launches a hop)
+            and goes on (the fewest launches, but B programs walking their tiles one after another: R x C / 4096
+            tiles a hop, each waiting on its loads)
 
 Same inputs, same result as the torch walk (`Memoria._strongest_ltm` hop by hop); `tests/memoria/test_kernels.py`
 checks both modes through Triton's interpreter, and `scripts/bench_walk.py` times them on a GPU. `walk_op` is the
@@ -33,7 +34,10 @@ import triton.language as tl
 # scripts/bench_walk.py times other choices (and mode "hops", with `_HOP_CHAINS` chains per program).
 _TILE = 4096
 _NUM_WARPS = 8
-_MODE = "rows"
+# "hops" by default: untimed yet (no GPU in the session that wrote this), but "rows" runs its tiles one after
+# another, 16 a hop at the LM configuration (B 8, C ~1024, 50 chains) and ~120 at enwik8's (192 chains, C ~2560),
+# where "hops" gives each of B * 13 (B * 48) programs one or three tiles. scripts/bench_walk.py decides.
+_MODE = "hops"
 _HOP_CHAINS = 4  # chains per program in "hops" mode
 MODES = ("rows", "hops")
 

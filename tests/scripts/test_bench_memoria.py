@@ -117,9 +117,10 @@ def test_counts_the_calls_of_the_gpu_path(tmp_path) -> None:
         counts[bool(kernel)] = calls = result["aten_calls_per_step"]
         assert 0 < calls["not_views"] < calls["all"]
         assert result["reminded_width_mean"] == 100  # static width: r_stm + r_ltm
-    # the walk kernel replaces the walk's per-hop gathers, scatters and row maxima (11 hops here)
+    # the walk kernel replaces the walk's per-hop gathers and row maxima (11 hops here); the totals also hold the
+    # interpreter's own copies, so they are not compared
     assert counts[False]["by_kind"]["max"] - counts[True]["by_kind"]["max"] == 11
-    assert counts[True]["not_views"] < counts[False]["not_views"] - 40
+    assert counts[False]["by_kind"]["gather"] - counts[True]["by_kind"]["gather"] == 11
 
 
 def test_profile_appends_a_table_per_run(tmp_path) -> None:
