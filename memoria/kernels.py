@@ -6,8 +6,8 @@ replayed as a CUDA graph. Here each chain scans the count row of its current eng
 best (count + tie fraction of open targets, first column on equal values, as `torch.max`); then the hop's targets
 are closed and the next hop starts. Two ways to run it (`walk(mode=...)`):
 
-    "hops"  (default) one launch per hop: programs over (row, block of 4 chains), then a torch scatter closes the
-            targets (two launches a hop; B * chains / 4 programs, each one a tile or a few)
+    "hops"  (default) one launch per hop: programs over (row, block of 4 chains), each first closing the previous
+            hop's targets of its row (B * chains / 4 programs, each one tile or a few; one scatter at the end)
     "rows"  one launch for every hop: one program per batch row runs all its chains, closes their targets itself
             and goes on (the fewest launches, but B programs walking their tiles one after another: R x C / 4096
             tiles a hop, each waiting on its loads)
@@ -43,26 +43,44 @@ MODES = ("rows", "hops")
 
 
 @triton.jit
-def _walk_kernel(counts_ptr, open_ptr, cur_ptr, C, R, hops, chains,
-               stride_cb, stride_cr, stride_ob, stride_xb,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CLOSE: tl.constexpr):
+def _close(open_b, chain_b, R, C, BLOCK: tl.constexpr):
+    """Close (-inf in open) the engram each of the row's R chains is on (C = none)."""
+    for r0 in range(0, R, BLOCK):
+        r = r0 + tl.arange(0, BLOCK)
+        r_ok = r < R
+        at = tl.load(chain_b + r, mask=r_ok, other=C)
+        tl.store(open_b + at, tl.full([BLOCK], float("-inf"), tl.float64), mask=r_ok & (at < C))
+
+
+@triton.jit
+def _walk_kernel(counts_ptr, open_ptr, src_ptr, dst_ptr, C, R, hops, chains,
+                 stride_cb, stride_cr, stride_ob, stride_xb,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CLOSE: tl.constexpr,
+                 CLOSE_SOURCES: tl.constexpr, CLOSE_TARGETS: tl.constexpr):
     """Program (b, p) moves chains [p * chains, (p + 1) * chains) of batch row b, `hops` hops. counts (B, C + 1, C)
     int (row C: the all-zero sink), open (B, C + 1) float64: the tie fraction (< 0.5) of open targets, -inf
-    elsewhere, cur (B, R) int64: the chains' sources (C = stopped), overwritten hop by hop with their targets.
-    CLOSE: the program holds all of its row's chains and closes each hop's targets in open itself (visited
-    targets become -inf); else the caller closes them between launches (then hops must be 1)."""
+    elsewhere; src / dst (B, R) int64: the chains' sources (C = stopped) and where their targets go (the same
+    buffer when hops > 1).
+    CLOSE_SOURCES ("hops" mode, every hop but the first): first close the sources of all the row's chains, the
+    previous hop's targets. Every program of the row writes the same -inf there, so their writes race harmlessly,
+    and each reads its own after the barrier.
+    CLOSE_TARGETS ("rows" mode): the program holds all of its row's chains and closes each hop's targets itself."""
     b = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1) * chains  # this program's first chain
     counts_b = counts_ptr + b * stride_cb
     open_b = open_ptr + b * stride_ob
-    cur_b = cur_ptr + b * stride_xb
+    src_b = src_ptr + b * stride_xb
+    dst_b = dst_ptr + b * stride_xb
+    if CLOSE_SOURCES:
+        _close(open_b, src_b, R, C, BLOCK_CLOSE)
+        tl.debug_barrier()
     for _hop in range(hops):
         # every chain picks its strongest open target, all against the same open set (lock-step)
         for r0 in range(0, chains, BLOCK_R):
             within = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,) positions among this program's chains
             r = first + within
             r_ok = (within < chains) & (r < R)
-            src = tl.load(cur_b + r, mask=r_ok, other=C)  # (BLOCK_R,) C = the sink row: no edges
+            src = tl.load(src_b + r, mask=r_ok, other=C)  # (BLOCK_R,) C = the sink row: no edges
             best = tl.full([BLOCK_R], float("-inf"), tl.float64)
             arg = tl.full([BLOCK_R], 0, tl.int64) + C
             for c0 in range(0, C, BLOCK_C):
@@ -77,15 +95,10 @@ def _walk_kernel(counts_ptr, open_ptr, cur_ptr, C, R, hops, chains,
                 best = tl.where(better, tile_best, best)
                 arg = tl.where(better, tile_arg.to(tl.int64) + c0, arg)
             target = tl.where(best >= 1.0, arg, C)  # no positive open edge: the chain stops (C from now on)
-            tl.store(cur_b + r, target, mask=r_ok)  # each chain reads and writes only its own entry
-        if CLOSE:
+            tl.store(dst_b + r, target, mask=r_ok)  # each chain reads and writes only its own entry
+        if CLOSE_TARGETS:  # then the hop's targets are visited: closed for every later hop
             tl.debug_barrier()
-            # then the hop's targets are visited: closed for every later hop
-            for r0 in range(0, R, BLOCK_R):
-                r = r0 + tl.arange(0, BLOCK_R)
-                r_ok = r < R
-                target = tl.load(cur_b + r, mask=r_ok, other=C)
-                tl.store(open_b + target, tl.full([BLOCK_R], float("-inf"), tl.float64), mask=r_ok & (target < C))
+            _close(open_b, dst_b, R, C, BLOCK_CLOSE)
             tl.debug_barrier()
 
 
@@ -112,16 +125,22 @@ def walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int
     block_r = min(64, triton.next_power_of_2(chains), tile)
     block_c = min(max(16, tile // block_r), triton.next_power_of_2(C))
     strides = (counts.stride(0), counts.stride(1), open_.stride(0), cur.stride(0))
-    options = dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps or _NUM_WARPS)
+    options = dict(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_CLOSE=min(64, triton.next_power_of_2(R)),
+                   num_warps=num_warps or _NUM_WARPS)
     # launch on the tensors' GPU, whichever is current (a no-op context on the CPU, under the interpreter)
     with torch.cuda.device(counts.device) if counts.is_cuda else contextlib.nullcontext():
         if mode == "rows":
-            _walk_kernel[(B, 1)](counts, open_, cur, C, R, hops, chains, *strides, CLOSE=True, **options)
+            _walk_kernel[(B, 1)](counts, open_, cur, cur, C, R, hops, chains, *strides,
+                                 CLOSE_SOURCES=False, CLOSE_TARGETS=True, **options)
             return
-        for _ in range(hops):
-            _walk_kernel[(B, triton.cdiv(R, chains))](counts, open_, cur, C, R, 1, chains, *strides, CLOSE=False,
-                                                     **options)
-            open_.scatter_(1, cur, -math.inf)  # column C takes the stopped chains' C
+        # one launch a hop; each closes the previous hop's targets first, so the launches read and write
+        # alternate buffers (a program must not overwrite a source another program of its row still closes)
+        nxt = torch.empty_like(cur)
+        for hop in range(hops):
+            _walk_kernel[(B, triton.cdiv(R, chains))](counts, open_, cur, nxt, C, R, 1, chains, *strides,
+                                                      CLOSE_SOURCES=hop > 0, CLOSE_TARGETS=False, **options)
+            cur, nxt = nxt, cur
+        open_.scatter_(1, cur, -math.inf)  # the last hop's targets (column C takes the stopped chains' C)
 
 
 @torch.library.custom_op("memoria::walk", mutates_args=("open_",))
