@@ -196,7 +196,7 @@ fi
 
 # ---------------------------------------------------------------- run the parts asked for, in that order
 for part in ${PARTS:-1 2 3}; do
-  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-6)"; fi
+  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-7)"; fi
 done
 say "done"
 # The device tool brings back at most 8 files: keep the log and the pytest output loose, pack the rest.
