@@ -8,6 +8,7 @@ be the fastest row here.
 
     python scripts/bench_walk.py                       # lm enwik8 sort, the default sweep
     python scripts/bench_walk.py --configs lm --tiles 4096 --warps 8 --hop-chains 4 --json walk.json
+    TRITON_INTERPRET=1 python scripts/bench_walk.py --smoke  # the script's own check on a CPU (tiny, untimed)
 
 The walk's cost does not depend on the counts' values (every hop reads whole count rows, stopped chains read the
 all-zero sink row), so the inputs are random: sparse counts, 70% of the slots long-term, a few chains without a seed.
@@ -18,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ CONFIGS = {
     "lm": (8, 1024, 50, 11),
     "enwik8": (8, 2560, 192, 11),
     "sort": (32, 4096, 256, 11),
+    "smoke": (2, 40, 6, 4),  # --smoke: a CPU run of the script through Triton's interpreter
 }
 
 
@@ -59,8 +63,13 @@ def torch_walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hop
 
 
 def time_graphed(fn, open_init: torch.Tensor, replays: int) -> tuple[float, torch.Tensor]:
-    """fn(open_) captured (after a warm-up) with a reset of open_ in front; ms per replay (median of 5 rounds)."""
+    """fn(open_) captured (after a warm-up) with a reset of open_ in front; ms per replay (median of 5 rounds).
+    Off a GPU (--smoke) one eager call, timed by the clock."""
     open_ = open_init.clone()
+    if not open_.is_cuda:
+        start = time.perf_counter()
+        fn(open_)
+        return 1e3 * (time.perf_counter() - start), open_
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -84,7 +93,7 @@ def time_graphed(fn, open_init: torch.Tensor, replays: int) -> tuple[float, torc
     return sorted(rounds)[len(rounds) // 2], open_.clone()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["lm", "enwik8", "sort"])
     parser.add_argument("--tiles", nargs="+", type=int, default=[2048, 4096, 8192])
@@ -93,21 +102,34 @@ def main() -> int:
                         help='chains per program in mode "hops" (at tile 4096, warps 4 and 8)')
     parser.add_argument("--replays", type=int, default=50)
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_walk.py needs a CUDA GPU (the kernel's CPU check is tests/memoria/test_kernels.py)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny CPU run of the script itself (needs TRITON_INTERPRET=1; times mean nothing)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--smoke runs the kernel in Triton's interpreter: set TRITON_INTERPRET=1")
+            return 1
+        args.configs, args.tiles, args.warps, args.hop_chains, args.replays = ["smoke"], [64], [4], [2], 1
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("bench_walk.py needs a CUDA GPU (the kernel's CPU check is tests/memoria/test_kernels.py; "
+              "TRITON_INTERPRET=1 ... --smoke checks this script on a CPU)")
         return 1
-    device = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {kernels.triton.__version__}")
+    else:
+        device = torch.device("cuda")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton's interpreter)"
+    print(f"{device_name} | torch {torch.__version__} | triton {kernels.triton.__version__}")
     results = []
     for name in args.configs:
         B, C, R, hops = CONFIGS[name]
         counts, src, open_init = inputs(B, C, R, device)
         base_ms, want = time_graphed(lambda o: torch_walk(counts, src, o, hops), open_init, args.replays)
-        print(f"{name} (B {B}, C {C}, chains {R}, hops {hops}): torch walk, graphed {base_ms * 1000:8.1f} us")
+        how = "graphed" if device.type == "cuda" else "eager, interpreted"
+        print(f"{name} (B {B}, C {C}, chains {R}, hops {hops}): torch walk, {how} {base_ms * 1000:8.1f} us")
         results.append({"config": name, "variant": "torch", "us": base_ms * 1000})
         variants = [dict(mode="rows", tile=t, num_warps=w) for t in args.tiles for w in args.warps]
-        variants += [dict(mode="hops", tile=4096, num_warps=w, hop_chains=c) for c in args.hop_chains for w in (4, 8)]
+        variants += [dict(mode="hops", tile=4096, num_warps=w, hop_chains=c) for c in args.hop_chains
+                     for w in ((4, 8) if not args.smoke else (4,))]
         for variant in variants:
             label = " ".join(f"{k.replace('num_', '')} {v}" for k, v in variant.items())
             try:
@@ -124,8 +146,7 @@ def main() -> int:
         print(f"  {'defaults of memoria/kernels.py':42s} {default_ms * 1000:8.1f} us  ({base_ms / default_ms:4.1f}x)")
         results.append({"config": name, "variant": "defaults", "us": default_ms * 1000})
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({"device": device_name, "results": results}, indent=1))
     return 0 if all(r.get("same", True) for r in results) else 2
 
 

@@ -1,0 +1,30 @@
+"""scripts/bench_walk.py runs end to end (on a CPU: its --smoke mode, the kernel in Triton's interpreter)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_walk", REPO_ROOT / "scripts" / "bench_walk.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_checks_every_variant_against_the_torch_walk(tmp_path, capsys):
+    pytest.importorskip("triton", reason="the walk kernel needs Triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the smoke run needs Triton's interpreter (tests/conftest.py sets it without a GPU)")
+    out = tmp_path / "walk.json"
+    assert load_bench().main(["--smoke", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    kernels = [r for r in results if "mode" in r]
+    assert {r["mode"] for r in kernels} == {"rows", "hops"} and all(r["same"] for r in kernels)
+    assert "defaults of memoria/kernels.py" in capsys.readouterr().out
