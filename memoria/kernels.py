@@ -12,7 +12,7 @@ are closed and the next hop starts. Two ways to run it (`walk(mode=...)`):
             and goes on (the fewest launches, but B programs walking their tiles one after another: R x C / 4096
             tiles a hop, each waiting on its loads)
 
-Same inputs, same result as the torch walk (`Memoria._strongest_ltm` hop by hop); `tests/memoria/test_kernels.py`
+Same inputs, same result as the torch walk (`Memoria._torch_walk`); `tests/memoria/test_kernels.py`
 checks both modes through Triton's interpreter, and `scripts/bench_walk.py` times them on a GPU. `walk_op` is the
 same as a torch custom op (`torch.ops.memoria.walk`), which torch.compile keeps whole inside a compiled step.
 
@@ -106,7 +106,7 @@ def walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int
          num_warps: int | None = None, mode: str | None = None, hop_chains: int | None = None) -> None:
     """Run `hops` lock-step hops of the greedy walk from `src` (B, R) int64 (C = no chain) over `counts`
     (B, C + 1, C), closing every visited target in `open_` (B, C + 1) float64 in place (column C: "no node").
-    Equals, hop by hop, `cur, _ = _strongest_ltm(counts, cur, open_[:, :C]); open_.scatter_(1, cur, -inf)`.
+    Equals `Memoria._torch_walk(counts, src, open_, hops)`.
     `tile` (elements of a chains x columns tile, a power of 2), `num_warps`, `mode` ("rows" or "hops", see
     above) and `hop_chains` (chains per program in "hops" mode) override the defaults (for tuning)."""
     B, R = src.shape

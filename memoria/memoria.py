@@ -358,14 +358,8 @@ class Memoria:
         # continues from C, the count matrix's all-zero sink row, so it finds none again: stopped for good.
         seeds = torch.where(rs_ok, rs_slots, C)  # (B, k_s)
         if cols is not None or not self._walk_in_one_kernel(counts, seeds, open_):  # else done: one kernel
-            cur, active = self._strongest_ltm(counts, seeds, open_[:, :C], cols)  # (B, k_s)
-            open_.scatter_(1, cur, -math.inf)
-            # greedy lock-step walk: each chain follows its strongest unvisited LTM edge; no edge -> it stops
-            for _ in range(self.ltm_search_depth):
-                if not self._sync_free and not bool(active.any()):
-                    break  # free on the CPU; on a GPU the hops run to keep the step sync-free
-                cur, active = self._strongest_ltm(counts, cur, open_[:, :C], cols)
-                open_.scatter_(1, cur, -math.inf)
+            # (on the CPU a sync is free: stop once every chain has; on a GPU all hops run, sync-free)
+            self._torch_walk(counts, seeds, open_, self.ltm_search_depth + 1, cols, stop_early=not self._sync_free)
         found = is_ltm & torch.isneginf(open_[:, :C])  # (B, C) F = seeds + every node reached
 
         # --- final LTMs: top r_ltm of F by similarity to the WM
@@ -772,7 +766,23 @@ class Memoria:
         open_ = torch.zeros(1, C + 1, dtype=torch.float64, device=dev)
         self._walk_in_one_kernel(counts, torch.full((1, k_s), C, dtype=torch.int64, device=dev), open_)
 
-    def _strongest_ltm(self, counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor,
+    @staticmethod
+    def _torch_walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int,
+                    cols: torch.Tensor | None = None, stop_early: bool = False) -> None:
+        """The greedy lock-step walk in torch ops (what kernels.walk must equal): `hops` hops from `src` (B, R)
+        (C = no chain), each chain following its strongest unvisited LTM edge (no edge: it stops), every
+        visited target closed (-inf) in `open_` (B, C + 1). `stop_early`: end once no chain moved (a host
+        sync)."""
+        C = counts.shape[2]
+        cur = src
+        for _ in range(hops):
+            cur, active = Memoria._strongest_ltm(counts, cur, open_[:, :C], cols)  # (B, R)
+            open_.scatter_(1, cur, -math.inf)
+            if stop_early and not bool(active.any()):
+                break
+
+    @staticmethod
+    def _strongest_ltm(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor,
                        cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """For each source slot (B, R) (C = the sink, no edges): the open slot with the largest positive co-fire
         count (ties by its tie fraction). `open_` (B, C) float64: the tie fraction (< 0.5) of open targets, -inf

@@ -54,14 +54,6 @@ def inputs(B: int, C: int, R: int, device: torch.device, seed: int = 0):
     return counts, src, open_
 
 
-def torch_walk(counts: torch.Tensor, src: torch.Tensor, open_: torch.Tensor, hops: int) -> None:
-    C = counts.shape[2]
-    cur = src
-    for _ in range(hops):
-        cur, _ = Memoria._strongest_ltm(None, counts, cur, open_[:, :C])
-        open_.scatter_(1, cur, -math.inf)
-
-
 def time_graphed(fn, open_init: torch.Tensor, replays: int) -> tuple[float, torch.Tensor]:
     """fn(open_) captured (after a warm-up) with a reset of open_ in front; ms per replay (median of 5 rounds).
     Off a GPU (--smoke) one eager call, timed by the clock."""
@@ -123,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.configs:
         B, C, R, hops = CONFIGS[name]
         counts, src, open_init = inputs(B, C, R, device)
-        base_ms, want = time_graphed(lambda o: torch_walk(counts, src, o, hops), open_init, args.replays)
+        base_ms, want = time_graphed(lambda o: Memoria._torch_walk(counts, src, o, hops), open_init, args.replays)
         how = "graphed" if device.type == "cuda" else "eager, interpreted"
         print(f"{name} (B {B}, C {C}, chains {R}, hops {hops}): torch walk, {how} {base_ms * 1000:8.1f} us")
         results.append({"config": name, "variant": "torch", "us": base_ms * 1000})

@@ -26,15 +26,6 @@ def interpret():
         pytest.skip("CPU tensors need TRITON_INTERPRET=1 before triton is imported (the CUDA tests cover this)")
 
 
-def torch_walk(counts, src, open_, hops):
-    """The reference: Memoria's torch ops hop by hop (whole count rows, as on a GPU)."""
-    C = counts.shape[2]
-    cur = src
-    for _ in range(hops):
-        cur, _ = Memoria._strongest_ltm(None, counts, cur, open_[:, :C])
-        open_.scatter_(1, cur, -math.inf)
-
-
 def random_walk_inputs(B, C, R, seed, dtype=torch.int32, ties=False):
     g = torch.Generator().manual_seed(seed)
     counts = torch.randint(0, 4, (B, C + 1, C), generator=g).to(dtype)
@@ -64,7 +55,7 @@ def test_walk_kernel_equals_the_torch_walk(interpret, monkeypatch, B, C, R, hops
     monkeypatch.setattr(kernels, "_HOP_CHAINS", 3)  # "hops": several programs a row, the last one partial
     counts, src, open_ = random_walk_inputs(B, C, R, seed=C + R + hops, ties=ties)
     want = open_.clone()
-    torch_walk(counts, src, want, hops)
+    Memoria._torch_walk(counts, src, want, hops)
     got = open_.clone()
     kernels.walk(counts, src, got, hops, mode=mode)
     assert torch.equal(got[:, :C], want[:, :C])
@@ -75,7 +66,7 @@ def test_walk_kernel_equals_the_torch_walk(interpret, monkeypatch, B, C, R, hops
 def test_walk_kernel_reads_every_count_dtype(interpret, dtype):
     counts, src, open_ = random_walk_inputs(2, 20, 6, seed=1, dtype=dtype)
     want, got = open_.clone(), open_.clone()
-    torch_walk(counts, src, want, 5)
+    Memoria._torch_walk(counts, src, want, 5)
     kernels.walk(counts, src, got, 5)
     assert torch.equal(got[:, :20], want[:, :20])
 
@@ -195,7 +186,7 @@ def test_cuda_walk_kernel_equals_the_torch_walk(deterministic):
         assert torch.equal(t, fused.state_dict()["store"][name]), name
     counts, src, open_ = random_walk_inputs(8, 1100, 50, seed=6)
     want = open_.clone()
-    torch_walk(counts, src, want, 11)
+    Memoria._torch_walk(counts, src, want, 11)
     for mode in kernels.MODES:
         got = open_.cuda()
         kernels.walk(counts.cuda(), src.cuda(), got, 11, mode=mode)
