@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 import triton
@@ -40,6 +41,32 @@ _NUM_WARPS = 8
 _MODE = "hops"
 _HOP_CHAINS = 4  # chains per program in "hops" mode
 MODES = ("rows", "hops")
+
+
+def _settings_from_environment(text: str) -> None:
+    """MEMORIA_WALK="mode=rows,tile=4096,num_warps=8,hop_chains=4" (any of them) replaces the defaults above: the
+    fastest row of scripts/bench_walk.py on another GPU, without editing this file."""
+    global _MODE, _TILE, _NUM_WARPS, _HOP_CHAINS
+    names = {"mode": "_MODE", "tile": "_TILE", "num_warps": "_NUM_WARPS", "hop_chains": "_HOP_CHAINS"}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key not in names:
+            raise ValueError(f"MEMORIA_WALK: unknown setting {key!r} in {text!r}; use {', '.join(names)} "
+                             "(e.g. MEMORIA_WALK='mode=hops,tile=4096,num_warps=8,hop_chains=4')")
+        if key == "mode":
+            if value not in MODES:
+                raise ValueError(f"MEMORIA_WALK: mode must be one of {MODES}, got {value!r}")
+            _MODE = value
+            continue
+        if not value.isdigit() or int(value) < 1 or (key in ("tile", "num_warps") and int(value) & (int(value) - 1)):
+            raise ValueError(f"MEMORIA_WALK: {key} must be a positive integer"
+                             f"{' and a power of 2' if key in ('tile', 'num_warps') else ''}, got {value!r}")
+        globals()[names[key]] = int(value)
+
+
+if os.environ.get("MEMORIA_WALK"):
+    _settings_from_environment(os.environ["MEMORIA_WALK"])
 
 
 @triton.jit

@@ -4,7 +4,7 @@ memoria/kernels.py — mode "rows" (one launch, a program per batch row) at seve
 "hops" (a launch per hop, programs over blocks of chains) at several chains per program — all replayed as CUDA
 graphs (as the models run the step), at the sizes of the paper's three configurations. Checks that every variant
 gives the torch walk's result. The defaults in memoria/kernels.py (_MODE, _TILE, _NUM_WARPS, _HOP_CHAINS) should
-be the fastest row here.
+be the fastest row here (or MEMORIA_WALK, which the script prints, set in the environment).
 
     python scripts/bench_walk.py                       # lm enwik8 sort, the default sweep
     python scripts/bench_walk.py --configs lm --tiles 4096 --warps 8 --hop-chains 4 --json walk.json
@@ -85,6 +85,21 @@ def time_graphed(fn, open_init: torch.Tensor, replays: int) -> tuple[float, torc
     return sorted(rounds)[len(rounds) // 2], open_.clone()
 
 
+def fastest_setting(results: list[dict], configs: list[str]) -> str | None:
+    """The kernel variant with the smallest geometric mean time over `configs` (only variants that ran and matched
+    the torch walk at every one), as a MEMORIA_WALK value."""
+    keys = ("mode", "tile", "num_warps", "hop_chains")
+    times: dict[tuple, dict[str, float]] = {}
+    for r in results:
+        if "mode" in r and r["same"]:
+            times.setdefault(tuple((k, r[k]) for k in keys if k in r), {})[r["config"]] = r["us"]
+    complete = {v: t for v, t in times.items() if set(t) == set(configs)}
+    if not complete:
+        return None
+    best = min(complete, key=lambda v: sum(math.log(us) for us in complete[v].values()))
+    return ",".join(f"{k}={value}" for k, value in best)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["lm", "enwik8", "sort"])
@@ -94,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                         help='chains per program in mode "hops" (at tile 4096, warps 4 and 8)')
     parser.add_argument("--replays", type=int, default=50)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--best-to", help="write the fastest variant here, as a MEMORIA_WALK value")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny CPU run of the script itself (needs TRITON_INTERPRET=1; times mean nothing)")
     args = parser.parse_args(argv)
@@ -137,8 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         default_ms, _ = time_graphed(lambda o: kernels.walk(counts, src, o, hops), open_init, args.replays)
         print(f"  {'defaults of memoria/kernels.py':42s} {default_ms * 1000:8.1f} us  ({base_ms / default_ms:4.1f}x)")
         results.append({"config": name, "variant": "defaults", "us": default_ms * 1000})
+    best = fastest_setting(results, args.configs)
+    if best:
+        print(f"fastest over {' '.join(args.configs)} (geometric mean): MEMORIA_WALK={best}")
+        if args.best_to:
+            Path(args.best_to).write_text(best + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device_name, "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": device_name, "results": results, "fastest": best},
+                                              indent=1))
     return 0 if all(r.get("same", True) for r in results) else 2
 
 

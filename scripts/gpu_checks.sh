@@ -13,7 +13,8 @@
 #   6. profiles of the graphed memory step (LM; graphed, and compiled + graphed, each with the Triton walk and
 #      without): kernels and device time per step;
 #   7. scripts/bench_walk.py: the graph walk alone, torch ops against the Triton kernels (both modes, several tiles,
-#      warps and chains per program), graphed, at the three configurations' sizes;
+#      warps and chains per program), graphed, at the three configurations' sizes; the parts run after it use the
+#      fastest variant (MEMORIA_WALK, see memoria/kernels.py);
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -60,6 +61,12 @@ chmod +x "$REF_PY"
 transformers.__version__, '| lightning', lightning.__version__, '| cuda', torch.cuda.is_available())"
   $PY -c "import hydra, omegaconf; print('hydra', hydra.__version__, '| omegaconf', omegaconf.__version__)"
 } 2>&1 | tee -a "$LOG"
+
+# a later call on the same warm machine keeps the walk variant part 7 found fastest in an earlier one
+if [ -z "${MEMORIA_WALK:-}" ] && [ -s /tmp/walk_best.txt ]; then
+  export MEMORIA_WALK=$(cat /tmp/walk_best.txt)
+  say "MEMORIA_WALK=$MEMORIA_WALK (part 7 of an earlier call)"
+fi
 
 # ---------------------------------------------------------------- 1. CUDA tests
 part1() {
@@ -137,8 +144,13 @@ done
 # ---------------------------------------------------------------- 7. the graph walk alone: torch ops vs Triton kernel
 part7() {
 say "7. bench_walk (torch walk vs the Triton kernel, graphed)"
-timeout $(($(left) < 180 ? $(left) : 180)) $PY scripts/bench_walk.py --json "$OUT/bench_walk.json" 2>&1 \
-  | tee "$OUT/bench_walk.txt" | tail -40 | tee -a "$LOG"
+timeout $(($(left) < 180 ? $(left) : 180)) $PY scripts/bench_walk.py --replays 20 --json "$OUT/bench_walk.json" \
+  --best-to /tmp/walk_best.txt 2>&1 | tee "$OUT/bench_walk.txt" | tail -40 | tee -a "$LOG"
+# the parts after this one run with the fastest kernel variant (unless MEMORIA_WALK was given)
+if [ -z "${MEMORIA_WALK:-}" ] && [ -s /tmp/walk_best.txt ]; then
+  export MEMORIA_WALK=$(cat /tmp/walk_best.txt)
+  say "later parts run with MEMORIA_WALK=$MEMORIA_WALK"
+fi
 }
 
 # ---------------------------------------------------------------- 4. sorting, every model, side by side

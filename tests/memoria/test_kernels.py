@@ -88,6 +88,20 @@ def test_walk_kernel_refuses_what_it_cannot_read(interpret):
         kernels.walk(counts, src, open_.float(), 3)
 
 
+def test_memoria_walk_environment_replaces_the_defaults(interpret, monkeypatch):
+    for name in ("_MODE", "_TILE", "_NUM_WARPS", "_HOP_CHAINS"):
+        monkeypatch.setattr(kernels, name, getattr(kernels, name))  # restored after the test
+    kernels._settings_from_environment("mode=rows, tile=1024,num_warps=4")
+    assert (kernels._MODE, kernels._TILE, kernels._NUM_WARPS) == ("rows", 1024, 4)
+    kernels._settings_from_environment("hop_chains=8")
+    assert kernels._HOP_CHAINS == 8 and kernels._MODE == "rows"
+    for bad, message in [("mode=columns", "mode must be one of"), ("tiles=4096", "unknown setting 'tiles'"),
+                         ("tile=3000", "power of 2"), ("num_warps=0", "positive integer"),
+                         ("hop_chains=four", "positive integer")]:
+        with pytest.raises(ValueError, match=message):
+            kernels._settings_from_environment(bad)
+
+
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_memoria_with_the_walk_kernel_equals_the_torch_walk(interpret, deterministic):
     kw = config(deterministic=deterministic, seed=4, ltm_search_depth=4)
