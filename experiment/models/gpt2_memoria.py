@@ -188,15 +188,20 @@ def memory_attention(
     hidden: torch.Tensor,
     source: MemorySource,
     keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-attention of `hidden` (B, T, H) over `source.values` (B, M, H) with a GPT-2 cross-attention module.
 
     keys_values: the source's keys and values (B, nh, M, hd) when already projected (`memory_keys_values`);
     None = project `source.values` here.
+    fused: True = the fused `scaled_dot_product_attention` kernel (one kernel forward, one backward: what an eager
+    step wants); False = the same attention written out (matmul, softmax, dropout, matmul), whose softmax also
+    gives the probabilities: inside a compiled block inductor fuses it around two small matmuls, which at a few
+    dozen memory slots run in a fraction of the fused kernel's time (its mask and dropout variant is no faster
+    for short keys). None = False while torch.compile traces, True otherwise.
     Returns the output (B, T, H), and when `source.prob_weights` is set the attention probabilities taken before
     attention dropout and outside autograd, averaged over heads and weighted queries: (B, M), zero for rows
-    without memory. The output always comes from the fused `scaled_dot_product_attention` kernel (its backward
-    is one kernel too).
+    without memory.
     """
     B, T, H = hidden.shape
     nh, hd = attn.num_heads, attn.head_dim
@@ -205,23 +210,39 @@ def memory_attention(
         [keys_values] = memory_keys_values(attn, source.values, [source.values.shape[1]])
     k, v = keys_values  # (B, nh, M, hd) each
     dropout_p = attn.attn_dropout.p if attn.training else 0.0
-    mask = source.attn_mask
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=attn.scaling)
+    if fused is None:
+        fused = not torch.compiler.is_compiling()
 
     probs = None
-    if source.prob_weights is not None:
-        with torch.no_grad():
-            scores = torch.matmul(q, k.transpose(-1, -2)).float()  # (B, nh, T, M)
-            if source.score_bias is not None:
-                scores = torch.add(source.score_bias, scores, alpha=attn.scaling)  # masked slots -inf
-            else:
-                scores = scores * attn.scaling
-            probs = torch.softmax(scores, dim=-1)  # (B, nh, T, M)
-            probs = torch.einsum("bhtm,bt->bm", probs, source.prob_weights)  # (B, M) mean over heads, queries
+    if fused:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=source.attn_mask, dropout_p=dropout_p,
+                                           scale=attn.scaling)  # (B, nh, T, hd)
+        if source.prob_weights is not None:
+            with torch.no_grad():
+                probs = _softmax_over_slots(torch.matmul(q, k.transpose(-1, -2)), source, attn.scaling)
+    else:
+        p = _softmax_over_slots(torch.matmul(q, k.transpose(-1, -2)), source, attn.scaling)  # (B, nh, T, M)
+        if source.prob_weights is not None:
+            probs = p.detach()
+        y = torch.matmul(F.dropout(p, dropout_p, training=dropout_p > 0).to(v.dtype), v)  # (B, nh, T, hd)
+    if probs is not None:
+        probs = torch.einsum("bhtm,bt->bm", probs, source.prob_weights)  # (B, M) mean over heads, queries
 
     y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
     y = attn.resid_dropout(attn.c_proj(y))
     return y * source.row_scale.to(y.dtype), probs  # (B, T, H): a no-op cast unless under autocast
+
+
+def _softmax_over_slots(scores: torch.Tensor, source: MemorySource, scale: float) -> torch.Tensor:
+    """softmax(scale * scores) (B, nh, T, M) over the visible slots of `source`, in float32."""
+    scores = scores.float()
+    if source.score_bias is not None:
+        scores = torch.add(source.score_bias, scores, alpha=scale)  # masked slots -inf
+    else:
+        scores = scores * scale
+        if source.attn_mask is not None:
+            scores = scores.masked_fill(~source.attn_mask, -math.inf)
+    return torch.softmax(scores, dim=-1)
 
 
 class GPT2WithMemoriaBlock(GPT2Block):

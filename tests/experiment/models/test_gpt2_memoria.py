@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import experiment.models  # noqa: F401  (registers the Auto classes)
@@ -270,14 +271,16 @@ def _attention_module(attn_pdrop: float = 0.0):
     return attn
 
 
-def test_memory_attention_row_without_valid_memory_is_exactly_zero():
+@pytest.mark.parametrize("fused", [True, False])
+def test_memory_attention_row_without_valid_memory_is_exactly_zero(fused):
     attn = _attention_module().eval()
     hidden = torch.randn(3, 5, 32)
     memory = torch.randn(3, 4, 32)
     valid = torch.tensor([[True, True, False, False], [False, False, False, False], [True, True, True, True]])
     row_valid = valid.any(1)
     weights = torch.full((3, 5), 1 / 5)
-    out, probs = memory_attention(attn, hidden, memory_source(memory, valid, row_valid, weights, attn.num_heads))
+    out, probs = memory_attention(attn, hidden, memory_source(memory, valid, row_valid, weights, attn.num_heads),
+                                  fused=fused)
     assert torch.isfinite(out).all() and torch.isfinite(probs).all()
     assert out[1].abs().max().item() == 0.0  # output bias included
     assert probs[1].abs().max().item() == 0.0
@@ -285,18 +288,19 @@ def test_memory_attention_row_without_valid_memory_is_exactly_zero():
     torch.testing.assert_close(probs[[0, 2]].sum(-1), torch.ones(2))
     # a whole batch with M = 0
     empty = memory_source(memory[:, :0], valid[:, :0], torch.zeros(3, dtype=torch.bool), weights, attn.num_heads)
-    out0, probs0 = memory_attention(attn, hidden, empty)
+    out0, probs0 = memory_attention(attn, hidden, empty, fused=fused)
     assert out0.abs().max().item() == 0.0 and probs0.shape == (3, 0)
 
 
-def test_memory_attention_equals_explicit_masked_softmax_attention():
+@pytest.mark.parametrize("fused", [True, False])
+def test_memory_attention_equals_explicit_masked_softmax_attention(fused):
     attn = _attention_module().eval()
     hidden, memory = torch.randn(3, 5, 32), torch.randn(3, 4, 32)
     valid = torch.tensor([[True, False, True, False], [True, True, True, True], [False, False, False, False]])
     rows = valid.any(1)
     weights = torch.rand(3, 5).softmax(-1)  # query weights: probs averaged over heads and weighted queries
     source = memory_source(memory, valid, rows, weights, attn.num_heads)
-    out, mean_probs = memory_attention(attn, hidden, source)
+    out, mean_probs = memory_attention(attn, hidden, source, fused=fused)
     # by hand: per head, softmax over the valid slots of q.k / sqrt(d), times v, then c_proj; zero without memory
     B, T, H, nh = 3, 5, 32, attn.num_heads
     q = attn.q_attn(hidden).view(B, T, nh, -1).transpose(1, 2)
@@ -307,22 +311,58 @@ def test_memory_attention_equals_explicit_masked_softmax_attention():
     torch.testing.assert_close(out, expect)
     torch.testing.assert_close(mean_probs, (expect_probs.mean(1) * weights[:, :, None]).sum(1))
     # no mask and no query weights: plain attention over every slot, no probabilities
-    unmasked, no_probs = memory_attention(attn, hidden, memory_source(memory, None, torch.ones(3, dtype=torch.bool)))
+    unmasked, no_probs = memory_attention(attn, hidden, memory_source(memory, None, torch.ones(3, dtype=torch.bool)),
+                                          fused=fused)
     full = attn.c_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H))
     torch.testing.assert_close(unmasked, full)
     assert no_probs is None
 
 
-def test_lifespan_probabilities_are_taken_before_attention_dropout():
+@pytest.mark.parametrize("fused", [True, False])
+def test_lifespan_probabilities_are_taken_before_attention_dropout(fused):
     attn = _attention_module(attn_pdrop=0.9)
     hidden, memory = torch.randn(2, 5, 32), torch.randn(2, 4, 32)
     valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
     source = memory_source(memory, valid, valid.any(1), torch.full((2, 5), 1 / 5), attn.num_heads)
     torch.manual_seed(1)
-    train_out, train_probs = memory_attention(attn.train(), hidden, source)
-    eval_out, eval_probs = memory_attention(attn.eval(), hidden, source)
+    train_out, train_probs = memory_attention(attn.train(), hidden, source, fused=fused)
+    eval_out, eval_probs = memory_attention(attn.eval(), hidden, source, fused=fused)
     assert not torch.allclose(train_out, eval_out)  # dropout really acted on the output
     torch.testing.assert_close(train_probs, eval_probs)  # ... but not on the probabilities used for Δ
+
+
+def test_memory_attention_written_out_equals_the_fused_kernel_with_gradients():
+    """fused=False (what a compiled block runs) gives the fused kernel's output, probabilities and gradients, with
+    and without a mask (the working memory has a mask but no probabilities)."""
+    attn = _attention_module().eval()
+    hidden, memory = torch.randn(3, 5, 32), torch.randn(3, 4, 32)
+    valid = torch.tensor([[True, False, True, False], [True, True, True, True], [False, False, False, False]])
+    for weights in (torch.rand(3, 5).softmax(-1), None):
+        source = memory_source(memory, valid, valid.any(1), weights, attn.num_heads)
+        results = []
+        for fused in (True, False):
+            attn.zero_grad()
+            h = hidden.clone().requires_grad_()
+            out, probs = memory_attention(attn, h, source, fused=fused)
+            (out * torch.linspace(-1, 1, 32)).sum().backward()
+            results.append((out, probs, h.grad, attn.q_attn.weight.grad.clone(), attn.c_attn.weight.grad.clone()))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
+        assert (results[0][1] is None) == (weights is None)
+
+
+def test_memory_attention_writes_itself_out_while_compiling(monkeypatch):
+    attn = _attention_module().eval()
+    hidden, memory = torch.randn(2, 5, 32), torch.randn(2, 4, 32)
+    source = memory_source(memory, None, torch.ones(2, dtype=torch.bool))
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    memory_attention(attn, hidden, source)
+    assert calls == [1]  # eager: the fused kernel
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    memory_attention(attn, hidden, source)
+    assert calls == [1]  # while compiling: written out
 
 
 def test_lifespan_delta_hand_checked():
