@@ -30,14 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements of one (chains x columns) tile and warps per program: 16 float64 values a thread, which compiles for
-# sm_90 in 175 registers (sm_80: 219) without spills; a tile twice as big, or half the warps, spills.
-# scripts/bench_walk.py times other choices (and mode "hops", with `_HOP_CHAINS` chains per program).
+# Measured on an H100 (scripts/bench_walk.py, graphed, 2026-11-26; docs/benchmarks.md): "hops" with 4 chains a
+# program, tiles of 4096 elements and 4 warps is the fastest setting over the three configurations' sizes (geometric
+# mean; LM 38 us against the torch walk's 242 us, 2 chains a program 37; enwik8 141 against 715; sort 537 against
+# 4,612). "rows" is slower than the torch
+# walk beyond the LM size (its B programs walk their tiles one after another); its best is tile 8192, 16 warps.
+# MEMORIA_WALK (below) replaces these for another GPU.
 _TILE = 4096
-_NUM_WARPS = 8
-# "hops" by default: untimed yet (no GPU in the session that wrote this), but "rows" runs its tiles one after
-# another, 16 a hop at the LM configuration (B 8, C ~1024, 50 chains) and ~120 at enwik8's (192 chains, C ~2560),
-# where "hops" gives each of B * 13 (B * 48) programs one or three tiles. scripts/bench_walk.py decides.
+_NUM_WARPS = 4
 _MODE = "hops"
 _HOP_CHAINS = 4  # chains per program in "hops" mode
 MODES = ("rows", "hops")

@@ -196,9 +196,10 @@ def memory_attention(
     None = project `source.values` here.
     fused: True = the fused `scaled_dot_product_attention` kernel (one kernel forward, one backward: what an eager
     step wants); False = the same attention written out (matmul, softmax, dropout, matmul), whose softmax also
-    gives the probabilities: inside a compiled block inductor fuses it around two small matmuls, which at a few
-    dozen memory slots run in a fraction of the fused kernel's time (its mask and dropout variant is no faster
-    for short keys). None = False while torch.compile traces, True otherwise.
+    gives the probabilities, for inductor to fuse around two small matmuls. None = written out while
+    torch.compile traces a float32 block, fused otherwise: in float32 SDPA has only its memory-efficient kernel,
+    slower than the written-out attention at a few dozen memory slots (on an H100, backward 0.7 ms less per
+    training step), while in bf16 it has flash kernels that are faster (docs/benchmarks.md).
     Returns the output (B, T, H), and when `source.prob_weights` is set the attention probabilities taken before
     attention dropout and outside autograd, averaged over heads and weighted queries: (B, M), zero for rows
     without memory.
@@ -211,7 +212,7 @@ def memory_attention(
     k, v = keys_values  # (B, nh, M, hd) each
     dropout_p = attn.attn_dropout.p if attn.training else 0.0
     if fused is None:
-        fused = not torch.compiler.is_compiling()
+        fused = not (torch.compiler.is_compiling() and q.dtype == torch.float32)
 
     probs = None
     if fused:

@@ -351,7 +351,7 @@ def test_memory_attention_written_out_equals_the_fused_kernel_with_gradients():
         assert (results[0][1] is None) == (weights is None)
 
 
-def test_memory_attention_writes_itself_out_while_compiling(monkeypatch):
+def test_memory_attention_writes_itself_out_while_compiling_in_float32(monkeypatch):
     attn = _attention_module().eval()
     hidden, memory = torch.randn(2, 5, 32), torch.randn(2, 4, 32)
     source = memory_source(memory, None, torch.ones(2, dtype=torch.bool))
@@ -362,7 +362,10 @@ def test_memory_attention_writes_itself_out_while_compiling(monkeypatch):
     assert calls == [1]  # eager: the fused kernel
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     memory_attention(attn, hidden, source)
-    assert calls == [1]  # while compiling: written out
+    assert calls == [1]  # while compiling, in float32: written out
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        memory_attention(attn, hidden, source)
+    assert calls == [1, 1]  # in bf16: the fused kernel (flash kernels on a GPU)
 
 
 def test_lifespan_delta_hand_checked():
