@@ -199,7 +199,8 @@ def memory_attention(
     gives the probabilities, for inductor to fuse around two small matmuls. None = written out while
     torch.compile traces a float32 block, fused otherwise: in float32 SDPA has only its memory-efficient kernel,
     slower than the written-out attention at a few dozen memory slots (on an H100, backward 0.7 ms less per
-    training step), while in bf16 it has flash kernels that are faster (docs/benchmarks.md).
+    training step), while in bf16 it has flash kernels (and the written-out path measured no better there;
+    docs/benchmarks.md).
     Returns the output (B, T, H), and when `source.prob_weights` is set the attention probabilities taken before
     attention dropout and outside autograd, averaged over heads and weighted queries: (B, M), zero for rows
     without memory.
