@@ -29,7 +29,7 @@ import torch
 from .engrams import Engrams
 from .graphs import StepGraphs
 from .history import EngramHistory
-from .store import LONGTERM, NULL, SHORTTERM, WORKING, SlotStore
+from .store import LONGTERM, NULL, SHORTTERM, WORKING, SlotStore, scatter_into
 
 WEIGHT_FORMS = ("exp", "neg_sq")
 _STATE_VERSION = 2  # 2: the device id counter in the store, no generator state
@@ -287,7 +287,7 @@ class Memoria:
         B, W, H = x.shape
         slots = store.allocate(W)  # (B, W)
         store.clear_counts(slots)
-        store.data.scatter_(1, slots[:, :, None].expand(B, W, H), x)
+        scatter_into(store.data, 1, slots[:, :, None].expand(B, W, H), x)
         store.lifespan.scatter_(1, slots, self.initial_lifespan)
         store.types.scatter_(1, slots, valid.to(torch.uint8) * WORKING)  # free slots stay NULL where masked
         ids = store.next_id + torch.arange(W, device=x.device)  # (W,) the same ids in every row
@@ -375,7 +375,7 @@ class Memoria:
         fired_ok = torch.cat([wm_valid, rs_ok, rl_ok], 1)  # (B, K)
         pair_ok = fired_ok[:, :, None] & fired_ok[:, None, :]  # (B, K, K)
         flat = (fired[:, :, None] * C + fired[:, None, :]).reshape(B, -1)  # (B, K*K) positions in ((C+1)*C)
-        counts.view(B, -1).scatter_add_(1, flat, pair_ok.reshape(B, -1).to(counts.dtype))
+        scatter_into(counts.view(B, -1), 1, flat, pair_ok.reshape(B, -1).to(counts.dtype), add=True)
 
         # --- output: recalled STMs, then recalled LTMs (each by descending score), -1 padding at the end
         out_slots = torch.cat([rs_slots, rl_slots], 1)  # (B, k_s + k_l)

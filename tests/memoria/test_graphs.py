@@ -4,6 +4,8 @@ sync-free path equals the CPU's shortcuts, compiled equals eager, and CUDA-graph
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -98,6 +100,25 @@ def test_compiled_step_equals_eager():
         assert_same_runs(run(eager, 8, B=B), run(compiled, 8, B=B))
     assert set(compiled._compiled) == {"add", "remind", "adjust"}
     torch._dynamo.reset()
+
+
+def test_compiled_step_writes_counts_and_data_in_place():
+    """Inductor copies a tensor the step scatters into (a copy of all of it, the scatter, a copy back) unless the
+    scatter is an op that declares its mutation (store.scatter_into): the compiled step's code allocates nothing
+    of the counts' (B, C + 1, C) or the data's (B, C, H) size, and calls memoria.scatter_into for them."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    kw = config(num_reminded_stm=4, num_final_ltms=4, stm_capacity=8, ltm_search_depth=2, seed=4, ltm_capacity=12)
+    compiled = Memoria(**kw, compile=True)
+    _, code = run_and_get_code(lambda: run(compiled, 3, B=2, W=3, H=5))
+    torch._dynamo.reset()
+    code = "\n".join(code)
+    B, C1, C = compiled.store.counts.shape
+    H = compiled.store.data.shape[2]
+    assert code.count("memoria.scatter_into") >= 4  # add: two count clears, the data; remind: the co-fire counts
+    for shape in ((B, C1, C), (B, C, H)):
+        assert not re.search(rf"empty_strided_\w+\(\({shape[0]}, {shape[1]}, {shape[2]}\),", code), shape
 
 
 class EmulatedGraphs:
