@@ -46,8 +46,13 @@ MODELS = {  # label -> (model config, memory config, more overrides) at full and
     "memoria_gpt2": ("memoria_gpt2", "lm", []),
     # the same model with the memory step replayed as CUDA graphs (memoria.Memoria(cuda_graph=True)): same math
     "memoria_gpt2_graphed": ("memoria_gpt2", "lm", ["memory.cuda_graph=true"]),
+    # ... also compiled (memoria.Memoria(compile=True)); with a fixed store (the LTM cap, never reached in a
+    # benchmark's steps: ~860 engrams a row), since every new store size compiles the step again
+    "memoria_gpt2_compiled": ("memoria_gpt2", "lm", ["memory.cuda_graph=true", "memory.compile=true",
+                                                     "memory.ltm_capacity=1024"]),
     "gpt2": ("gpt2", "lm", []),
 }
+GPU_ONLY = ("memoria_gpt2_graphed", "memoria_gpt2_compiled")  # not in the default set off a GPU
 
 
 def build(model_name: str, memory_name: str, overrides: list[str], vocab_size: int, device: torch.device):
@@ -254,7 +259,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     device = torch.device(args.device)
     if args.models is None:
-        args.models = [m for m in MODELS if device.type == "cuda" or m != "memoria_gpt2_graphed"]
+        args.models = [m for m in MODELS if device.type == "cuda" and m != "memoria_gpt2_compiled"
+                       or m not in GPU_ONLY]
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible; use --device cpu (with --tiny)")
     batch_size = args.batch_size or (2 if args.tiny else 8)
