@@ -102,6 +102,19 @@ def test_compiled_step_equals_eager():
     torch._dynamo.reset()
 
 
+def test_compiled_step_ordering_by_counting_equals_eager(monkeypatch):
+    """On a GPU the compiled step puts _top's keys in order by counting instead of sorting: forced here on the
+    CPU, the same steps as eager execution (which sorts)."""
+    import memoria.memoria
+
+    monkeypatch.setattr(memoria.memoria, "_order_by_counting", lambda key: torch.compiler.is_compiling())
+    torch._dynamo.reset()
+    kw = config(num_reminded_stm=4, num_final_ltms=4, stm_capacity=8, ltm_search_depth=2, seed=4, ltm_capacity=6)
+    eager, compiled = Memoria(**kw), Memoria(**kw, compile=True)
+    assert_same_runs(run(eager, 8, B=3), run(compiled, 8, B=3))
+    torch._dynamo.reset()
+
+
 def test_compiled_step_writes_counts_and_data_in_place():
     """Inductor copies a tensor the step scatters into (a copy of all of it, the scatter, a copy back) unless the
     scatter is an op that declares its mutation (store.scatter_into): the compiled step's code allocates nothing

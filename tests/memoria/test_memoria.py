@@ -305,10 +305,23 @@ def test_small_initial_capacity_grows_and_gives_the_same_run():
     assert outs[0] == outs[1]
 
 
-def test_top_one_packed_sort_equals_two_stable_sorts():
-    """_top's single int64 sort (float32 score bits above the 32-bit tie key) orders exactly as sorting by the tie
-    key, then stably by score (its path for other score dtypes): negatives, both zeros, -inf, equal scores and
-    equal tie keys included."""
+def test_descending_order_by_counting_equals_a_stable_sort():
+    from memoria.memoria import _descending_order
+
+    g = torch.Generator().manual_seed(3)
+    for K in (1, 2, 7, 64):
+        key = torch.randint(-4, 4, (3, K), generator=g) * 2**40 + torch.randint(0, 3, (3, K), generator=g)
+        assert torch.equal(_descending_order(key), torch.sort(key, dim=1, descending=True, stable=True).indices)
+
+
+@pytest.mark.parametrize("by_compare", [True, False])
+def test_top_one_packed_sort_equals_two_stable_sorts(monkeypatch, by_compare):
+    """_top's single int64 order (float32 score bits above the 32-bit tie key), by comparison or by one sort,
+    orders exactly as sorting by the tie key, then stably by score (its path for other score dtypes): negatives,
+    both zeros, -inf, equal scores and equal tie keys (equal packed keys keep their positions) included."""
+    import memoria.memoria
+
+    monkeypatch.setattr(memoria.memoria, "_order_by_counting", lambda key: by_compare)
     m = Memoria(**cfg())
     g = torch.Generator().manual_seed(0)
     values = torch.tensor([-math.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 2.0000002, 7.25])
