@@ -31,11 +31,10 @@ import triton
 import triton.language as tl
 
 # Measured on an H100 (scripts/bench_walk.py, graphed, 2026-11-26; docs/benchmarks.md): "hops" with 4 chains a
-# program, tiles of 4096 elements and 4 warps is the fastest setting over the three configurations' sizes (geometric
-# mean; LM 38 us against the torch walk's 242 us, 2 chains a program 37; enwik8 141 against 715; sort 537 against
-# 4,612). "rows" is slower than the torch
-# walk beyond the LM size (its B programs walk their tiles one after another); its best is tile 8192, 16 warps.
-# MEMORIA_WALK (below) replaces these for another GPU.
+# program, tiles of 4096 elements and 4 warps is the fastest setting over the three configurations' sizes
+# (geometric mean; LM 38 us against the torch walk's 242 us, 2 chains a program 37; enwik8 141 against 715; sort
+# 537 against 4,612). "rows" is slower than the torch walk beyond the LM size (its B programs walk their tiles one
+# after another); its best is tile 8192, 16 warps. MEMORIA_WALK (below) replaces these for another GPU.
 _TILE = 4096
 _NUM_WARPS = 4
 _MODE = "hops"

@@ -43,13 +43,16 @@ def _scatter_into_fake(target: torch.Tensor, dim: int, index: torch.Tensor, src:
     return None  # no outputs: the op writes into target
 
 
-def scatter_into(target: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor, add: bool = False) -> None:
-    """target.scatter_(dim, index, src) (scatter_add_ with `add`), in place, for the store's big tensors (counts,
-    data). Inside torch.compile through the custom op above: inductor turns an in-place scatter into a tensor
-    the step reads from outside into a copy of the whole tensor, a scatter and a copy back (on an H100 ~50 us a
-    pass over the LM configuration's (8, 1025, 1024) counts, ~0.3 ms a step), while a custom op that declares
-    its mutation is called as it is."""
+def scatter_into(target: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor | int,
+                 add: bool = False) -> None:
+    """target.scatter_(dim, index, src) (scatter_add_ with `add`; src a tensor, or a number without `add`), in
+    place, for the store's big tensors (counts, data). Inside torch.compile through the custom op above: inductor
+    turns an in-place scatter into a tensor the step reads from outside into a copy of the whole tensor, a scatter
+    and a copy back (on an H100 ~50 us a pass over the LM configuration's (8, 1025, 1024) counts, ~0.3 ms a
+    step), while a custom op that declares its mutation is called as it is."""
     if torch.compiler.is_compiling():
+        if not isinstance(src, torch.Tensor):
+            src = torch.full((), src, dtype=target.dtype, device=target.device).expand(index.shape)
         torch.ops.memoria.scatter_into(target, dim, index, src, add)
     elif add:
         target.scatter_add_(dim, index, src)
@@ -126,9 +129,8 @@ class SlotStore:
         """Zero the rows and columns of co-fire counts of `slots` (B, K) before they are reused."""
         B, C = self.types.shape
         K = slots.shape[1]
-        zero = torch.zeros((), dtype=self.counts.dtype, device=self.counts.device)
-        scatter_into(self.counts, 1, slots[:, :, None].expand(B, K, C), zero.expand(B, K, C))
-        scatter_into(self.counts, 2, slots[:, None, :].expand(B, C, K), zero.expand(B, C, K))
+        scatter_into(self.counts, 1, slots[:, :, None].expand(B, K, C), 0)
+        scatter_into(self.counts, 2, slots[:, None, :].expand(B, C, K), 0)
 
     def to(self, device: torch.device) -> None:
         for name in _STATE_TENSORS:
