@@ -29,13 +29,12 @@ import torch
 from .engrams import Engrams
 from .graphs import StepGraphs
 from .history import EngramHistory
-from .store import LONGTERM, NULL, SHORTTERM, WORKING, SlotStore, scatter_into
+from .store import _RANK_BY_COMPARE, LONGTERM, NULL, SHORTTERM, WORKING, SlotStore, scatter_into
 
 WEIGHT_FORMS = ("exp", "neg_sq")
 _STATE_VERSION = 2  # 2: the device id counter in the store, no generator state
 _CHUNK = 1 << 24  # elements per temporary in the graph walk (bounds peak memory at large B, C)
 _MASK32 = 0xFFFFFFFF
-_TOP_BY_COMPARE = 1 << 24  # largest (B, K, K) comparison _top makes instead of a sort
 _HASH_MUL = 0x45D9F3B  # < 2**31, so a 32-bit value times it stays below 2**63: no int64 overflow
 
 
@@ -62,11 +61,11 @@ def _descending_order(key: torch.Tensor) -> torch.Tensor:
 
 def _order_by_counting(key: torch.Tensor) -> bool:
     """Whether _top orders its (B, K) keys by counting: on a GPU inside torch.compile, where the comparison and
-    its sum fuse into one kernel over B * K * K elements, up to _TOP_BY_COMPARE of them. Eager they are several
-    kernels, and on a CPU the comparisons cost more than the sort (compiled LM step on one core: 61 against
-    48 ms)."""
+    its sum fuse into one kernel over B * K * K elements, up to _RANK_BY_COMPARE of them (the bound of
+    SlotStore.view_ranks' comparison). Eager they are several kernels, and on a CPU the comparisons cost more
+    than the sort (compiled LM step on one core: 61 against 48 ms)."""
     B, K = key.shape
-    return key.is_cuda and torch.compiler.is_compiling() and B * K * K <= _TOP_BY_COMPARE
+    return key.is_cuda and torch.compiler.is_compiling() and B * K * K <= _RANK_BY_COMPARE
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ LONGTERM = int(EngramType.LONGTERM)
 
 _STATE_TENSORS = ("data", "lifespan", "types", "created", "age", "counts", "next_id")
 _GROWN = ("data", "lifespan", "types", "created", "age", "counts")  # the per-slot tensors
-_RANK_BY_COMPARE = 1 << 24  # largest (B, K, C) comparison view_ranks makes instead of sorting the store
+_RANK_BY_COMPARE = 1 << 24  # largest comparison (elements) made instead of a sort: view_ranks, Memoria._top
 
 
 @torch.library.custom_op("memoria::scatter_into", mutates_args=("target",))

@@ -140,7 +140,6 @@ class MemorySource(NamedTuple):
     attn_mask: torch.Tensor | None  # (B, 1, 1, M) bool, True = visible; None = every slot is visible
     row_scale: torch.Tensor  # (B, 1, 1) float32: 1 for a row with memory, 0 for one without
     prob_weights: torch.Tensor | None  # (B, T) float32 query weights x row / heads (for Δ); None = no probs
-    score_bias: torch.Tensor | None  # (B, 1, 1, M) float32 0 / -inf: attn_mask as added to the Δ scores
 
 
 def memory_source(
@@ -161,12 +160,10 @@ def memory_source(
     if memory_valid is not None:
         # A row with no valid slot sees all of them (finite, never NaN) and is zeroed by row_scale.
         mask = (memory_valid | ~row_valid[:, None])[:, None, None, :]  # (B, 1, 1, M)
-    prob_weights = score_bias = None
+    prob_weights = None
     if query_weights is not None:
         prob_weights = query_weights.float() * (row_valid[:, None] / num_heads)  # (B, T)
-        if mask is not None:
-            score_bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, -math.inf)
-    return MemorySource(memory, mask, row_valid[:, None, None].float(), prob_weights, score_bias)
+    return MemorySource(memory, mask, row_valid[:, None, None].float(), prob_weights)
 
 
 def memory_keys_values(
@@ -237,13 +234,9 @@ def memory_attention(
 
 def _softmax_over_slots(scores: torch.Tensor, source: MemorySource, scale: float) -> torch.Tensor:
     """softmax(scale * scores) (B, nh, T, M) over the visible slots of `source`, in float32."""
-    scores = scores.float()
-    if source.score_bias is not None:
-        scores = torch.add(source.score_bias, scores, alpha=scale)  # masked slots -inf
-    else:
-        scores = scores * scale
-        if source.attn_mask is not None:
-            scores = scores.masked_fill(~source.attn_mask, -math.inf)
+    scores = scores.float() * scale
+    if source.attn_mask is not None:
+        scores = scores.masked_fill(~source.attn_mask, -math.inf)  # masked slots get no attention
     return torch.softmax(scores, dim=-1)
 
 
