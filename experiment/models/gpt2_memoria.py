@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT2PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from memoria import Abstractor, EngramType, Memoria
 
@@ -35,6 +36,9 @@ from .protocol import MemoryModelOutput, MemoryProtocol
 
 MEMORY_KIND = "gpt2_with_memoria"
 WEIGHT_FORMS = ("exp", "neg_sq")
+# Devices on which the model projects every block's memory in one batched GEMM (`stacked_memory_projections`).
+# Not on the CPU: there the stacking's copies cost more than the larger GEMM saves (docs/benchmarks.md).
+STACKED_PROJECTION_DEVICES = ("cuda",)
 
 
 @strict
@@ -167,17 +171,41 @@ def memory_source(
 
 
 def memory_keys_values(
-    attn: GPT2Attention, values: torch.Tensor, sizes: list[int]
+    attn: GPT2Attention, kv: torch.Tensor, sizes: list[int]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Keys and values (B, nh, M_i, hd) of memories laid side by side in `values` (B, sum M_i, H), `sizes` = the
-    M_i: one projection for all of them (one GEMM forward, one for the weight gradient, instead of one per
-    memory; the same rows as projecting each memory alone)."""
-    B, M, H = values.shape
+    """Split `kv` = `attn.c_attn(values)` (B, sum M_i, 2H), the projection of memories laid side by side in
+    `values` (B, sum M_i, H), `sizes` = the M_i, into each memory's keys and values (B, nh, M_i, hd): one
+    projection for all of them (one GEMM forward, one for the weight gradient, instead of one per memory; the
+    same rows as projecting each memory alone)."""
+    B, M, _ = kv.shape
     nh, hd = attn.num_heads, attn.head_dim
-    k, v = attn.c_attn(values).split(attn.split_size, dim=2)  # (B, M, H) each
+    k, v = kv.split(attn.split_size, dim=2)  # (B, M, H) each
     k = k.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
     v = v.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
     return list(zip(k.split(sizes, dim=2), v.split(sizes, dim=2)))
+
+
+def stacked_memory_projections(blocks: nn.ModuleList, values: torch.Tensor) -> list[torch.Tensor] | None:
+    """Every block's memory keys and values, `block.memory_attn.c_attn(values)` (B, M, 2H) for `values`
+    (B, M, H), computed in one batched GEMM: a list of L contiguous tensors, in block order.
+
+    The memory values are the same for every block (they do not depend on the hidden states), so the L small
+    projections (B*M x H x 2H each; forward and both backward GEMMs fill well under one wave of a large GPU) can
+    run as one batched GEMM over the blocks, forward and for each gradient. Same products, same parameters: the
+    weights are stacked for the call and their gradients land in each block's c_attn. Returns None when a c_attn
+    is not a stock Conv1D or has hooks (an adapter or a probe wraps it): each block then projects through its
+    own module.
+    """
+    projections = [block.memory_attn.c_attn for block in blocks]
+    if not all(type(p) is Conv1D and not (p._forward_hooks or p._forward_pre_hooks) for p in projections):
+        return None
+    B, M, H = values.shape
+    L = len(projections)
+    weight = torch.stack([p.weight for p in projections])  # (L, H, 2H)
+    bias = torch.stack([p.bias for p in projections])[:, None, :]  # (L, 1, 2H)
+    rows = values.reshape(1, B * M, H).expand(L, B * M, H)  # the same rows for every block, not copied
+    kv = torch.baddbmm(bias, rows, weight)  # (L, B*M, 2H)
+    return [x.view(B, M, -1) for x in kv.unbind(0)]  # L x (B, M, 2H); backward: one stack
 
 
 def memory_attention(
@@ -206,7 +234,7 @@ def memory_attention(
     nh, hd = attn.num_heads, attn.head_dim
     q = attn.q_attn(hidden).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
     if keys_values is None:
-        [keys_values] = memory_keys_values(attn, source.values, [source.values.shape[1]])
+        [keys_values] = memory_keys_values(attn, attn.c_attn(source.values), [source.values.shape[1]])
     k, v = keys_values  # (B, nh, M, hd) each
     dropout_p = attn.attn_dropout.p if attn.training else 0.0
     if fused is None:
@@ -258,12 +286,13 @@ class GPT2WithMemoriaBlock(GPT2Block):
         attention_mask: torch.Tensor | None = None,
         working_memory: MemorySource | None = None,
         reminded: MemorySource | None = None,
-        memory_values: torch.Tensor | None = None,
+        memory_kv: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states (B, T, H); the working memory (W engrams) and the reminded memory (M engrams, with
-        `prob_weights`) as prepared by `memory_source`, each None when absent (or M = 0). memory_values:
-        `joint_memory_values` of the two, made once per segment by the model; None = made here.
+        `prob_weights`) as prepared by `memory_source`, each None when absent (or M = 0). memory_kv: this
+        block's `memory_attn.c_attn` of their `joint_memory_values`, (B, W + M, 2H), projected by the model for
+        every block at once (`stacked_memory_projections`); None = projected here.
 
         Returns the new hidden states and this layer's reminded-attention probabilities averaged over heads
         and query positions, (B, M) detached, or None without reminded memory.
@@ -275,10 +304,9 @@ class GPT2WithMemoriaBlock(GPT2Block):
         reminded_probs = None
         sources = present_memories(working_memory, reminded)
         if sources:
-            if memory_values is None:
-                memory_values = joint_memory_values(working_memory, reminded)
-            # both memories' keys and values in one projection (the shared module's c_attn), in source order
-            kvs = memory_keys_values(self.memory_attn, memory_values, [src.values.shape[1] for src in sources])
+            if memory_kv is None:  # both memories in one projection (the shared module's c_attn), in source order
+                memory_kv = self.memory_attn.c_attn(joint_memory_values(working_memory, reminded))
+            kvs = memory_keys_values(self.memory_attn, memory_kv, [src.values.shape[1] for src in sources])
             for source, keys_values in zip(sources, kvs):
                 if source is working_memory:
                     wm_out, _ = memory_attention(self.memory_attn, self.ln_wm(h), source, keys_values)
@@ -297,8 +325,8 @@ def present_memories(working_memory: MemorySource | None, reminded: MemorySource
 
 
 def joint_memory_values(working_memory: MemorySource | None, reminded: MemorySource | None) -> torch.Tensor | None:
-    """The values of `present_memories` side by side, (B, W + M, H) (None without memory): what every block's
-    memory attention projects to keys and values in one GEMM."""
+    """The values of `present_memories` side by side, (B, W + M, H) (None without memory): what the blocks'
+    memory attentions project to keys and values, all in one GEMM (`stacked_memory_projections`)."""
     sources = present_memories(working_memory, reminded)
     if not sources:
         return None
@@ -583,9 +611,13 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
 
         # --- blocks
         memory_values = joint_memory_values(working_memory, reminded)  # (B, W + M, H), once for every block
+        memory_kv = None
+        if memory_values is not None and memory_values.device.type in STACKED_PROJECTION_DEVICES:
+            memory_kv = stacked_memory_projections(self.h, memory_values)  # L x (B, W + M, 2H)
         probs_sum = None
-        for block in self.h:
-            h, probs = block(h, causal_mask, working_memory, reminded, memory_values, **kwargs)
+        for i, block in enumerate(self.h):
+            block_kv = None if memory_kv is None else memory_kv[i]  # (B, W + M, 2H)
+            h, probs = block(h, causal_mask, working_memory, reminded, block_kv, **kwargs)
             if probs is not None:
                 probs_sum = probs if probs_sum is None else probs_sum + probs
         hidden = self.ln_f(h)  # (B, T, H)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import experiment.models  # noqa: F401  (registers the Auto classes)
+from experiment.models import gpt2_memoria
 from experiment.models.gpt2_memoria import (
     GPT2WithMemoriaBlock,
     GPT2WithMemoriaConfig,
@@ -19,6 +20,7 @@ from experiment.models.gpt2_memoria import (
     lifespan_delta,
     memory_attention,
     memory_source,
+    stacked_memory_projections,
 )
 from experiment.models.protocol import MemoryModelOutput
 
@@ -778,3 +780,86 @@ def test_block_projects_both_memories_in_one_gemm_with_the_same_result():
     assert torch.equal(joint_memory_values(working, reminded), torch.cat([wm, remembered], 1))
     assert joint_memory_values(working, reminded._replace(values=remembered[:, :0])) is wm
     assert joint_memory_values(None, None) is None
+
+
+def test_stacked_projection_equals_each_blocks_own_and_steps_aside_for_hooks():
+    """One GEMM for every block's memory keys and values gives each block's c_attn output; a c_attn with a
+    hook (or not a stock Conv1D) makes the model fall back to per-block projections."""
+    torch.manual_seed(0)
+    model = GPT2WithMemoriaModel(tiny_config(n_layer=3))
+    perturb_biases(model)
+    values = torch.randn(2, 7, 32)
+    stacked = stacked_memory_projections(model.h, values)
+    assert len(stacked) == 3
+    for kv, block in zip(stacked, model.h):
+        assert kv.shape == (2, 7, 64)
+        torch.testing.assert_close(kv, block.memory_attn.c_attn(values))
+    handle = model.h[1].memory_attn.c_attn.register_forward_hook(lambda *args: None)
+    assert stacked_memory_projections(model.h, values) is None
+    handle.remove()
+    model.h[2].memory_attn.c_attn = torch.nn.Linear(32, 64)  # e.g. what an adapter library puts in its place
+    assert stacked_memory_projections(model.h, values) is None
+
+
+def test_model_with_one_stacked_projection_trains_like_per_block_projections(monkeypatch):
+    """Over carried segments, losses and every parameter's gradient are the same whether the model projects all
+    blocks' memories in one GEMM or each block projects its own (the stacked path really runs: c_attn's forward
+    is never called)."""
+    segs = segments(4)
+    monkeypatch.setattr(gpt2_memoria, "STACKED_PROJECTION_DEVICES", ("cuda", "cpu"))  # CUDA only by default
+
+    def train(stacked: bool):
+        model = tiny_model(n_layer=3)  # in eval mode: no dropout, gradients all the same
+        calls = []
+        if not stacked:
+            monkeypatch.setattr(gpt2_memoria, "STACKED_PROJECTION_DEVICES", ())
+        for block in model.transformer.h:
+            forward = block.memory_attn.c_attn.forward
+            monkeypatch.setattr(block.memory_attn.c_attn, "forward",
+                                lambda x, forward=forward: calls.append(1) or forward(x))
+        losses, grads = [], []
+        for x in segs:
+            out = model(x, labels=x)
+            out.loss.backward()
+            losses.append(out.loss.detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            model.zero_grad()
+        return losses, grads, len(calls)
+
+    losses_stacked, grads_stacked, calls_stacked = train(stacked=True)
+    losses_blocks, grads_blocks, calls_blocks = train(stacked=False)
+    assert calls_stacked == 0 and calls_blocks == 3 * 3  # 3 blocks x the 3 segments that have memory
+    torch.testing.assert_close(torch.stack(losses_stacked), torch.stack(losses_blocks))
+    assert any("memory_attn.c_attn" in name for name in grads_stacked[-1])
+    for a, b in zip(grads_stacked, grads_blocks):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stacked_projection_on_cuda_equals_per_block_with_gradients(precision):
+    """The batched GEMM over blocks (an expanded, uncopied input) on the GPU, in float32 and under bf16
+    autocast: each block's output and every gradient as its own c_attn gives them."""
+    torch.manual_seed(0)
+    model = GPT2WithMemoriaModel(tiny_config(n_layer=4, n_embd=64)).cuda()
+    perturb_biases(model)
+    values = torch.randn(3, 9, 64, device="cuda", requires_grad=True)
+    weights = [torch.randn(3, 9, 128, device="cuda") for _ in model.h]
+    results = []
+    for fn in (lambda: stacked_memory_projections(model.h, values),
+               lambda: [block.memory_attn.c_attn(values) for block in model.h]):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            outs = fn()
+            loss = sum((out.float() * w).sum() for out, w in zip(outs, weights))
+        loss.backward()
+        results.append([*(o.detach().float() for o in outs), values.grad.clone(),
+                        *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+        model.zero_grad(set_to_none=True)
+        values.grad = None
+    tol = {"atol": 3e-2, "rtol": 3e-2} if precision == "bf16" else {}
+    assert len(results[0]) == len(results[1]) == 4 + 1 + 2 * 4  # outputs, values, c_attn weights and biases
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
