@@ -11,7 +11,8 @@ class Abstractor(nn.Module):
 
     Nm learned queries attend over the segment with one head, no 1/sqrt(H) scale and no padding mask (as in the
     paper's module), then two linears with nothing between them. Parameter names match the reference package, so
-    its checkpoints load. Options (off by default): `key_padding_mask` in forward, and `activation` between the
+    its checkpoints load. The key and value transforms are applied through their weights (their forward is not
+    called; see `forward`). Options (off by default): `key_padding_mask` in forward, and `activation` between the
     linears.
     """
 
@@ -36,10 +37,14 @@ class Abstractor(nn.Module):
             raise ValueError(
                 f"Abstractor expects (B, T, {self.query_embeddings.shape[-1]}), got {tuple(hidden.shape)}"
             )
-        keys = self.key_transform(hidden)  # (B, T, H)
-        values = self.value_transform(hidden)  # (B, T, H)
-        scores = self.query_embeddings @ keys.transpose(1, 2)  # (B, Nm, T)
+        # The paper's single head, q . key_transform(x) and softmax(...) @ value_transform(x), computed without
+        # projecting every token: q . (W_k x + b_k) = (q W_k) . x + q . b_k, and since each softmax row sums to 1,
+        # p @ (x W_v^T + b_v) = (p @ x) W_v^T + b_v: equal up to rounding, with H x H products over Nm rows, not B*T.
+        q = self.query_embeddings[0]  # (Nm, H)
+        q_keys = q @ self.key_transform.weight  # (Nm, H)
+        q_bias = self.key_transform.bias @ q.t()  # (Nm,) the same for every token: kept for exactness and DDP
+        scores = (hidden @ q_keys.t()).transpose(1, 2) + q_bias[:, None]  # (B, Nm, T)
         if key_padding_mask is not None:  # (B, T) True = real token
             scores = scores.masked_fill(~key_padding_mask[:, None, :].bool(), torch.finfo(scores.dtype).min)
-        summary = scores.softmax(-1) @ values  # (B, Nm, H)
+        summary = self.value_transform(scores.softmax(-1) @ hidden)  # (B, Nm, H)
         return self.output(self.activation(self.feedforward(summary)))  # (B, Nm, H)

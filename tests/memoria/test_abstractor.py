@@ -24,6 +24,36 @@ def test_single_unscaled_head_and_affine_output():
     assert torch.allclose(a(x), expect, atol=1e-6)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_forward_and_gradients_equal_projecting_every_token(masked):
+    """The forward projects the queries through the key weight and the pooled states through the value weight;
+    output and every parameter's gradient equal the paper's form (keys and values of every token), biases
+    included."""
+    torch.manual_seed(0)
+    a = Abstractor(3, 8, 16)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5]) if masked else None
+
+    def paper_form():
+        scores = a.query_embeddings @ a.key_transform(x).transpose(1, 2)  # (B, Nm, T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)
+        return a.output(a.feedforward(scores.softmax(-1) @ a.value_transform(x)))
+
+    results = []
+    for fn in (lambda: a(x, key_padding_mask=mask), paper_form):
+        out = fn()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in a.parameters()])
+        a.zero_grad(set_to_none=True)
+    assert len(results[0]) == 1 + 9  # every parameter has a gradient (the key bias's is zero: softmax shift)
+    for got, expect in zip(*results):
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-4)
+
+
 def test_padding_mask_option_ignores_padded_tokens():
     torch.manual_seed(0)
     a = Abstractor(2, 4, 6)
