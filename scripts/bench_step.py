@@ -76,7 +76,8 @@ def make_optimizer(model, kind: str) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=2e-4, **{kind: True})
 
 
-# The phases of one step, in order (`--phases`): each runs from its mark to the next one.
+# The phases of one step, in order (`--phases`): each runs from its mark to the next one. Memoria GPT-2's memory
+# read includes the blocks' memory key/value projections (one batched GEMM per memory, before the first block).
 PHASES = ("embed + memory read", "blocks forward", "ln_f + memory write", "LM head + loss", "backward",
           "clip + Adam + zero_grad")
 
@@ -89,6 +90,12 @@ class _MarkBefore(torch.nn.Module):
         super().__init__()
         self.module = module
         self.mark = mark
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the block's own parts (e.g. memory_attn, read by the model before the blocks)
+            return getattr(self.module, name)
 
     def forward(self, *args, **kwargs):
         self.mark()

@@ -36,9 +36,6 @@ from .protocol import MemoryModelOutput, MemoryProtocol
 
 MEMORY_KIND = "gpt2_with_memoria"
 WEIGHT_FORMS = ("exp", "neg_sq")
-# Devices on which the model projects every block's memory in one batched GEMM (`stacked_memory_projections`).
-# Not on the CPU: there the stacking's copies cost more than the larger GEMM saves (docs/benchmarks.md).
-STACKED_PROJECTION_DEVICES = ("cuda",)
 
 
 @strict
@@ -185,27 +182,37 @@ def memory_keys_values(
     return list(zip(k.split(sizes, dim=2), v.split(sizes, dim=2)))
 
 
-def stacked_memory_projections(blocks: nn.ModuleList, values: torch.Tensor) -> list[torch.Tensor] | None:
-    """Every block's memory keys and values, `block.memory_attn.c_attn(values)` (B, M, 2H) for `values`
-    (B, M, H), computed in one batched GEMM: a list of L contiguous tensors, in block order.
+def stacked_memory_projections(
+    blocks: nn.ModuleList, memories: list[torch.Tensor]
+) -> list[list[torch.Tensor]] | None:
+    """Every block's memory keys and values, `block.memory_attn.c_attn(values)` (B, M_i, 2H) for each of
+    `memories` (B, M_i, H), one batched GEMM over the blocks per memory: result[block][memory].
 
-    The memory values are the same for every block (they do not depend on the hidden states), so the L small
-    projections (B*M x H x 2H each; forward and both backward GEMMs fill well under one wave of a large GPU) can
-    run as one batched GEMM over the blocks, forward and for each gradient. Same products, same parameters: the
-    weights are stacked for the call and their gradients land in each block's c_attn. Returns None when a c_attn
-    is not a stock Conv1D or has hooks (an adapter or a probe wraps it): each block then projects through its
-    own module.
+    The memories are the same for every block (they do not depend on the hidden states), so the L small
+    projections of a memory (B*M_i x H x 2H each; forward and both backward GEMMs fill well under one wave of a
+    large GPU) run as one batched GEMM, forward and for each gradient. Each memory is projected on its own so that
+    the reminded engrams, which carry no gradient (Memoria stores detached data), cost no input-gradient GEMM:
+    only the working memory's rows have one. Same products, same parameters: the weights are stacked for the call
+    and their gradients land in each block's c_attn. Returns None when a c_attn is not a stock Conv1D or has
+    hooks (an adapter or a probe wraps it): each block then projects through its own module.
     """
     projections = [block.memory_attn.c_attn for block in blocks]
     if not all(type(p) is Conv1D and not (p._forward_hooks or p._forward_pre_hooks) for p in projections):
         return None
-    B, M, H = values.shape
     L = len(projections)
     weight = torch.stack([p.weight for p in projections])  # (L, H, 2H)
     bias = torch.stack([p.bias for p in projections])[:, None, :]  # (L, 1, 2H)
-    rows = values.reshape(1, B * M, H).expand(L, B * M, H)  # the same rows for every block, not copied
-    kv = torch.baddbmm(bias, rows, weight)  # (L, B*M, 2H)
-    return [x.view(B, M, -1) for x in kv.unbind(0)]  # L x (B, M, 2H); backward: one stack
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):  # cast before expanding: autocast would copy the expanded rows
+        dtype = torch.get_autocast_dtype(device_type)
+        weight, bias, memories = weight.to(dtype), bias.to(dtype), [values.to(dtype) for values in memories]
+    per_memory = []
+    for values in memories:
+        B, M, H = values.shape
+        rows = values.reshape(1, B * M, H).expand(L, B * M, H)  # the same rows for every block, not copied
+        kv = torch.baddbmm(bias, rows, weight)  # (L, B*M, 2H)
+        per_memory.append([x.view(B, M, -1) for x in kv.unbind(0)])  # L x (B, M, 2H); backward: one stack
+    return [list(block_kv) for block_kv in zip(*per_memory)]
 
 
 def memory_attention(
@@ -286,13 +293,13 @@ class GPT2WithMemoriaBlock(GPT2Block):
         attention_mask: torch.Tensor | None = None,
         working_memory: MemorySource | None = None,
         reminded: MemorySource | None = None,
-        memory_kv: torch.Tensor | None = None,
+        memory_kv: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states (B, T, H); the working memory (W engrams) and the reminded memory (M engrams, with
         `prob_weights`) as prepared by `memory_source`, each None when absent (or M = 0). memory_kv: this
-        block's `memory_attn.c_attn` of their `joint_memory_values`, (B, W + M, 2H), projected by the model for
-        every block at once (`stacked_memory_projections`); None = projected here.
+        block's `memory_attn.c_attn` of each present memory, (B, W, 2H) and (B, M, 2H), projected by the model
+        for every block at once (`stacked_memory_projections`); None = projected here.
 
         Returns the new hidden states and this layer's reminded-attention probabilities averaged over heads
         and query positions, (B, M) detached, or None without reminded memory.
@@ -305,8 +312,10 @@ class GPT2WithMemoriaBlock(GPT2Block):
         sources = present_memories(working_memory, reminded)
         if sources:
             if memory_kv is None:  # both memories in one projection (the shared module's c_attn), in source order
-                memory_kv = self.memory_attn.c_attn(joint_memory_values(working_memory, reminded))
-            kvs = memory_keys_values(self.memory_attn, memory_kv, [src.values.shape[1] for src in sources])
+                joint_kv = self.memory_attn.c_attn(joint_memory_values(working_memory, reminded))
+                kvs = memory_keys_values(self.memory_attn, joint_kv, [src.values.shape[1] for src in sources])
+            else:
+                kvs = [memory_keys_values(self.memory_attn, kv, [kv.shape[1]])[0] for kv in memory_kv]
             for source, keys_values in zip(sources, kvs):
                 if source is working_memory:
                     wm_out, _ = memory_attention(self.memory_attn, self.ln_wm(h), source, keys_values)
@@ -325,8 +334,8 @@ def present_memories(working_memory: MemorySource | None, reminded: MemorySource
 
 
 def joint_memory_values(working_memory: MemorySource | None, reminded: MemorySource | None) -> torch.Tensor | None:
-    """The values of `present_memories` side by side, (B, W + M, H) (None without memory): what the blocks'
-    memory attentions project to keys and values, all in one GEMM (`stacked_memory_projections`)."""
+    """The values of `present_memories` side by side, (B, W + M, H) (None without memory): what a block's memory
+    attention projects to keys and values in one GEMM when the model has not projected them for it."""
     sources = present_memories(working_memory, reminded)
     if not sources:
         return None
@@ -610,13 +619,13 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             )
 
         # --- blocks
-        memory_values = joint_memory_values(working_memory, reminded)  # (B, W + M, H), once for every block
-        memory_kv = None
-        if memory_values is not None and memory_values.device.type in STACKED_PROJECTION_DEVICES:
-            memory_kv = stacked_memory_projections(self.h, memory_values)  # L x (B, W + M, 2H)
+        memory_kv = None  # every block's memory keys and values, one batched GEMM per memory
+        memories = [src.values for src in present_memories(working_memory, reminded)]
+        if memories:
+            memory_kv = stacked_memory_projections(self.h, memories)  # [block][memory] (B, M_i, 2H), or None
         probs_sum = None
         for i, block in enumerate(self.h):
-            block_kv = None if memory_kv is None else memory_kv[i]  # (B, W + M, 2H)
+            block_kv = None if memory_kv is None else memory_kv[i]
             h, probs = block(h, causal_mask, working_memory, reminded, block_kv, **kwargs)
             if probs is not None:
                 probs_sum = probs if probs_sum is None else probs_sum + probs

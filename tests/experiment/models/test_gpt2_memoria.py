@@ -783,22 +783,27 @@ def test_block_projects_both_memories_in_one_gemm_with_the_same_result():
 
 
 def test_stacked_projection_equals_each_blocks_own_and_steps_aside_for_hooks():
-    """One GEMM for every block's memory keys and values gives each block's c_attn output; a c_attn with a
-    hook (or not a stock Conv1D) makes the model fall back to per-block projections."""
+    """One batched GEMM per memory for every block's memory keys and values gives each block's c_attn output
+    (only a memory that needs a gradient gets an input gradient); a c_attn with a hook (or not a stock Conv1D)
+    makes the model fall back to per-block projections."""
     torch.manual_seed(0)
     model = GPT2WithMemoriaModel(tiny_config(n_layer=3))
     perturb_biases(model)
-    values = torch.randn(2, 7, 32)
-    stacked = stacked_memory_projections(model.h, values)
+    wm, remembered = torch.randn(2, 4, 32, requires_grad=True), torch.randn(2, 7, 32)
+    stacked = stacked_memory_projections(model.h, [wm, remembered])
     assert len(stacked) == 3
-    for kv, block in zip(stacked, model.h):
-        assert kv.shape == (2, 7, 64)
-        torch.testing.assert_close(kv, block.memory_attn.c_attn(values))
+    for block_kv, block in zip(stacked, model.h):
+        assert [kv.shape for kv in block_kv] == [(2, 4, 64), (2, 7, 64)]
+        torch.testing.assert_close(block_kv[0], block.memory_attn.c_attn(wm))
+        torch.testing.assert_close(block_kv[1], block.memory_attn.c_attn(remembered))
+    assert stacked[0][0].requires_grad and stacked[0][1].requires_grad  # through the weights
+    sum(kv.sum() for block_kv in stacked for kv in block_kv).backward()
+    assert wm.grad is not None and remembered.grad is None
     handle = model.h[1].memory_attn.c_attn.register_forward_hook(lambda *args: None)
-    assert stacked_memory_projections(model.h, values) is None
+    assert stacked_memory_projections(model.h, [wm]) is None
     handle.remove()
     model.h[2].memory_attn.c_attn = torch.nn.Linear(32, 64)  # e.g. what an adapter library puts in its place
-    assert stacked_memory_projections(model.h, values) is None
+    assert stacked_memory_projections(model.h, [wm]) is None
 
 
 def test_model_with_one_stacked_projection_trains_like_per_block_projections(monkeypatch):
@@ -806,13 +811,12 @@ def test_model_with_one_stacked_projection_trains_like_per_block_projections(mon
     blocks' memories in one GEMM or each block projects its own (the stacked path really runs: c_attn's forward
     is never called)."""
     segs = segments(4)
-    monkeypatch.setattr(gpt2_memoria, "STACKED_PROJECTION_DEVICES", ("cuda", "cpu"))  # CUDA only by default
 
     def train(stacked: bool):
         model = tiny_model(n_layer=3)  # in eval mode: no dropout, gradients all the same
         calls = []
         if not stacked:
-            monkeypatch.setattr(gpt2_memoria, "STACKED_PROJECTION_DEVICES", ())
+            monkeypatch.setattr(gpt2_memoria, "stacked_memory_projections", lambda blocks, memories: None)
         for block in model.transformer.h:
             forward = block.memory_attn.c_attn.forward
             monkeypatch.setattr(block.memory_attn.c_attn, "forward",
@@ -824,6 +828,7 @@ def test_model_with_one_stacked_projection_trains_like_per_block_projections(mon
             losses.append(out.loss.detach())
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
             model.zero_grad()
+        monkeypatch.undo()
         return losses, grads, len(calls)
 
     losses_stacked, grads_stacked, calls_stacked = train(stacked=True)
@@ -841,25 +846,26 @@ def test_model_with_one_stacked_projection_trains_like_per_block_projections(mon
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_stacked_projection_on_cuda_equals_per_block_with_gradients(precision):
-    """The batched GEMM over blocks (an expanded, uncopied input) on the GPU, in float32 and under bf16
+    """The batched GEMMs over blocks (an expanded, uncopied input) on the GPU, in float32 and under bf16
     autocast: each block's output and every gradient as its own c_attn gives them."""
     torch.manual_seed(0)
     model = GPT2WithMemoriaModel(tiny_config(n_layer=4, n_embd=64)).cuda()
     perturb_biases(model)
-    values = torch.randn(3, 9, 64, device="cuda", requires_grad=True)
-    weights = [torch.randn(3, 9, 128, device="cuda") for _ in model.h]
+    wm = torch.randn(3, 5, 64, device="cuda", requires_grad=True)
+    remembered = torch.randn(3, 9, 64, device="cuda")
+    weights = [torch.randn(3, 5 + 9, 128, device="cuda") for _ in model.h]
     results = []
-    for fn in (lambda: stacked_memory_projections(model.h, values),
-               lambda: [block.memory_attn.c_attn(values) for block in model.h]):
+    for fn in (lambda: [torch.cat(kv, 1) for kv in stacked_memory_projections(model.h, [wm, remembered])],
+               lambda: [block.memory_attn.c_attn(torch.cat([wm, remembered], 1)) for block in model.h]):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
             outs = fn()
             loss = sum((out.float() * w).sum() for out, w in zip(outs, weights))
         loss.backward()
-        results.append([*(o.detach().float() for o in outs), values.grad.clone(),
+        results.append([*(o.detach().float() for o in outs), wm.grad.clone(),
                         *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
         model.zero_grad(set_to_none=True)
-        values.grad = None
+        wm.grad = None
     tol = {"atol": 3e-2, "rtol": 3e-2} if precision == "bf16" else {}
-    assert len(results[0]) == len(results[1]) == 4 + 1 + 2 * 4  # outputs, values, c_attn weights and biases
+    assert len(results[0]) == len(results[1]) == 4 + 1 + 2 * 4  # outputs, wm, c_attn weights and biases
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **tol)
