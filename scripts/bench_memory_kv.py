@@ -72,7 +72,7 @@ def time_fn(fn, blocks, wm, remembered, weights, precision, warmup: int, steps: 
     return times
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -100,6 +100,7 @@ def main(argv=None) -> None:
           f"x {args.rounds} rounds", flush=True)
 
     variants = (("per_block", per_block), ("stacked", stacked))
+    rows = []
     for precision in args.precisions:
         # the same result first: every block's output, the working memory's and every parameter's gradient
         results = {}
@@ -124,6 +125,8 @@ def main(argv=None) -> None:
         per, one = (1e3 * statistics.median(times[name]) for name, _ in variants)
         print(f"{precision}: per block {per:.3f} ms, batched over blocks {one:.3f} ms (x{per / one:.2f}); same "
               "outputs and gradients", flush=True)
+        rows.append({"precision": precision, "per_block_ms": per, "batched_ms": one})
+    return rows
 
 
 if __name__ == "__main__":

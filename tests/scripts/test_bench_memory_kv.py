@@ -1,0 +1,33 @@
+import importlib.util
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_memory_kv", REPO_ROOT / "scripts" / "bench_memory_kv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_cpu_run_checks_and_times_both_forms(capsys):
+    rows = load_bench().main(["--device", "cpu", "--layers", "3", "--width", "24", "--batch-size", "2",
+                              "--working", "3", "--reminded", "5", "--warmup", "1", "--steps", "2", "--rounds", "1"])
+    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
+    assert all(r["per_block_ms"] > 0 and r["batched_ms"] > 0 for r in rows)
+    assert "same outputs and gradients" in capsys.readouterr().out
+
+
+def test_a_wrong_batched_projection_is_caught(monkeypatch):
+    bench = load_bench()
+    real = bench.stacked_memory_projections
+
+    def off_by_a_bit(blocks, memories):
+        return [[kv * 1.01 for kv in block_kv] for block_kv in real(blocks, memories)]
+
+    monkeypatch.setattr(bench, "stacked_memory_projections", off_by_a_bit)
+    with pytest.raises(AssertionError):
+        bench.main(["--device", "cpu", "--layers", "2", "--width", "24", "--batch-size", "2", "--working", "3",
+                    "--reminded", "5", "--warmup", "0", "--steps", "1", "--rounds", "1", "--precisions", "fp32"])
