@@ -194,12 +194,48 @@ def count_flops(model, optimizer, batches, device, dtype) -> int:
     return counter.get_total_flops()
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_flops(name: str, shapes: list) -> float:
+    """FLOPs of one call of a GEMM op from its recorded input shapes (0 if they are not what the op takes)."""
+    try:
+        if name in ("aten::addmm", "aten::baddbmm"):
+            shapes = shapes[1:]  # (bias, mat1, mat2, ...)
+        a, b = shapes[0], shapes[1]
+        batch = a[0] if len(a) == 3 else 1
+        return 2.0 * batch * a[-2] * a[-1] * b[-1]
+    except (IndexError, TypeError):
+        return 0.0
+
+
+def gemm_table(prof, device: torch.device, steps: int) -> str:
+    """The step's GEMMs by op and input shapes: calls and time per step, and the rate they ran at (device time
+    on a GPU, host time on the CPU; an eager step, since ops replayed from CUDA graphs are not recorded)."""
+    time_of = (lambda e: e.device_time_total) if device.type == "cuda" else (lambda e: e.cpu_time_total)
+    rows = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key in GEMM_OPS and time_of(event) > 0:
+            flops = gemm_flops(event.key, event.input_shapes) * event.count
+            rows.append((time_of(event), event.key, event.input_shapes, event.count, flops))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    lines = [f"GEMMs by shape ({'device' if device.type == 'cuda' else 'host'} time; per step): "
+             f"{total / 1e3 / steps:.2f} ms in {sum(r[3] for r in rows) / steps:.0f} calls",
+             f"{'ms/step':>8} {'calls':>6} {'us/call':>8} {'TFLOP/s':>8}  op, input shapes"]
+    for us, name, shapes, count, flops in rows[:40]:
+        rate = flops / (us * 1e-6) / 1e12 if us else 0.0
+        lines.append(f"{us / 1e3 / steps:8.3f} {count / steps:6.1f} {us / count:8.1f} {rate:8.2f}  {name} {shapes}")
+    return "\n".join(lines) + "\n"
+
+
 def profile_steps(model, optimizer, batches, device, dtype, title: str, path: str) -> None:
-    """Append torch.profiler op tables of a few more steps (where the step's time goes) to `path`."""
+    """Append torch.profiler op tables of a few more steps (where the step's time goes) to `path`, and the GEMMs
+    by shape."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         time_steps(model, optimizer, batches, device, dtype, warmup=0, reset=False)  # the warm memory goes on
     averages = prof.key_averages()
     device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -209,6 +245,7 @@ def profile_steps(model, optimizer, batches, device, dtype, title: str, path: st
         handle.write(f"\n==== {title}: {len(batches)} steps, {per_step:.0f} top-level aten ops per step\n")
         handle.write(averages.table(sort_by=device_key, row_limit=30) + "\n")
         handle.write(averages.table(sort_by="self_cpu_time_total", row_limit=20) + "\n")
+        handle.write(gemm_table(prof, device, len(batches)))
 
 
 def finish_pair(pair: dict, args: argparse.Namespace, batches: list, device: torch.device) -> None:

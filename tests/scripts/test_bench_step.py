@@ -45,3 +45,17 @@ def test_phases_split_the_step_of_every_model(capsys):
         # CPU, so only roughly: this checks that no phase is missing or counted twice)
         assert 0.25 * row["median_ms"] < sum(phases.values()) <= 1.5 * row["median_ms"]
     assert "phases of the step" in capsys.readouterr().out
+
+
+def test_profile_lists_the_gemms_by_shape(tmp_path):
+    bench = load_bench()
+    assert bench.gemm_flops("aten::mm", [[4, 5], [5, 6]]) == 2 * 4 * 5 * 6
+    assert bench.gemm_flops("aten::addmm", [[6], [4, 5], [5, 6], [], []]) == 2 * 4 * 5 * 6
+    assert bench.gemm_flops("aten::baddbmm", [[3, 1, 6], [3, 4, 5], [3, 5, 6], [], []]) == 2 * 3 * 4 * 5 * 6
+    assert bench.gemm_flops("aten::bmm", [[3, 4, 5]]) == 0.0  # not what the op takes: no rate
+    path = tmp_path / "profile.txt"
+    bench.main(["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--precisions", "fp32",
+                "--models", "memoria_gpt2", "--profile", str(path)])
+    text = path.read_text()
+    assert "GEMMs by shape (host time; per step)" in text
+    assert "aten::baddbmm" in text  # the blocks' memory projections, batched over the blocks
