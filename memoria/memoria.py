@@ -846,8 +846,10 @@ class Memoria:
         is_ltm = types == LONGTERM
         excess = (is_ltm.sum(1) - self.ltm_capacity).clamp(min=0)  # (B,)
         life = torch.where(is_ltm, store.lifespan, math.inf)  # (B, C)
-        if life.dtype == torch.float32:  # one sort: lifespan, then engram id (saturating past 2**32 - 1 ids)
-            order = torch.sort(_packed_key(life, store.created.clamp(max=_MASK32)), dim=1, stable=True).indices
+        if life.dtype == torch.float32:  # lifespan, then engram id (saturating past 2**32 - 1 ids), packed:
+            # the LTMs' keys are distinct, so the k smallest in order are what a stable sort puts first
+            key = _packed_key(life, store.created.clamp(max=_MASK32))
+            order = torch.topk(key, k, dim=1, largest=False, sorted=True).indices  # (B, k)
         else:  # other dtypes (a float64 default dtype): oldest first, then a stable sort by lifespan
             by_age = torch.sort(torch.where(is_ltm, store.created, torch.iinfo(torch.int64).max), dim=1,
                                 stable=True).indices

@@ -470,9 +470,11 @@ def test_ltm_capacity_evicts_lowest_lifespan():
     assert m.store.capacity == 1 + 2 + 1  # fixed: stm + ltm + W
 
 
-def test_ltm_eviction_packed_sort_equals_two_stable_sorts():
-    """The cap's eviction order (lowest lifespan, then oldest) from one packed sort equals the two-sort order
-    (its path for non-float32 lifespans), with many equal lifespans."""
+@pytest.mark.parametrize("partial", [False, True])
+def test_ltm_eviction_packed_top_k_equals_two_stable_sorts(partial):
+    """The cap's eviction order (lowest lifespan, then oldest) from the k smallest packed keys equals the
+    two-sort order (its path for non-float32 lifespans), with many equal lifespans; also when k is below the
+    excess (at most k evicted a step)."""
     import copy
 
     g = torch.Generator().manual_seed(2)
@@ -485,9 +487,11 @@ def test_ltm_eviction_packed_sort_equals_two_stable_sorts():
     two_sorts.store.lifespan = two_sorts.store.lifespan.double()
     for mem in (packed, two_sorts):
         mem.ltm_capacity = 3
-    k = m.store.capacity
+    k = 2 if partial else m.store.capacity
     lost = packed._evict_ltm(packed.store, k), two_sorts._evict_ltm(two_sorts.store, k)
     assert torch.equal(lost[0], lost[1]) and int(lost[0].sum()) > 3
+    assert int((packed.store.types == L_).sum()) == int((m.store.types == L_).sum()) - (
+        int(torch.clamp(lost[0], max=k).sum()))  # min(excess, k) a row went
     assert torch.equal(packed.store.types, two_sorts.store.types)
 
 
