@@ -294,12 +294,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--phases", action="store_true",
                         help="also time the step's phases (memory read, blocks, memory write, head + loss, "
                              "backward, optimizer): CUDA events on a GPU, wall time on the CPU")
+    parser.add_argument("--inductor-options", default=None, type=json.loads, metavar="JSON",
+                        help="with --compile-blocks: inductor config for the blocks (torch.compile options=), "
+                             "merged with --compile-mode's, e.g. '{\"post_grad_fusion_options\": "
+                             "{\"batch_linear_post_grad\": {\"min_fuse_set_size\": 2}}}' (same-shape independent "
+                             "GEMMs of a block's backward as one batched GEMM)")
     parser.add_argument("--profile", default=None,
                         help="also profile 3 more steps of each (model, precision) with torch.profiler and write "
                              "the op tables (by device time and by host time) to this file")
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup must be >= 0, --steps and --rounds >= 1")
+    compile_kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
+    if args.inductor_options is not None:
+        if not args.compile_blocks or not isinstance(args.inductor_options, dict):
+            parser.error("--inductor-options takes a JSON object and needs --compile-blocks")
+        from torch._inductor import list_mode_options
+
+        # torch.compile takes a mode or options, not both: the mode's options go in with the given ones
+        compile_kwargs = {"options": {**list_mode_options(args.compile_mode or "default"),
+                                      **args.inductor_options}}
 
     device = torch.device(args.device)
     if args.models is None:
@@ -328,7 +342,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if args.compile_blocks:
                 from experiment.models import compile_blocks
 
-                compile_blocks(model, **({"mode": args.compile_mode} if args.compile_mode else {}))
+                compile_blocks(model, **compile_kwargs)
             optimizer = make_optimizer(model, args.optimizer)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -338,7 +352,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                losses=losses, clock=clock)
             peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30 if device.type == "cuda" else None
             config = " ".join([model_name, *overrides, *(["compile=true"] if args.compile_blocks else []),
-                               *([f"mode={args.compile_mode}"] if args.compile_blocks and args.compile_mode else [])])
+                               *([f"mode={args.compile_mode}"] if args.compile_blocks and args.compile_mode else []),
+                               *([f"options={json.dumps(args.inductor_options)}"] if args.inductor_options else [])])
             pairs.append({"label": label, "precision": precision, "config": config, "model": model,
                           "optimizer": optimizer, "times": times, "peak": peak, "losses": losses[:args.warmup],
                           "clock": clock})

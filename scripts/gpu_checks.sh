@@ -18,6 +18,8 @@
 #      fastest variant (MEMORIA_WALK, see memoria/kernels.py);
 #   8. scripts/bench_memory_kv.py: the memory keys/values projection of Memoria GPT-2's 12 blocks, one batched GEMM
 #      (the model's default on a GPU) against one GEMM per block, forward + backward, fp32 and bf16;
+#   9. an experiment: part 5's fp32 Memoria step with inductor's batched-GEMM fusion in the blocks (the memory
+#      paths' same-shape weight-gradient GEMMs of a block's backward as one batched GEMM), to set beside part 5;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -27,7 +29,7 @@
 # them). Through the device tool:
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
-# PARTS (which of 1-8 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
+# PARTS (which of 1-9 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
 # SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the sorting runs, see part 4).
 set -u
 START=$(date +%s)
@@ -163,6 +165,15 @@ timeout $(($(left) < 90 ? $(left) : 90)) $PY scripts/bench_memory_kv.py 2>&1 | g
   | tee "$OUT/bench_memory_kv.txt" | tail -4 | tee -a "$LOG"
 }
 
+# ---------------------------------------------------------------- 9. batched-GEMM fusion in the compiled blocks
+part9() {
+say "9. bench_step fp32, blocks as CUDA graphs, with inductor's batch_linear_post_grad fusion"
+timeout $(($(left) < 200 ? $(left) : 200)) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks \
+  --compile-mode reduce-overhead --precisions fp32 --models memoria_gpt2_graphed --phases \
+  --inductor-options '{"post_grad_fusion_options": {"batch_linear_post_grad": {"min_fuse_set_size": 2}}}' \
+  --json "$OUT/bench_step_batch_fusion.json" 2>&1 | grep -v Warning | tail -12 | tee -a "$LOG"
+}
+
 # ---------------------------------------------------------------- 4. sorting, every model, side by side
 # SORT_RUNS: one run per line, "<name> <model> [more overrides]"; default: the five *_sort models with SORT_ARGS,
 # plus Memoria with memoria_zero_init_memory_output=true.
@@ -218,7 +229,7 @@ fi
 
 # ---------------------------------------------------------------- run the parts asked for, in that order
 for part in ${PARTS:-1 2 3}; do
-  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-8)"; fi
+  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-9)"; fi
 done
 say "done"
 # The device tool brings back at most 8 files: keep the log and the pytest output loose, pack the rest.

@@ -59,3 +59,17 @@ def test_profile_lists_the_gemms_by_shape(tmp_path):
     text = path.read_text()
     assert "GEMMs by shape (host time; per step)" in text
     assert "aten::baddbmm" in text  # the blocks' memory projections, batched over the blocks
+
+
+def test_inductor_options_reach_the_compiled_blocks():
+    """--inductor-options: here the batched-GEMM fusion of a block's backward, which must fire on Memoria's
+    blocks (their memory paths' weight gradients share a shape)."""
+    from torch._dynamo.utils import counters
+
+    bench = load_bench()
+    counters.clear()
+    options = '{"post_grad_fusion_options": {"batch_linear_post_grad": {"min_fuse_set_size": 2}}}'
+    rows = bench.main(["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--precisions", "fp32",
+                       "--models", "memoria_gpt2", "--compile-blocks", "--inductor-options", options])
+    assert "options=" in rows[0]["config"]
+    assert counters["inductor"]["batch_linear_post_grad"] > 0
