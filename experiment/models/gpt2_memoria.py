@@ -171,9 +171,8 @@ def memory_keys_values(
     attn: GPT2Attention, kv: torch.Tensor, sizes: list[int]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Split `kv` = `attn.c_attn(values)` (B, sum M_i, 2H), the projection of memories laid side by side in
-    `values` (B, sum M_i, H), `sizes` = the M_i, into each memory's keys and values (B, nh, M_i, hd): one
-    projection for all of them (one GEMM forward, one for the weight gradient, instead of one per memory; the
-    same rows as projecting each memory alone)."""
+    `values` (B, sum M_i, H), `sizes` = the M_i, into each memory's keys and values (B, nh, M_i, hd) (views, no
+    copy; the same rows as projecting each memory alone)."""
     B, M, _ = kv.shape
     nh, hd = attn.num_heads, attn.head_dim
     k, v = kv.split(attn.split_size, dim=2)  # (B, M, H) each

@@ -869,3 +869,22 @@ def test_stacked_projection_on_cuda_equals_per_block_with_gradients(precision):
     assert len(results[0]) == len(results[1]) == 4 + 1 + 2 * 4  # outputs, wm, c_attn weights and biases
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_to_the_memory_parts():
+    """With activation checkpointing (transformers' default, non-reentrant) the memory projections made before
+    the blocks and the working memory handed to them still carry their gradients: every parameter's gradient
+    equals the run without checkpointing."""
+    no_dropout = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(**no_dropout).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        for x in segments(3):
+            model(x, labels=x).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert any("abstractor" in n for n in grads[1]) and any("memory_attn.c_attn" in n for n in grads[1])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
