@@ -1,15 +1,12 @@
-import importlib.util
+"""scripts/bench_memory_kv.py: a small CPU run, and the equality check it makes before timing."""
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.scripts import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_memory_kv", REPO_ROOT / "scripts" / "bench_memory_kv.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_memory_kv")
 
 
 def test_small_cpu_run_checks_and_times_both_forms(capsys):

@@ -1,13 +1,10 @@
-import importlib.util
+"""scripts/bench_step.py: tiny CPU runs of the training-step benchmark (rounds, FLOPs, phases, profile, options)."""
 
-from tests.conftest import REPO_ROOT
+from tests.scripts import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_step", REPO_ROOT / "scripts" / "bench_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_step")
 
 
 def test_tiny_cpu_run_times_both_models_side_by_side(capsys):

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.scripts import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_walk", REPO_ROOT / "scripts" / "bench_walk.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_walk")
 
 
 def test_smoke_run_checks_every_variant_against_the_torch_walk(tmp_path, capsys):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import yaml
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "collect_results.py"
-spec = importlib.util.spec_from_file_location("collect_results", SCRIPT)
-collect_results = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(collect_results)
+from tests.scripts import load_script
+
+collect_results = load_script("collect_results")
 
 
 def write_run(folder: Path, results: dict, config: dict) -> None:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "probe_memory_path.py"
-spec = importlib.util.spec_from_file_location("probe_memory_path", SCRIPT)
-probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(probe)
+from tests.scripts import load_script
+
+probe = load_script("probe_memory_path")
 
 TINY = ["--model", "memoria_gpt2_tiny", "--memory", "tiny", "--length", "40", "--segment", "32",
         "--batch-size", "4", "--steps", "3", "--every", "1"]
