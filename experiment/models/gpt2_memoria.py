@@ -192,11 +192,17 @@ def stacked_memory_projections(
     large GPU) run as one batched GEMM, forward and for each gradient. Each memory is projected on its own so that
     the reminded engrams, which carry no gradient (Memoria stores detached data), cost no input-gradient GEMM:
     only the working memory's rows have one. Same products, same parameters: the weights are stacked for the call
-    and their gradients land in each block's c_attn. Returns None when a c_attn is not a stock Conv1D or has
-    hooks (an adapter or a probe wraps it): each block then projects through its own module.
+    and their gradients land in each block's c_attn. Returns None when a c_attn is not a stock Conv1D, has hooks
+    or a forward of its own (an adapter, a probe, accelerate's device hooks), or the blocks' weights and the
+    memories are not all on one device in one dtype (blocks spread over devices): each block then projects
+    through its own module.
     """
     projections = [block.memory_attn.c_attn for block in blocks]
-    if not all(type(p) is Conv1D and not (p._forward_hooks or p._forward_pre_hooks) for p in projections):
+    if not all(type(p) is Conv1D and not (p._forward_hooks or p._forward_pre_hooks or "forward" in vars(p))
+               for p in projections):
+        return None
+    placement = {(p.weight.device, p.weight.dtype, p.bias.device, p.bias.dtype) for p in projections}
+    if len(placement) != 1 or any(values.device != projections[0].weight.device for values in memories):
         return None
     L = len(projections)
     weight = torch.stack([p.weight for p in projections])  # (L, H, 2H)

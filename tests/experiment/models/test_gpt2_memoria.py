@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 import experiment.models  # noqa: F401  (registers the Auto classes)
 from experiment.models import gpt2_memoria
@@ -802,6 +803,14 @@ def test_stacked_projection_equals_each_blocks_own_and_steps_aside_for_hooks():
     handle = model.h[1].memory_attn.c_attn.register_forward_hook(lambda *args: None)
     assert stacked_memory_projections(model.h, [wm]) is None
     handle.remove()
+    c_attn = model.h[0].memory_attn.c_attn
+    c_attn.forward = c_attn.forward  # a forward of its own (accelerate's device hooks replace it so)
+    assert stacked_memory_projections(model.h, [wm]) is None
+    del c_attn.forward
+    model.h[1].memory_attn.c_attn.double()  # blocks in different dtypes (or on different devices)
+    assert stacked_memory_projections(model.h, [wm]) is None
+    model.h[1].memory_attn.c_attn.float()
+    assert stacked_memory_projections(model.h, [wm]) is not None
     model.h[2].memory_attn.c_attn = torch.nn.Linear(32, 64)  # e.g. what an adapter library puts in its place
     assert stacked_memory_projections(model.h, [wm]) is None
 
@@ -817,10 +826,15 @@ def test_model_with_one_stacked_projection_trains_like_per_block_projections(mon
         calls = []
         if not stacked:
             monkeypatch.setattr(gpt2_memoria, "stacked_memory_projections", lambda blocks, memories: None)
-        for block in model.transformer.h:
-            forward = block.memory_attn.c_attn.forward
-            monkeypatch.setattr(block.memory_attn.c_attn, "forward",
-                                lambda x, forward=forward: calls.append(1) or forward(x))
+        memory_projections = {id(block.memory_attn.c_attn) for block in model.transformer.h}
+        forward = Conv1D.forward  # counted on the class: a forward of the instance's own turns stacking off
+
+        def counting_forward(module, x):
+            if id(module) in memory_projections:
+                calls.append(1)
+            return forward(module, x)
+
+        monkeypatch.setattr(Conv1D, "forward", counting_forward)
         losses, grads = [], []
         for x in segs:
             out = model(x, labels=x)
