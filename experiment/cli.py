@@ -64,6 +64,7 @@ class RunSchema:
     print_summary: bool = True
     compile: bool = False
     compile_mode: str = "default"
+    compile_options: Any = None
     task: Any = MISSING
     model: Any = MISSING
     memory: Any = MISSING
@@ -119,6 +120,17 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"compile_mode={cfg.compile_mode} is not a torch.compile mode; use one of "
                           f"{', '.join(COMPILE_MODES)} (with compile=true).")
+    options = cfg.get("compile_options")
+    if options is not None:
+        from torch._inductor import config as inductor_config
+
+        if not isinstance(options, DictConfig):
+            raise ConfigError(f"compile_options={options} must be a mapping of inductor options, e.g. "
+                              "'compile_options={max_autotune: true}' (with compile=true), or null.")
+        unknown = sorted(set(options) - set(inductor_config.get_config_copy()))
+        if unknown:
+            raise ConfigError(f"compile_options has keys inductor does not know: {', '.join(unknown)} (see "
+                              "torch._inductor.list_options()).")
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda"):
         import torch
@@ -238,7 +250,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     from experiment.callbacks import CudaGraphStepMarker
     from experiment.loggers import build_logger, finish_logger
-    from experiment.models import build_model, compile_blocks
+    from experiment.models import build_model, compile_blocks, compile_settings, graphs_replayed
 
     started = time.time()
     if logging.getLogger().hasHandlers():
@@ -264,11 +276,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     model = build_model(cfg.model, early_vocab or datamodule.vocab_size)
     callbacks = []
     if cfg.compile:
-        count = compile_blocks(model, mode=cfg.compile_mode)
-        log.info("compile: torch.compile (mode %s) of %d transformer blocks (the first steps compile)",
-                 cfg.compile_mode, count)
-        if cfg.compile_mode in ("reduce-overhead", "max-autotune"):
-            callbacks.append(CudaGraphStepMarker())  # these modes replay the blocks as CUDA graphs
+        options = cfg.get("compile_options")
+        settings = compile_settings(cfg.compile_mode, None if options is None else OmegaConf.to_container(options))
+        count = compile_blocks(model, **settings)
+        log.info("compile: torch.compile (mode %s%s) of %d transformer blocks (the first steps compile)",
+                 cfg.compile_mode, "" if options is None else f", options {settings['options']}", count)
+        if graphs_replayed(settings):
+            callbacks.append(CudaGraphStepMarker())  # the blocks are replayed as CUDA graphs
     module = _instantiate(cfg.task.module, "task.module", model=model)
     if early_vocab is not None:
         datamodule.prepare_data()

@@ -305,15 +305,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup must be >= 0, --steps and --rounds >= 1")
-    compile_kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
-    if args.inductor_options is not None:
-        if not args.compile_blocks or not isinstance(args.inductor_options, dict):
-            parser.error("--inductor-options takes a JSON object and needs --compile-blocks")
-        from torch._inductor import list_mode_options
+    if args.inductor_options is not None and (not args.compile_blocks or not isinstance(args.inductor_options, dict)):
+        parser.error("--inductor-options takes a JSON object and needs --compile-blocks")
+    from experiment.models import compile_settings
 
-        # torch.compile takes a mode or options, not both: the mode's options go in with the given ones
-        compile_kwargs = {"options": {**list_mode_options(args.compile_mode or "default"),
-                                      **args.inductor_options}}
+    compile_kwargs = compile_settings(args.compile_mode, args.inductor_options)
 
     device = torch.device(args.device)
     if args.models is None:

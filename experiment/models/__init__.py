@@ -9,7 +9,7 @@ from typing import Any
 from . import compressive, gpt2, gpt2_memoria, infinity_former, transformer_xl  # noqa: F401
 from .protocol import MemoryModelOutput, MemoryProtocol
 
-__all__ = ["MemoryModelOutput", "MemoryProtocol", "build_model", "compile_blocks"]
+__all__ = ["MemoryModelOutput", "MemoryProtocol", "build_model", "compile_blocks", "compile_settings"]
 
 
 def build_model(model_cfg: Any, vocab_size: int):
@@ -47,3 +47,21 @@ def compile_blocks(model: Any, **compile_kwargs: Any) -> int:
     for block in blocks:
         block.compile(**compile_kwargs)
     return len(blocks)
+
+
+def compile_settings(mode: str | None = None, options: dict | None = None) -> dict[str, Any]:
+    """Keyword arguments of `torch.compile` (and `compile_blocks`) for a compile `mode` plus inductor `options`:
+    torch.compile takes a mode or options, not both, so with options the mode's own options go in with them
+    (the given ones win). Returns {} for the defaults."""
+    if not options:
+        return {"mode": mode} if mode else {}
+    from torch._inductor import list_mode_options
+
+    return {"options": {**list_mode_options(mode or "default"), **options}}
+
+
+def graphs_replayed(settings: dict[str, Any]) -> bool:
+    """Whether `compile_settings(...)` replay the compiled code as CUDA graphs (what needs a step marker)."""
+    if "options" in settings:
+        return bool(settings["options"].get("triton.cudagraphs", False))
+    return settings.get("mode") in ("reduce-overhead", "max-autotune")

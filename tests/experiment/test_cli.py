@@ -328,3 +328,33 @@ def test_compile_mode_reaches_torch_compile_and_graph_modes_mark_every_batch(tmp
 def test_unknown_compile_mode_is_refused_with_the_choices():
     with pytest.raises(ConfigError, match="compile_mode=fastest .*reduce-overhead"):
         validate_config(compose_config([*TINY_SORTING, "compile=true", "compile_mode=fastest"]))
+
+
+def test_compile_options_go_to_torch_compile_with_the_modes_own(tmp_path, monkeypatch):
+    """compile_options: inductor options added to compile_mode's (torch.compile takes one or the other); with
+    the mode's CUDA graphs among them the step marker is on."""
+    import experiment.models
+
+    settings, marks = [], []
+    real = experiment.models.compile_blocks
+
+    def eager_compile(model, **kwargs):  # record what torch.compile would get; trace with the eager backend
+        settings.append(kwargs)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(experiment.models, "compile_blocks", eager_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    cfg = compose_config([*TINY_SORTING, *FAST, "trainer.max_steps=1", "logger=none", "compile=true",
+                          "compile_mode=reduce-overhead",
+                          "compile_options={post_grad_fusion_options: {batch_linear_post_grad: {}}}"])
+    results = run(cfg, run_dir=tmp_path)
+    torch._dynamo.reset()
+    assert settings == [{"options": {"triton.cudagraphs": True,
+                                     "post_grad_fusion_options": {"batch_linear_post_grad": {}}}}]
+    assert results["test"] and marks
+
+
+@pytest.mark.parametrize("value, message", [("3", "must be a mapping"), ("{no_such_option: 1}", "no_such_option")])
+def test_bad_compile_options_are_refused(value, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_config([*TINY_SORTING, "compile=true", f"compile_options={value}"]))

@@ -44,3 +44,15 @@ def test_compiled_blocks_compute_what_the_eager_model_computes(name):
 def test_compile_refuses_a_model_without_blocks():
     with pytest.raises(ValueError, match="declares no transformer blocks"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+def test_compile_settings_merge_the_modes_options_with_the_given_ones():
+    from experiment.models import compile_settings, graphs_replayed
+
+    assert compile_settings() == {} and not graphs_replayed({})
+    assert compile_settings("reduce-overhead") == {"mode": "reduce-overhead"}
+    assert graphs_replayed({"mode": "reduce-overhead"}) and not graphs_replayed({"mode": "default"})
+    merged = compile_settings("max-autotune", {"coordinate_descent_tuning": False})
+    assert merged["options"]["max_autotune"] and not merged["options"]["coordinate_descent_tuning"]  # given ones win
+    assert graphs_replayed(merged)
+    assert not graphs_replayed(compile_settings(None, {"max_autotune": True}))
