@@ -9,7 +9,9 @@ from typing import Any
 from . import compressive, gpt2, gpt2_memoria, infinity_former, transformer_xl  # noqa: F401
 from .protocol import MemoryModelOutput, MemoryProtocol
 
-__all__ = ["MemoryModelOutput", "MemoryProtocol", "build_model", "compile_blocks", "compile_settings"]
+__all__ = [
+    "MemoryModelOutput", "MemoryProtocol", "build_model", "compile_blocks", "compile_settings", "graphs_replayed",
+]
 
 
 def build_model(model_cfg: Any, vocab_size: int):
