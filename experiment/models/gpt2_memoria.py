@@ -579,29 +579,20 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
                 "call reset_memory() before changing the batch size"
             )
         cfg = self.config
-
-        positions = torch.arange(T, device=input_ids.device)[None, :]  # (1, T): restart at 0 every segment
-        inputs_embeds = self.wte(input_ids)  # (B, T, H)
-        h = self.drop(inputs_embeds + self.wpe(positions))  # (B, T, H)
-        causal_mask = create_causal_mask(
-            config=cfg,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=None,
-            position_ids=positions,
-        )
+        device, dtype = input_ids.device, self.wte.weight.dtype  # where and in what the hidden states will be
         if attention_mask is not None:
-            tokens = attention_mask.to(h.dtype)  # (B, T)
+            tokens = attention_mask.to(dtype)  # (B, T)
             query_weights = tokens / tokens.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, T)
         else:
-            query_weights = h.new_full((B, T), 1.0 / T)  # (B, T) every query counts the same in Δ
+            query_weights = torch.full((B, T), 1.0 / T, device=device, dtype=dtype)  # every query counts the same
 
         if self._state_is_inference and not torch.is_inference_mode_enabled():
             self._leave_inference_mode()
-        if self.prev_hidden is not None and self.prev_hidden.device != input_ids.device:
-            self._move_memory(input_ids.device)  # the model was moved since the memory was written
+        if self.prev_hidden is not None and self.prev_hidden.device != device:
+            self._move_memory(device)  # the model was moved since the memory was written
 
-        # --- memory read (outside every block, so activation checkpointing never replays it)
+        # --- memory read, first: its device work runs while the host builds the embeddings and the mask below
+        # (outside every block, so activation checkpointing never replays it)
         working_memory = reminded = reminded_idx = reminded_valid = None
         if self.prev_hidden is not None:
             prev_hidden = self.prev_hidden
@@ -615,19 +606,31 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
                 self.memoria = self._new_memoria()
             self.memoria.add_working_memory(wm, mask=wm_rows)
             remembered, reminded_idx = self.memoria.remind()  # (B, M, H) float32, (B, M) int64, -1 = none
-            reminded_idx = reminded_idx.to(h.device)
+            reminded_idx = reminded_idx.to(device)
             reminded_valid = reminded_idx >= 0  # (B, M)
             working_memory = memory_source(wm, None, wm_rows)
             reminded = memory_source(
-                remembered.to(device=h.device, dtype=h.dtype), reminded_valid, reminded_valid.any(dim=1),
+                remembered.to(device=device, dtype=dtype), reminded_valid, reminded_valid.any(dim=1),
                 query_weights, cfg.num_attention_heads,
             )
-
-        # --- blocks
         memory_kv = None  # every block's memory keys and values, one batched GEMM per memory
         memories = [src.values for src in present_memories(working_memory, reminded)]
         if memories:
             memory_kv = stacked_memory_projections(self.h, memories)  # [block][memory] (B, M_i, 2H), or None
+
+        # --- embeddings (positions restart at 0 every segment) and the causal mask
+        positions = torch.arange(T, device=device)[None, :]  # (1, T)
+        inputs_embeds = self.wte(input_ids)  # (B, T, H)
+        h = self.drop(inputs_embeds + self.wpe(positions))  # (B, T, H)
+        causal_mask = create_causal_mask(
+            config=cfg,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=positions,
+        )
+
+        # --- blocks
         probs_sum = None
         for i, block in enumerate(self.h):
             block_kv = None if memory_kv is None else memory_kv[i]
