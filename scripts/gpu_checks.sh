@@ -16,8 +16,8 @@
 #   7. scripts/bench_walk.py: the graph walk alone, torch ops against the Triton kernels (both modes, several tiles,
 #      warps and chains per program), graphed, at the three configurations' sizes; the parts run after it use the
 #      fastest variant (MEMORIA_WALK, see memoria/kernels.py);
-#   8. scripts/bench_memory_kv.py: the memory keys/values projection of Memoria GPT-2's 12 blocks, one batched GEMM
-#      (the model's default on a GPU) against one GEMM per block, forward + backward, fp32 and bf16;
+#   8. scripts/bench_memory_kv.py: the memory keys/values projections of Memoria GPT-2's 12 blocks, one batched GEMM
+#      per memory (what the model does) against one GEMM per block, forward + backward, fp32 and bf16;
 #   9. an experiment: part 5's fp32 Memoria step with inductor's batched-GEMM fusion in the blocks (the memory
 #      paths' same-shape weight-gradient GEMMs of a block's backward as one batched GEMM), to set beside part 5;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
@@ -160,7 +160,7 @@ fi
 
 # ---------------------------------------------------------------- 8. memory K/V projection: one batched GEMM vs per block
 part8() {
-say "8. bench_memory_kv (12 blocks' memory projections: one batched GEMM vs one per block)"
+say "8. bench_memory_kv (12 blocks' memory projections: batched over the blocks vs one GEMM per block)"
 timeout $(($(left) < 90 ? $(left) : 90)) $PY scripts/bench_memory_kv.py 2>&1 | grep -v "^\[transformers\]" \
   | tee "$OUT/bench_memory_kv.txt" | tail -4 | tee -a "$LOG"
 }
