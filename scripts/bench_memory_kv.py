@@ -26,6 +26,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402  (after the sys.path insert above)
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from experiment.models.gpt2_memoria import (  # noqa: E402
     GPT2WithMemoriaConfig,
@@ -118,14 +119,25 @@ def main(argv=None) -> list[dict]:
             else:
                 torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
+        flops = {}
+        for name, fn in variants:  # forward + backward FLOPs of one step (matmuls)
+            with FlopCounterMode(display=False) as counter:
+                step(fn, blocks, wm, remembered, weights, precision)
+            flops[name] = counter.get_total_flops()
+            blocks.zero_grad(set_to_none=True)
+            wm.grad = None
+
         times = {name: [] for name, _ in variants}
         for _ in range(args.rounds):
             for name, fn in variants:
                 times[name] += time_fn(fn, blocks, wm, remembered, weights, precision, args.warmup, args.steps)
         per, one = (1e3 * statistics.median(times[name]) for name, _ in variants)
-        print(f"{precision}: per block {per:.3f} ms, batched over blocks {one:.3f} ms (x{per / one:.2f}); same "
-              "outputs and gradients", flush=True)
-        rows.append({"precision": precision, "per_block_ms": per, "batched_ms": one})
+        rate = {name: flops[name] / statistics.median(times[name]) / 1e12 for name, _ in variants}
+        print(f"{precision}: per block {per:.3f} ms ({flops['per_block'] / 1e9:.1f} GFLOP, "
+              f"{rate['per_block']:.1f} TFLOP/s), batched over blocks {one:.3f} ms ({flops['stacked'] / 1e9:.1f} "
+              f"GFLOP, {rate['stacked']:.1f} TFLOP/s): x{per / one:.2f}; same outputs and gradients", flush=True)
+        rows.append({"precision": precision, "per_block_ms": per, "batched_ms": one,
+                     "per_block_gflop": flops["per_block"] / 1e9, "batched_gflop": flops["stacked"] / 1e9})
     return rows
 
 

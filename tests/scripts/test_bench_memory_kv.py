@@ -14,6 +14,7 @@ def test_small_cpu_run_checks_and_times_both_forms(capsys):
                               "--working", "3", "--reminded", "5", "--warmup", "1", "--steps", "2", "--rounds", "1"])
     assert [r["precision"] for r in rows] == ["fp32", "bf16"]
     assert all(r["per_block_ms"] > 0 and r["batched_ms"] > 0 for r in rows)
+    assert all(r["batched_gflop"] < r["per_block_gflop"] for r in rows)  # no input gradient for reminded rows
     assert "same outputs and gradients" in capsys.readouterr().out
 
 
