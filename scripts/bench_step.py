@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--warmup must be >= 0, --steps and --rounds >= 1")
     if args.inductor_options is not None and (not args.compile_blocks or not isinstance(args.inductor_options, dict)):
         parser.error("--inductor-options takes a JSON object and needs --compile-blocks")
-    from experiment.models import compile_settings
+    from experiment.models import compile_blocks, compile_settings
 
     compile_kwargs = compile_settings(args.compile_mode, args.inductor_options)
 
@@ -336,8 +336,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.manual_seed(args.seed)
             model = build(model_name, memory_name, overrides, vocab_size, device)
             if args.compile_blocks:
-                from experiment.models import compile_blocks
-
                 compile_blocks(model, **compile_kwargs)
             optimizer = make_optimizer(model, args.optimizer)
             if device.type == "cuda":

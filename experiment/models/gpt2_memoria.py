@@ -613,10 +613,9 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
                 remembered.to(device=device, dtype=dtype), reminded_valid, reminded_valid.any(dim=1),
                 query_weights, cfg.num_attention_heads,
             )
-        memory_kv = None  # every block's memory keys and values, one batched GEMM per memory
+        # every block's memory keys and values, one batched GEMM per memory: [block][memory] (B, M_i, 2H), or None
         memories = [src.values for src in present_memories(working_memory, reminded)]
-        if memories:
-            memory_kv = stacked_memory_projections(self.h, memories)  # [block][memory] (B, M_i, 2H), or None
+        memory_kv = stacked_memory_projections(self.h, memories) if memories else None
 
         # --- embeddings (positions restart at 0 every segment) and the causal mask
         positions = torch.arange(T, device=device)[None, :]  # (1, T)
