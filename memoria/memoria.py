@@ -657,10 +657,10 @@ class Memoria:
     def _refresh_live_bound(self, store: SlotStore, live_max: torch.Tensor) -> None:
         """Tighten the host-side bound on the live count (`live_max`, a device scalar) without waiting for the
         device."""
-        if store.device.type != "cuda":
-            store.live_bound = int(live_max)  # free on the CPU: keep the bound exact
-        elif self.ltm_capacity is not None:
+        if self.ltm_capacity is not None:
             store.live_bound = min(store.live_bound, self.stm_capacity + self.ltm_capacity)  # invariant after adjust
+        elif store.device.type != "cuda":
+            store.live_bound = int(live_max)  # free on the CPU: keep the bound exact
         else:  # copy the true count to pinned memory in the background; _ensure_room reads it once it has landed
             if self._bound_host is None:
                 self._bound_host = torch.zeros((), dtype=torch.int64, pin_memory=True)

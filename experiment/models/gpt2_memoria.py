@@ -621,12 +621,15 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         positions = torch.arange(T, device=device)[None, :]  # (1, T)
         inputs_embeds = self.wte(input_ids)  # (B, T, H)
         h = self.drop(inputs_embeds + self.wpe(positions))  # (B, T, H)
+        # No position ids for the mask: given them without an attention mask, transformers checks them for
+        # packed sequences, a host sync every step (ours always run 0..T-1, one sequence a row). Without a
+        # padding mask the step then has no sync at all: the host queues the blocks while the GPU reads memory.
         causal_mask = create_causal_mask(
             config=cfg,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=None,
-            position_ids=positions,
+            position_ids=None,
         )
 
         # --- blocks

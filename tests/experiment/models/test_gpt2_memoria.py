@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
@@ -748,6 +749,74 @@ def test_graphed_memory_gives_the_model_the_same_outputs_with_emulated_graphs():
     for a, b in zip(eager, run(model, segs)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert backend.replays >= 3 * 4  # the last segments were replayed
+
+
+class RecordHostSyncs(TorchDispatchMode):
+    """Records the aten calls that read a device value back to the host (each a host-device sync on a GPU)."""
+
+    SYNCS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item", "aten.nonzero", "aten.masked_select")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.SYNCS):
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def sync_free_model(**overrides) -> GPT2WithMemoriaLMHeadModel:
+    """A tiny model whose Memoria takes the GPU's sync-free path on any device."""
+    model = tiny_model(**overrides)
+    build = model.transformer._new_memoria
+
+    def sync_free_memoria():
+        memoria = build()
+        memoria._force_sync_free = True
+        return memoria
+
+    model.transformer._new_memoria = sync_free_memoria
+    return model
+
+
+def test_a_warm_training_step_reads_nothing_back_to_the_host():
+    """Without padding, a training step (forward with the memory read and write, backward) makes no host sync:
+    on a GPU the host queues the blocks while the memory step runs. A capped memory (fixed store), on the
+    memory's sync-free path; the steps before fill the STM and start the LTM."""
+    model = sync_free_model(memoria_ltm_capacity=16).train()
+    segs = segments(6)
+    for x in segs[:5]:
+        model(x, labels=x).loss.backward()
+    assert model.transformer.memoria.type_counts()[:, 3].min() > 0  # long-term memory in use
+    with RecordHostSyncs() as recorder:
+        model(segs[5], labels=segs[5]).loss.backward()
+    assert recorder.syncs == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_step_makes_no_host_sync():
+    """The same on a GPU, through the real memory step (CUDA graphs) and a fused Adam step, checked by CUDA's
+    own sync detection."""
+    model = tiny_model(memoria_ltm_capacity=16).train().cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    segs = [x.cuda() for x in segments(7)]
+
+    def step(x):
+        model(x, labels=x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for x in segs[:6]:
+        step(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(segs[6])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def test_block_projects_both_memories_in_one_gemm_with_the_same_result():
