@@ -19,6 +19,7 @@ Examples:
     python scripts/bench_step.py --warmup 50 --steps 100 --json bench_step.json
     python scripts/bench_step.py --profile profile.txt    # also where the time goes (torch.profiler tables)
     python scripts/bench_step.py --phases                 # ... and per phase of the step (CUDA events)
+    python scripts/bench_step.py --pipelined              # ... and steps back to back (one sync at the end)
     python scripts/bench_step.py --compile-blocks         # every transformer block compiled (compile=true)
     python scripts/bench_step.py --compile-blocks --compile-mode reduce-overhead --rounds 2
                                                           # ... replayed as CUDA graphs; two rounds in turn
@@ -145,6 +146,29 @@ class PhaseClock:
             handle.remove()
 
 
+def train_step(model, optimizer, input_ids: torch.Tensor, autocast, mark=lambda: None) -> torch.Tensor:
+    """One training step (forward, loss, backward, clip, Adam, zero grad); returns the loss, not read back."""
+    torch.compiler.cudagraph_mark_step_begin()  # a new iteration for compiled blocks' CUDA graphs (if any)
+    with autocast:
+        output = model(input_ids)
+        logits = output.logits[:, :-1]  # (B, T-1, V): the reference scores T - 1 predictions per segment
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
+        if output.aux_loss is not None:
+            loss = loss + output.aux_loss
+    mark()
+    loss.backward()
+    mark()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def autocast_for(device: torch.device, dtype: str):
+    return (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bf16"
+            else contextlib.nullcontext())
+
+
 def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: bool = True,
                losses: list | None = None, clock: PhaseClock | None = None) -> list[float]:
     """Seconds per training step for each batch after the first `warmup` ones (memory reset first if `reset`);
@@ -153,27 +177,14 @@ def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: boo
     model.train()
     if reset:
         model.reset_memory()
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bf16"
-                else contextlib.nullcontext())
+    autocast = autocast_for(device, dtype)
     mark = clock.mark if clock is not None else (lambda: None)
     times = []
     for i, input_ids in enumerate(batches):
         synchronize(device)
         start = time.perf_counter()
         mark()
-        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for compiled blocks' CUDA graphs (if any)
-        with autocast:
-            output = model(input_ids)
-            logits = output.logits[:, :-1]  # (B, T-1, V): the reference scores T - 1 predictions per segment
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
-            if output.aux_loss is not None:
-                loss = loss + output.aux_loss
-        mark()
-        loss.backward()
-        mark()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, optimizer, input_ids, autocast, mark)
         mark()
         synchronize(device)
         if i >= warmup:
@@ -183,6 +194,20 @@ def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: boo
         if losses is not None:
             losses.append(loss.item())
     return times
+
+
+def time_pipelined(model, optimizer, batches, device, dtype) -> tuple[float, list[float]]:
+    """Seconds per step of `batches` run back to back, one synchronisation at the end (the memory goes on from
+    where it is): what a training loop that does not read the loss every step sees, where the host queues the
+    next step while the GPU runs this one (a step with a host sync inside it waits there). Returns the mean and
+    the losses, read after the end."""
+    model.train()
+    autocast = autocast_for(device, dtype)
+    synchronize(device)
+    start = time.perf_counter()
+    losses = [train_step(model, optimizer, input_ids, autocast) for input_ids in batches]
+    synchronize(device)
+    return (time.perf_counter() - start) / len(batches), [loss.item() for loss in losses]
 
 
 def count_flops(model, optimizer, batches, device, dtype) -> int:
@@ -249,12 +274,15 @@ def profile_steps(model, optimizer, batches, device, dtype, title: str, path: st
 
 
 def finish_pair(pair: dict, args: argparse.Namespace, batches: list, device: torch.device) -> None:
-    """FLOPs and profile of a pair after its timings (if asked), then free its model."""
+    """Pipelined steps, FLOPs and profile of a pair after its timings (if asked), then free its model."""
     model, optimizer, precision = pair.pop("model"), pair.pop("optimizer"), pair["precision"]
     clock = pair.pop("clock")
     if clock is not None:  # off before the FLOP count and the profile: they are not timed steps
         pair["phases"] = clock.medians()
         clock.remove()
+    if args.pipelined:
+        pair["pipelined_ms"] = 1e3 * time_pipelined(model, optimizer, batches[args.warmup:], device, precision)[0]
+        print(f"{pair['label']} {precision}: pipelined {pair['pipelined_ms']:.2f} ms/step", flush=True)
     if args.flops:
         pair["gflop"] = count_flops(model, optimizer, batches[-1:], device, precision) / 1e9
     if args.profile:
@@ -299,6 +327,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "merged with --compile-mode's, e.g. '{\"post_grad_fusion_options\": "
                              "{\"batch_linear_post_grad\": {\"min_fuse_set_size\": 2}}}' (same-shape independent "
                              "GEMMs of a block's backward as one batched GEMM)")
+    parser.add_argument("--pipelined", action="store_true",
+                        help="also time --steps steps of each pair back to back with one synchronisation at the "
+                             "end (the host queues the next step while the GPU runs one; a host sync inside the "
+                             "step stops that)")
     parser.add_argument("--profile", default=None,
                         help="also profile 3 more steps of each (model, precision) with torch.profiler and write "
                              "the op tables (by device time and by host time) to this file")
@@ -384,11 +416,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "gflop_per_step": pair.get("gflop"),
             "warmup_losses": pair["losses"],
             "phases_ms": pair.get("phases"),
+            "pipelined_ms": pair.get("pipelined_ms"),
         })
 
     plain = {r["precision"]: r["median_ms"] for r in rows if r["model"] == "gpt2"}
+    plain_pipelined = {r["precision"]: r["pipelined_ms"] for r in rows if r["model"] == "gpt2"}
     for row in rows:
         row["x_plain"] = row["median_ms"] / plain[row["precision"]] if row["precision"] in plain else None
+        pipelined, base = row["pipelined_ms"], plain_pipelined.get(row["precision"])
+        row["x_plain_pipelined"] = pipelined / base if pipelined is not None and base else None
     print(format_table(rows, device, batch_size, seq_len))
     if args.phases:
         print(format_phases(rows, device))
@@ -400,14 +436,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def format_table(rows: list[dict], device: torch.device, batch_size: int, seq_len: int) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    header = ["model", "precision", "median ms", "mean ms", "min ms", "tokens/s", "x plain", "peak GiB",
-              "GFLOP/step", "x plain FLOPs"]
+    header = ["model", "precision", "median ms", "mean ms", "min ms", "tokens/s", "x plain", "pipelined ms",
+              "x plain pipelined", "peak GiB", "GFLOP/step", "x plain FLOPs"]
     plain_flops = {r["precision"]: r["gflop_per_step"] for r in rows if r["model"] == "gpt2"}
     body = []
     for r in rows:
         body.append([
             r["config"], r["precision"], f"{r['median_ms']:.1f}", f"{r['mean_ms']:.1f}", f"{r['min_ms']:.1f}",
             f"{r['tokens_per_s']:,.0f}", "-" if r["x_plain"] is None else f"{r['x_plain']:.2f}",
+            "-" if r["pipelined_ms"] is None else f"{r['pipelined_ms']:.1f}",
+            "-" if r["x_plain_pipelined"] is None else f"{r['x_plain_pipelined']:.2f}",
             "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}",
             "-" if r["gflop_per_step"] is None else f"{r['gflop_per_step']:,.1f}",
             "-" if r["gflop_per_step"] is None or not plain_flops.get(r["precision"])

@@ -9,8 +9,8 @@
 #      then the same with every transformer block compiled (compile=true), fp32 then bf16;
 #   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead; Memoria's step graphed,
 #      and also compiled) against the eager step with fused Adam, fp32 and bf16, two rounds in turn; each timed
-#      per phase (memory read, blocks, memory write, head + loss, backward, optimizer; CUDA events); profiles of
-#      both (what is left between the graphs);
+#      per phase (memory read, blocks, memory write, head + loss, backward, optimizer; CUDA events), and also
+#      back to back with one sync at the end (--pipelined); profiles of both (what is left between the graphs);
 #   6. profiles of the graphed memory step (LM; graphed, and compiled + graphed, each with the Triton walk and
 #      without): kernels and device time per step;
 #   7. scripts/bench_walk.py: the graph walk alone, torch ops against the Triton kernels (both modes, several tiles,
@@ -126,11 +126,11 @@ part5() {
 say "5. bench_step: compiled blocks as CUDA graphs (reduce-overhead)"
 timeout $(($(left) < 220 ? $(left) : 220)) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
   --compile-blocks --compile-mode reduce-overhead --models memoria_gpt2_graphed memoria_gpt2_compiled gpt2 --phases \
-  --json "$OUT/bench_step_reduce_overhead.json" --profile "$OUT/profile_step_reduce_overhead.txt" 2>&1 \
+  --pipelined --json "$OUT/bench_step_reduce_overhead.json" --profile "$OUT/profile_step_reduce_overhead.txt" 2>&1 \
   | grep -v Warning | tail -24 | tee -a "$LOG"
 say "5b. bench_step: eager, fused Adam"
 timeout $(($(left) < 100 ? $(left) : 100)) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
-  --models memoria_gpt2_graphed gpt2 --phases --json "$OUT/bench_step_fused.json" --profile "$OUT/profile_step_fused.txt" \
+  --models memoria_gpt2_graphed gpt2 --phases --pipelined --json "$OUT/bench_step_fused.json" --profile "$OUT/profile_step_fused.txt" \
   2>&1 | tail -24 | tee -a "$LOG"
 }
 

@@ -70,3 +70,27 @@ def test_inductor_options_reach_the_compiled_blocks():
                        "--models", "memoria_gpt2", "--compile-blocks", "--inductor-options", options])
     assert "options=" in rows[0]["config"]
     assert counters["inductor"]["batch_linear_post_grad"] > 0
+
+
+def test_pipelined_steps_are_the_same_steps_back_to_back(capsys):
+    import torch
+
+    bench = load_bench()
+    rows = bench.main(["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--precisions", "fp32",
+                       "--pipelined"])
+    assert all(r["pipelined_ms"] > 0 for r in rows) and rows[1]["x_plain_pipelined"] == 1.0
+    assert "pipelined ms" in capsys.readouterr().out
+    # the same training as the synchronised steps: equal losses from the same start
+    batches = [torch.randint(1000, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    losses = {}
+    for pipelined in (False, True):
+        torch.manual_seed(0)
+        model = bench.build("memoria_gpt2_tiny", "tiny", [], 1000, torch.device("cpu"))
+        optimizer = bench.make_optimizer(model, "task")
+        model.reset_memory()
+        if pipelined:
+            losses[pipelined] = bench.time_pipelined(model, optimizer, batches, torch.device("cpu"), "fp32")[1]
+        else:
+            losses[pipelined] = []
+            bench.time_steps(model, optimizer, batches, torch.device("cpu"), "fp32", warmup=0, losses=losses[False])
+    assert losses[True] == losses[False]
