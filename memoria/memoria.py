@@ -152,10 +152,11 @@ class Memoria:
 
     # Test hooks (class-wide defaults, settable per instance): take the GPU's sync-free path on the CPU; the backend
     # of graphs.StepGraphs (None = CUDA), to emulate CUDA graphs on the CPU; run the Triton walk off a GPU (under
-    # TRITON_INTERPRET=1).
+    # TRITON_INTERPRET=1); score every slot, or only the candidates, whatever the sizes.
     _force_sync_free = False
     _graph_backend = None
     _walk_kernel_off_gpu = False
+    _score_every_slot: bool | None = None  # None: as `_scores_every_slot` decides
 
     def __init__(
         self,
@@ -361,9 +362,12 @@ class Memoria:
         # --- STM recall: top r_stm live STMs by similarity to the WM (padding never competes)
         k_stm_cap = min(C, self.stm_capacity)
         k_s = min(self.num_reminded_stm, k_stm_cap)
+        k_f_cap = min(C, k_s * (self.ltm_search_depth + 1))  # the most LTMs the walk can find
+        every_score = self._similarity(cue) if self._scores_every_slot(C, k_stm_cap + k_f_cap) else None  # (B, C)
         stm_slots = torch.topk(is_stm.to(torch.uint8), k_stm_cap, dim=1, sorted=False).indices  # (B, S)
         stm_ok = torch.gather(is_stm, 1, stm_slots) & row_has_wm[:, None]
-        stm_score = self._similarity(cue, stm_slots)  # (B, S)
+        stm_score = (self._similarity(cue, stm_slots) if every_score is None
+                     else torch.gather(every_score, 1, stm_slots))  # (B, S)
         rs_slots, rs_ok = self._top(stm_score, stm_ok, torch.gather(tie, 1, stm_slots), stm_slots, k_s)
 
         # --- initial LTMs, then the walk. `open_` (B, C + 1): the tie fraction of every LTM not yet visited,
@@ -385,11 +389,10 @@ class Memoria:
         found = is_ltm & torch.isneginf(open_[:, :C])  # (B, C) F = seeds + every node reached
 
         # --- final LTMs: top r_ltm of F by similarity to the WM
-        k_f_cap = min(C, k_s * (self.ltm_search_depth + 1))
         k_l = min(self.num_final_ltms, k_f_cap)
         f_slots = torch.topk(found.to(torch.uint8), k_f_cap, dim=1, sorted=False).indices  # (B, F)
         f_ok = torch.gather(found, 1, f_slots)
-        f_score = self._similarity(cue, f_slots)
+        f_score = self._similarity(cue, f_slots) if every_score is None else torch.gather(every_score, 1, f_slots)
         rl_slots, rl_ok = self._top(f_score, f_ok, torch.gather(tie, 1, f_slots), f_slots, k_l)
 
         # --- fire together, wire together: +1 on every ordered pair of the fired set, diagonal included
@@ -722,15 +725,30 @@ class Memoria:
         neg_sq_norm = torch.where(wm_valid, -wm.pow(2).sum(-1), -math.inf)  # (B, W)
         return wm, neg_sq_norm[:, :, None]
 
-    def _similarity(self, cue: tuple[torch.Tensor, ...], slots: torch.Tensor) -> torch.Tensor:
-        """Rank scores of the engrams in `slots` (B, K) against the working memory (its `_cue`): higher = closer.
+    def _scores_every_slot(self, C: int, candidates: int) -> bool:
+        """Whether remind scores every slot of the store against the WM, once, and picks the candidates' scores
+        from that (one matmul over the store as it lies), rather than gathering the STM candidates and then the
+        found LTMs and scoring each set (two gathers, two matmuls). On a GPU while the store is at most twice the
+        candidates (`candidates` = their most): the matmuls at these sizes fill under one wave of the GPU, so one
+        over C slots takes about the time of each of the two; elsewhere when the store is no bigger than the
+        candidates (less work)."""
+        if self._score_every_slot is not None:
+            return self._score_every_slot
+        return C <= (2 * candidates if self.store.device.type == "cuda" else candidates)
+
+    def _similarity(self, cue: tuple[torch.Tensor, ...], slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Rank scores of the engrams in `slots` (B, K) (None: every slot, K = C) against the working memory
+        (its `_cue`): higher = closer.
 
         neg_sq: mean_w -|x_w - s|^2 ranks as -|s - centroid|^2 (centroid identity).
         exp:    mean_w exp(-|x_w - s|^2) ranks as logsumexp_w(-d^2) (exact, never underflows)."""
         store = self.store
-        B, K = slots.shape
-        H = store.data.shape[2]
-        x = torch.gather(store.data, 1, slots[:, :, None].expand(B, K, H))  # (B, K, H)
+        if slots is None:
+            x = store.data  # (B, C, H)
+        else:
+            B, K = slots.shape
+            H = store.data.shape[2]
+            x = torch.gather(store.data, 1, slots[:, :, None].expand(B, K, H))  # (B, K, H)
         if self.weight_form == "neg_sq":
             return -(x - cue[0][:, None, :]).pow(2).sum(-1)  # (B, K)
         wm, neg_sq_norm = cue

@@ -283,10 +283,23 @@ def test_matches_oracle_on_random_runs(B, H, W, steps, seed, form, r_stm, cap, d
                        initial_lifespan=life0, num_final_ltms=r_ltm)
 
 
-def test_long_run_with_ltm_matches_oracle():
-    m = run_against_oracle(2, 3, 3, 25, 7, "exp", num_reminded_stm=3, stm_capacity=4, ltm_search_depth=3,
+@pytest.mark.parametrize("form", ["exp", "neg_sq"])
+@pytest.mark.parametrize("every_slot", [None, True, False])
+def test_long_run_with_ltm_matches_oracle(monkeypatch, every_slot, form):
+    """Also with remind scoring every slot of the store once, and only the gathered candidates (what it picks by
+    the store's size, None)."""
+    monkeypatch.setattr(Memoria, "_score_every_slot", every_slot)
+    m = run_against_oracle(2, 3, 3, 25, 7, form, num_reminded_stm=3, stm_capacity=4, ltm_search_depth=3,
                            initial_lifespan=3, num_final_ltms=3)
     assert int((m.engrams.engrams_types == L_).sum()) > 0  # the run did exercise long-term memory
+
+
+def test_remind_scores_every_slot_when_the_store_is_small_against_the_candidates():
+    m = Memoria(**cfg(num_reminded_stm=3, stm_capacity=4, ltm_search_depth=3))  # candidates: 4 STMs + 3 x 4 LTMs
+    m.add_working_memory(torch.randn(1, 2, 3))
+    assert [m._scores_every_slot(C, 16) for C in (16, 17)] == [True, False]  # CPU: no more work than the candidates
+    m.store.device = torch.device("cuda")  # the rule only (no CUDA tensor is made)
+    assert [m._scores_every_slot(C, 16) for C in (32, 33)] == [True, False]  # GPU: up to twice (latency-bound)
 
 
 def test_small_initial_capacity_grows_and_gives_the_same_run():
