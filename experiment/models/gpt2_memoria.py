@@ -216,7 +216,7 @@ def stacked_memory_projections(
         B, M, H = values.shape
         rows = values.reshape(1, B * M, H).expand(L, B * M, H)  # the same rows for every block, not copied
         kv = torch.baddbmm(bias, rows, weight)  # (L, B*M, 2H)
-        per_memory.append([x.view(B, M, -1) for x in kv.unbind(0)])  # L x (B, M, 2H); backward: one stack
+        per_memory.append(kv.view(L, B, M, -1).unbind(0))  # L x (B, M, 2H); backward: one stack
     return [list(block_kv) for block_kv in zip(*per_memory)]
 
 
