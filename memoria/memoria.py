@@ -729,9 +729,9 @@ class Memoria:
         """Whether remind scores every slot of the store against the WM, once, and picks the candidates' scores
         from that (one matmul over the store as it lies), rather than gathering the STM candidates and then the
         found LTMs and scoring each set (two gathers, two matmuls). On a GPU while the store is at most twice the
-        candidates (`candidates` = their most): the matmuls at these sizes fill under one wave of the GPU, so one
-        over C slots takes about the time of each of the two; elsewhere when the store is no bigger than the
-        candidates (less work)."""
+        candidates (`candidates` = their most): small batched matmuls like these (the LM configuration's) fill a
+        fraction of one wave of the GPU, so one over C slots takes about the time of one of the two, and the
+        gathers go; elsewhere when the store is no bigger than the candidates (less work)."""
         if self._score_every_slot is not None:
             return self._score_every_slot
         return C <= (2 * candidates if self.store.device.type == "cuda" else candidates)

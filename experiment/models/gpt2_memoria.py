@@ -623,7 +623,8 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         h = self.drop(inputs_embeds + self.wpe(positions))  # (B, T, H)
         # No position ids for the mask: given them without an attention mask, transformers checks them for
         # packed sequences, a host sync every step (ours always run 0..T-1, one sequence a row). Without a
-        # padding mask the step then has no sync at all: the host queues the blocks while the GPU reads memory.
+        # padding mask the step then makes no sync while the memory has room: the host queues the blocks while
+        # the GPU reads the memory.
         causal_mask = create_causal_mask(
             config=cfg,
             inputs_embeds=inputs_embeds,
