@@ -123,7 +123,7 @@ def count_aten_calls(step, steps: int) -> dict:
     compute = [name for name in top if name.removeprefix("aten::") not in NO_KERNEL]
     # the expensive kinds on a GPU (a radix sort or top-k costs 10-30 small kernels' time)
     heavy = {kind: sum(name in (f"aten::{kind}", f"aten::{kind}_") for name in top) / steps
-             for kind in ("sort", "topk", "gather", "scatter", "scatter_add", "max", "cumsum")}
+             for kind in ("sort", "topk", "gather", "scatter", "scatter_add", "max", "cumsum", "baddbmm")}
     return {"all": len(top) / steps, "not_views": len(compute) / steps, "by_kind": heavy}
 
 
@@ -185,6 +185,9 @@ def run_worker(args: argparse.Namespace) -> dict:
             ours_options["ltm_capacity"] = args.ltm_capacity
         kwargs.update(ours_options)
     memory = memoria.Memoria(**kwargs)
+    if args.score_slots != "auto":  # remind's scoring forced one way (same rankings; a speed comparison)
+        memory._score_every_slot = args.score_slots == "every"
+        ours_options["score_slots"] = args.score_slots
     if args.sync_free_path:
         memory._force_sync_free = True  # the GPU's path (whole count rows, every hop) on any device
     if args.walk_kernel_off_gpu:
@@ -315,6 +318,8 @@ def worker_command(args: argparse.Namespace, impl: str, config: str, device: str
             command += [flag, str(value)]
     if args.static_shape:
         command.append("--static-shape")
+    if args.score_slots != "auto":
+        command += ["--score-slots", args.score_slots]
     if args.profile:
         command += ["--profile", os.path.abspath(args.profile)]
     for flag in ("no_validate", "cuda_graph", "compile", "no_fused_walk", "count_ops", "sync_free_path",
@@ -460,6 +465,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--ltm-capacity", type=int, default=None, help="ours: cap the LTM (default unbounded)"
     )
+    parser.add_argument("--score-slots", choices=["auto", "every", "candidates"], default="auto",
+                        help="ours: remind scores every slot of the store once (every) or gathers and scores the "
+                             "candidates (candidates); auto = by the store's size (Memoria._scores_every_slot)")
     parser.add_argument("--profile", default=None,
                         help="also profile 5 more steps (torch.profiler, device kernels included) and append the "
                              "kernel table to this file")

@@ -125,3 +125,22 @@ def test_profile_appends_a_table_per_run(tmp_path) -> None:
                 "--steps", "1", "--threads", "1", "--profile", str(profile)])
     text = profile.read_text()
     assert text.count("==== ours lm cpu") == 1 and "per step" in text and "aten::" in text
+
+
+def test_score_slots_forces_remind_s_scoring_and_runs_alike(tmp_path) -> None:
+    """--score-slots every / candidates: the same run (same store at the end), told apart by the calls it makes
+    (one distance matmul a step over the whole store, or one per candidate set)."""
+    bench = load_bench()
+    results = {}
+    for mode in ("every", "candidates"):
+        out = tmp_path / f"{mode}.json"
+        bench.main(["--impl", "ours", "--configs", "lm", "--device", "cpu", "--batch-size", "1", "--warmup", "12",
+                    "--steps", "1", "--threads", "1", "--static-shape", "--no-validate", "--count-ops",
+                    "--score-slots", mode, "--json", str(out)])
+        (results[mode],) = json.loads(out.read_text())["results"]
+        assert results[mode]["options"]["score_slots"] == mode
+    every, candidates = results["every"], results["candidates"]
+    assert every["engrams_per_row"] == candidates["engrams_per_row"]
+    assert every["reminded_width_mean"] == candidates["reminded_width_mean"]
+    matmuls = {mode: r["aten_calls_per_step"]["by_kind"]["baddbmm"] for mode, r in results.items()}
+    assert (matmuls["every"], matmuls["candidates"]) == (1, 2)
