@@ -65,6 +65,7 @@ class RunSchema:
     compile: bool = False
     compile_mode: str = "default"
     compile_options: Any = None
+    progress_refresh_rate: int = 1
     task: Any = MISSING
     model: Any = MISSING
     memory: Any = MISSING
@@ -131,6 +132,9 @@ def validate_config(cfg: DictConfig) -> None:
         if unknown:
             raise ConfigError(f"compile_options has keys inductor does not know: {', '.join(unknown)} (see "
                               "torch._inductor.list_options()).")
+    if cfg.progress_refresh_rate < 1:
+        raise ConfigError(f"progress_refresh_rate={cfg.progress_refresh_rate} must be >= 1 (training steps between "
+                          "progress-bar updates); turn the bar off with trainer.enable_progress_bar=false.")
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda"):
         import torch
@@ -246,7 +250,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     run_dir: where outputs go; defaults to Hydra's run directory (needed when called outside a Hydra app).
     """
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
     from experiment.callbacks import CudaGraphStepMarker
     from experiment.loggers import build_logger, finish_logger
@@ -275,6 +279,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     # Model and task first when possible: their checks (segment vs positions) fail before data is generated.
     model = build_model(cfg.model, early_vocab or datamodule.vocab_size)
     callbacks = []
+    if cfg.trainer.get("enable_progress_bar", True):
+        # Each update of the bar reads the logged values back from the device (a host sync): on a GPU, updating
+        # every few dozen steps lets the host queue the next steps while the GPU runs.
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate))
     if cfg.compile:
         options = cfg.get("compile_options")
         settings = compile_settings(cfg.compile_mode, None if options is None else OmegaConf.to_container(options))

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from .errors import DataUnavailableError
 from .lanes import LaneStream, SegmentTable, build_segments, rank_lanes
 from .tokenized_cache import TokenizedSplit, TokenWriter, load_or_build, token_dtype
+from .transfer import pin_memory_for
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class LMDataModule(L.LightningDataModule):
         loader_class = _TrainLaneLoader if split == "train" else DataLoader
         loader = loader_class(
             self.streams[split], batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-            generator=torch.Generator().manual_seed(0),
+            generator=torch.Generator().manual_seed(0), pin_memory=pin_memory_for(getattr(self, "trainer", None)),
         )
         if split == "train":
             loader.datamodule = self

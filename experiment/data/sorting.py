@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .tokenized_cache import cache_root
+from .transfer import pin_memory_for
 
 NUM_SYMBOLS = 20
 SEPARATOR = NUM_SYMBOLS  # token 20
@@ -234,7 +235,7 @@ class SortingDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, drop_last=False)
+                          num_workers=self.num_workers, drop_last=False, pin_memory=pin_memory_for(self.trainer))
 
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = self.splits[split]
@@ -243,7 +244,7 @@ class SortingDataModule(L.LightningDataModule):
         if trainer is not None and trainer.world_size > 1:
             sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, pin_memory=pin_memory_for(trainer))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("dev")

@@ -161,6 +161,7 @@ def test_hydra_rejects_unknown_keys_and_wrong_types(override, named, tmp_path):
         (["ckpt_path=/nonexistent/last.ckpt"], r"is not a file"),
         (["task.data.length=abc"], r"task\.data\.length='abc' has the wrong type; it must be int"),
         (["task.module.learning_rate=0"], r"learning_rate must be > 0"),
+        (["progress_refresh_rate=0"], r"progress_refresh_rate=0 must be >= 1 .*enable_progress_bar=false"),
         pytest.param(["trainer=gpu"], r"no CUDA GPU is visible; use trainer=cpu",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
     ],
@@ -358,3 +359,29 @@ def test_compile_options_go_to_torch_compile_with_the_modes_own(tmp_path, monkey
 def test_bad_compile_options_are_refused(value, message):
     with pytest.raises(ConfigError, match=message):
         validate_config(compose_config([*TINY_SORTING, "compile=true", f"compile_options={value}"]))
+
+
+@pytest.mark.parametrize("overrides, rate", [(["trainer.enable_progress_bar=true"], 1),
+                                             (["trainer.enable_progress_bar=true", "progress_refresh_rate=7"], 7),
+                                             (["trainer.enable_progress_bar=false"], None)])
+def test_progress_bar_updates_every_progress_refresh_rate_steps(overrides, rate, tmp_path, monkeypatch):
+    """The bar's refresh rate comes from the config (each update reads the logged values back from the device);
+    no bar, no callback."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    bars = []
+    real_init = pl.Trainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        bars.extend(c for c in kwargs.get("callbacks") or [] if isinstance(c, TQDMProgressBar))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "__init__", recording_init)
+    run(compose_config([*TINY_SORTING, *FAST, "trainer.max_steps=1", "logger=none", *overrides]), run_dir=tmp_path)
+    assert [bar.refresh_rate for bar in bars] == ([] if rate is None else [rate])
+
+
+def test_gpu_presets_update_the_progress_bar_every_50_steps():
+    for preset in ("wikitext103", "pg19", "enwik8", "sort_paper", "wikitext103_quick", "sort_quick"):
+        assert compose_config([f"experiment={preset}"]).progress_refresh_rate == 50, preset
