@@ -257,6 +257,33 @@ class Memoria:
     def add_working_memory(self, data: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Store `data` (B, W, H) as W new working-memory engrams per row (rows where the bool `mask` (B,) is
         False add nothing)."""
+        x, valid = self._prepare_add(data, mask)
+        if self._wm_slots is None:
+            self._wm_slots, self._wm_valid = self._device_call("add", self._add_device, x, valid)
+        else:  # a second add before adjust: both sets are working memory
+            slots, valid = self._add_device(x, valid)
+            self._wm_slots = torch.cat([self._wm_slots, slots], 1)
+            self._wm_valid = torch.cat([self._wm_valid, valid], 1)
+        self._added(x.shape[1], valid)
+
+    @torch.no_grad()
+    def add_and_remind(self, data: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`add_working_memory(data, mask)` then `remind()`, in one call: the same results and state, with the
+        device work of both in one function (one CUDA-graph replay, one compiled function), which also scores the
+        new working memory from `data` instead of reading it back from the store. What a model does every step.
+        Returns what `remind` returns."""
+        if self._wm_slots is not None:  # working memory was added before this step's call: the two calls
+            self.add_working_memory(data, mask)
+            return self.remind()
+        x, valid = self._prepare_add(data, mask)
+        slots, valid, *reminded = self._device_call("add_remind", self._add_and_remind_device, x, valid)
+        self._wm_slots, self._wm_valid = slots, valid
+        self._added(x.shape[1], valid)
+        return self._reminded(*reminded)
+
+    def _prepare_add(self, data: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check an add's arguments (ValueError, state untouched), make the store and room for W more engrams;
+        returns x (B, W, H) float32 on the memory's device and valid (B, W) bool."""
         if not isinstance(data, torch.Tensor):
             raise ValueError(f"data must be a torch.Tensor of shape (B, W, H), got {type(data).__name__}")
         if data.dim() != 3:
@@ -288,16 +315,14 @@ class Memoria:
         x = data.detach().to(device=dev, dtype=torch.float32).contiguous()  # (B, W, H)
         # contiguous inputs throughout: a compiled step guards on strides and must not recompile inside a capture
         valid = torch.ones(B, W, dtype=torch.bool, device=dev) if mask is None else mask[:, None].repeat(1, W)
-        if self._wm_slots is None:
-            self._wm_slots, self._wm_valid = self._device_call("add", self._add_device, x, valid)
-        else:  # a second add before adjust: both sets are working memory
-            slots, valid = self._add_device(x, valid)
-            self._wm_slots = torch.cat([self._wm_slots, slots], 1)
-            self._wm_valid = torch.cat([self._wm_valid, valid], 1)
-        store.live_bound += W
+        return x, valid
+
+    def _added(self, W: int, valid: torch.Tensor) -> None:
+        """The host-side bookkeeping of an add of W engrams per row (`valid` (B, W))."""
+        self.store.live_bound += W
         self._last = None
         if self.history is not None:
-            ids = self.next_engram_id + torch.arange(W, device=dev)
+            ids = self.next_engram_id + torch.arange(W, device=valid.device)
             self.history.on_add(self.timestep + 1, ids, valid)
         self.timestep += 1
         self.next_engram_id += W
@@ -330,8 +355,12 @@ class Memoria:
             raise ValueError("remind() called before any add_working_memory(); add working memory first")
         if self._wm_slots is None:
             raise ValueError("remind() needs working memory of this step: call add_working_memory() first")
-        memories, view_idx, out_slots, out_ok = self._device_call(
-            "remind", self._remind_device, self._wm_slots, self._wm_valid)
+        return self._reminded(*self._device_call("remind", self._remind_device, self._wm_slots, self._wm_valid))
+
+    def _reminded(self, memories: torch.Tensor, view_idx: torch.Tensor, out_slots: torch.Tensor,
+                  out_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host side of a remind after its device work: trim (without static_shape), keep what adjust
+        checks, record history, hand out copies on the caller's device."""
         if not self.static_shape:  # trim to the widest row (valid entries come first): one host sync
             width = int(out_ok.sum(1).max()) if out_ok.numel() else 0
             memories, view_idx = memories[:, :width], view_idx[:, :width]
@@ -344,17 +373,26 @@ class Memoria:
             memories, view_idx = memories.clone(), view_idx.clone()
         return memories.to(ext).contiguous(), view_idx.to(ext)
 
-    def _remind_device(self, wm_slots: torch.Tensor, wm_valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The device work of remind for the working memory in `wm_slots` (B, W) (`wm_valid` (B, W)): recall,
-        walk, fire. Returns memories (B, M, H), view indices (B, M), slots (B, M) and ok (B, M) at the full width
-        M = k_stm + k_ltm, valid entries first. Without `_sync_free` (the CPU) it takes host-side shortcuts."""
+    def _add_and_remind_device(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The device work of `add_and_remind`: `_add_device`'s outputs, then `_remind_device`'s, which takes the
+        working memory from x (what the add wrote into the store)."""
+        slots, valid = self._add_device(x, valid)
+        return (slots, valid, *self._remind_device(slots, valid, x))
+
+    def _remind_device(self, wm_slots: torch.Tensor, wm_valid: torch.Tensor,
+                       wm: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The device work of remind for the working memory in `wm_slots` (B, W) (`wm_valid` (B, W); its data
+        `wm` (B, W, H) when at hand, else read from the store): recall, walk, fire. Returns memories (B, M, H), view
+        indices (B, M), slots (B, M) and ok (B, M) at the full width M = k_stm + k_ltm, valid entries first.
+        Without `_sync_free` (the CPU) it takes host-side shortcuts."""
         store = self.store
         B, C, H = store.data.shape
         dev = store.device
         types, counts = store.types, store.counts
         is_stm = types == SHORTTERM  # (B, C)
         is_ltm = types == LONGTERM  # (B, C)
-        wm = torch.gather(store.data, 1, wm_slots[:, :, None].expand(*wm_slots.shape, H))  # (B, W, H)
+        if wm is None:
+            wm = torch.gather(store.data, 1, wm_slots[:, :, None].expand(*wm_slots.shape, H))  # (B, W, H)
         cue = self._cue(wm, wm_valid)  # what _similarity needs of the WM, computed once
         row_has_wm = wm_valid.any(1)  # (B,)
         frac, tie = self._tie_keys(store)  # (B, C) each: the tie-break among equal counts, and among equal scores
@@ -685,7 +723,7 @@ class Memoria:
         if self.compile:
             compiled = self._compiled.get(name)
             if compiled is None:
-                if name == "remind":
+                if name in ("remind", "add_remind"):
                     self._check_walk_kernel(store)
                 compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
             fn = compiled

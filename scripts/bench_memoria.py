@@ -185,7 +185,10 @@ def run_worker(args: argparse.Namespace) -> dict:
             ours_options["ltm_capacity"] = args.ltm_capacity
         kwargs.update(ours_options)
     memory = memoria.Memoria(**kwargs)
-    if args.score_slots != "auto":  # remind's scoring forced one way (same rankings; a speed comparison)
+    fused = args.add_and_remind and args.impl == "ours"  # (the reference has the two calls only)
+    if fused:
+        ours_options["add_and_remind"] = True
+    if args.score_slots != "auto" and args.impl == "ours":  # remind's scoring forced (same rankings; speed)
         memory._score_every_slot = args.score_slots == "every"
         ours_options["score_slots"] = args.score_slots
     if args.sync_free_path:
@@ -201,8 +204,11 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     def step() -> int:
         data = torch.randn(B, W, H, generator=generator, device=device)  # (B, W, H)
-        memory.add_working_memory(data)
-        _, indices = memory.remind()  # (B, M)
+        if fused:  # one call, one device function (what the models do)
+            _, indices = memory.add_and_remind(data)  # (B, M)
+        else:
+            memory.add_working_memory(data)
+            _, indices = memory.remind()  # (B, M)
         valid = indices >= 0
         logits = torch.randn(indices.shape, generator=generator, device=device)
         probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=1).nan_to_num(
@@ -323,7 +329,7 @@ def worker_command(args: argparse.Namespace, impl: str, config: str, device: str
     if args.profile:
         command += ["--profile", os.path.abspath(args.profile)]
     for flag in ("no_validate", "cuda_graph", "compile", "no_fused_walk", "count_ops", "sync_free_path",
-                 "walk_kernel_off_gpu"):
+                 "walk_kernel_off_gpu", "add_and_remind"):
         if getattr(args, flag):
             command.append("--" + flag.replace("_", "-"))
     return command
@@ -465,6 +471,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--ltm-capacity", type=int, default=None, help="ours: cap the LTM (default unbounded)"
     )
+    parser.add_argument("--add-and-remind", action="store_true",
+                        help="ours: add the working memory and remind in one call (Memoria.add_and_remind: one "
+                             "device function, one CUDA graph; what the models do)")
     parser.add_argument("--score-slots", choices=["auto", "every", "candidates"], default="auto",
                         help="ours: remind scores every slot of the store once (every) or gathers and scores the "
                              "candidates (candidates); auto = by the store's size (Memoria._scores_every_slot)")

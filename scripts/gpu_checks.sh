@@ -11,9 +11,9 @@
 #      and also compiled) against the eager step with fused Adam, fp32 and bf16, two rounds in turn; each timed
 #      per phase (memory read, blocks, memory write, head + loss, backward, optimizer; CUDA events), and also
 #      back to back with one sync at the end (--pipelined); profiles of both (what is left between the graphs);
-#   6. profiles of the graphed memory step (LM; graphed, and compiled + graphed, each with remind scoring every
-#      slot of the store, what it does on a GPU at this size, and scoring the gathered candidates): kernels and
-#      device time per step;
+#   6. profiles of the graphed memory step (LM, the models' path: add and remind as one call, compiled + graphed
+#      and graphed; then compiled + graphed scoring the gathered candidates instead of every slot, and with add
+#      and remind as two calls): kernels and device time per step;
 #   7. scripts/bench_walk.py: the graph walk alone, torch ops against the Triton kernels (both modes, several tiles,
 #      warps and chains per program), graphed, at the three configurations' sizes; the parts run after it use the
 #      fastest variant (MEMORIA_WALK, see memoria/kernels.py);
@@ -137,9 +137,9 @@ timeout $(($(left) < 100 ? $(left) : 100)) $PY scripts/bench_step.py --warmup 20
 
 # ---------------------------------------------------------------- 6. where the graphed memory step's time goes
 part6() {
-say "6. bench_memoria profiles (LM, graphed and compiled + graphed; remind scoring every slot (auto) / the candidates)"
-for variant in "--cuda-graph" "--cuda-graph --score-slots candidates" "--cuda-graph --compile" \
-               "--cuda-graph --compile --score-slots candidates"; do
+say "6. bench_memoria profiles (LM: add_and_remind compiled + graphed / graphed; scoring the candidates; two calls)"
+for variant in "--cuda-graph --compile --add-and-remind" "--cuda-graph --add-and-remind" \
+               "--cuda-graph --compile --add-and-remind --score-slots candidates" "--cuda-graph --compile"; do
   # shellcheck disable=SC2086
   timeout $(($(left) < 160 ? $(left) : 160)) $PY scripts/bench_memoria.py --device cuda --configs lm --impl ours \
     --static-shape --no-validate --ltm-capacity 1024 $variant --warmup 40 --steps 30 \

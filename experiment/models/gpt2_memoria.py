@@ -604,8 +604,8 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
                 wm = prev_hidden  # (B, T, H): raw hidden states as working memory
             if self.memoria is None:
                 self.memoria = self._new_memoria()
-            self.memoria.add_working_memory(wm, mask=wm_rows)
-            remembered, reminded_idx = self.memoria.remind()  # (B, M, H) float32, (B, M) int64, -1 = none
+            # add the WM, remind (one device call): (B, M, H) float32, (B, M) int64, -1 = none
+            remembered, reminded_idx = self.memoria.add_and_remind(wm, mask=wm_rows)
             reminded_idx = reminded_idx.to(device)
             reminded_valid = reminded_idx >= 0  # (B, M)
             working_memory = memory_source(wm, None, wm_rows)

@@ -16,9 +16,9 @@ DEVICE_CALLS = ("_add_device", "_remind_device", "_adjust_device")
 
 
 def run(m: Memoria, steps: int, seed: int = 0, B: int = 2, W: int = 3, H: int = 5, device: str = "cpu",
-        events: dict | None = None):
+        events: dict | None = None, fused: bool = False):
     """Outputs (memories, indices) of `steps` steps on generated data; `events` maps a step to a callable run
-    on the memory before it (resets, masks)."""
+    on the memory before it (resets, masks). `fused`: add and remind through `add_and_remind`."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for t in range(steps):
@@ -26,8 +26,11 @@ def run(m: Memoria, steps: int, seed: int = 0, B: int = 2, W: int = 3, H: int = 
         mask = None
         if events and t in events:
             mask = events[t](m)
-        m.add_working_memory(x, mask=mask)
-        mem, idx = m.remind()
+        if fused:
+            mem, idx = m.add_and_remind(x, mask=mask)
+        else:
+            m.add_working_memory(x, mask=mask)
+            mem, idx = m.remind()
         width = m.num_reminded_stm + m.num_final_ltms
         delta = (torch.rand(B, width, generator=g) * 3).to(device)[:, : idx.shape[1]]
         m.adjust_lifespan_and_memories(idx, delta)
@@ -88,17 +91,19 @@ def test_cuda_graph_needs_the_static_unvalidated_path():
     assert_same_runs(run(m, 6), run(Memoria(**config()), 6))
 
 
-def test_compiled_step_equals_eager():
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_step_equals_eager(fused):
     """compile=True through inductor (C++ on the CPU, Triton on a GPU): the same steps as eager execution, also
-    after a reset to another batch size (as when evaluation follows training: a second compile)."""
+    after a reset to another batch size (as when evaluation follows training: a second compile); also with add
+    and remind as one call (one compiled function)."""
     torch._dynamo.reset()
     kw = config(num_reminded_stm=4, num_final_ltms=4, stm_capacity=8, ltm_search_depth=2, seed=4, ltm_capacity=6)
     eager, compiled = Memoria(**kw), Memoria(**kw, compile=True)
     for B in (2, 50):
         for m in (eager, compiled):
             m.reset_memory()
-        assert_same_runs(run(eager, 8, B=B), run(compiled, 8, B=B))
-    assert set(compiled._compiled) == {"add", "remind", "adjust"}
+        assert_same_runs(run(eager, 8, B=B), run(compiled, 8, B=B, fused=fused))
+    assert set(compiled._compiled) == ({"add_remind", "adjust"} if fused else {"add", "remind", "adjust"})
     torch._dynamo.reset()
 
 
@@ -170,10 +175,11 @@ class EmulatedGraphs:
         self.replays += 1
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_graph_bookkeeping_equals_eager_with_emulated_graphs(deterministic):
+def test_graph_bookkeeping_equals_eager_with_emulated_graphs(deterministic, fused):
     """Warm-up, capture, replay, static inputs and outputs, recapture after growth, resets and masks: the same
-    run as eager execution (the CUDA version of this test runs on a GPU)."""
+    run as eager execution (the CUDA version of this test runs on a GPU); also with add and remind as one call."""
     kw = config(deterministic=deterministic, seed=2, initial_capacity=8)  # small: the store grows (recapture)
     eager, graphed = Memoria(**kw), Memoria(**kw, cuda_graph=True)
     for m in (eager, graphed):
@@ -181,9 +187,11 @@ def test_graph_bookkeeping_equals_eager_with_emulated_graphs(deterministic):
     graphed._graph_backend = backend = EmulatedGraphs()
     events = {12: lambda mem: mem.reset_memory(), 20: lambda mem: mem.reset_memory(rows=torch.tensor([False, True])),
               25: lambda mem: torch.tensor([False, True])}
-    a, b = run(eager, 40, events=events), run(graphed, 40, events=events)
+    a, b = run(eager, 40, events=events), run(graphed, 40, events=events, fused=fused)
     assert_same_runs(a, b)
-    assert backend.replays > 60 and backend.captures >= 6  # replayed, and recaptured after the store grew
+    assert backend.replays > (40 if fused else 60) and backend.captures >= 4  # replayed; recaptured on growth
+    assert {key[0] for key in graphed._graphs.graphs} == ({"add_remind", "adjust"} if fused
+                                                          else {"add", "remind", "adjust"})
     assert graphed.store.capacity > 8
     for name, t in eager.state_dict()["store"].items():
         assert torch.equal(t, graphed.state_dict()["store"][name]), name
@@ -202,15 +210,16 @@ def resets() -> dict:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_cuda_graph_replay_equals_eager(deterministic):
+def test_cuda_graph_replay_equals_eager(deterministic, fused):
     kw = config(deterministic=deterministic, seed=2, initial_capacity=8)  # small: the store grows (recapture)
     eager = Memoria(**kw, device="cuda")
     graphed = Memoria(**kw, device="cuda", cuda_graph=True)
     a = run(eager, 40, device="cuda", events=resets())
-    b = run(graphed, 40, device="cuda", events=resets())
+    b = run(graphed, 40, device="cuda", events=resets(), fused=fused)
     assert_same_runs(a, b)
-    assert graphed._graphs is not None and len(graphed._graphs.graphs) == 3  # add, remind, adjust replayed
+    assert graphed._graphs is not None and len(graphed._graphs.graphs) == (2 if fused else 3)  # all replayed
     assert graphed.store.capacity > 8
     sa, sb = eager.state_dict(), graphed.state_dict()
     for name, t in sa["store"].items():
@@ -219,16 +228,17 @@ def test_cuda_graph_replay_equals_eager(deterministic):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_compiled_and_graphed_step_equals_eager():
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_compiled_and_graphed_step_equals_eager(fused):
     torch._dynamo.reset()
     kw = config(seed=3, ltm_capacity=6)  # a fixed store size: one compile per call
     eager = run(Memoria(**kw, device="cuda"), 14, device="cuda")
     fast = Memoria(**kw, device="cuda", compile=True, cuda_graph=True)
-    got = run(fast, 14, device="cuda")
+    got = run(fast, 14, device="cuda", fused=fused)
     for t, ((m1, i1), (m2, i2)) in enumerate(zip(eager, got)):
         assert torch.equal(i1, i2), t
         torch.testing.assert_close(m1, m2)
-    assert len(fast._graphs.graphs) == 3
+    assert len(fast._graphs.graphs) == (2 if fused else 3)
     torch._dynamo.reset()
 
 
@@ -256,8 +266,9 @@ def test_graph_outputs_are_not_overwritten_by_the_next_step(device):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("cuda_graph", [False, True])
-def test_cuda_step_makes_no_host_sync(cuda_graph):
+def test_cuda_step_makes_no_host_sync(cuda_graph, fused):
     m = Memoria(50, 400, 10, 9, 50, static_shape=True, validate=False, ltm_capacity=1024, cuda_graph=cuda_graph)
     dev = torch.device("cuda")
     x = torch.randn(30, 8, 50, 64, device=dev)
@@ -267,13 +278,16 @@ def test_cuda_step_makes_no_host_sync(cuda_graph):
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
-            m.add_working_memory(x[t])
-            _, idx = m.remind()
+            if fused:
+                _, idx = m.add_and_remind(x[t])
+            else:
+                m.add_working_memory(x[t])
+                _, idx = m.remind()
             m.adjust_lifespan_and_memories(idx, logits[t].softmax(-1) * 8)
         finally:
             if t == 29:
                 torch.cuda.set_sync_debug_mode(0)
-    assert not cuda_graph or len(m._graphs.graphs) == 3
+    assert not cuda_graph or len(m._graphs.graphs) == (2 if fused else 3)
     assert int((m.store.types == L_).sum()) > 0
 
 

@@ -577,3 +577,78 @@ def test_cuda_matches_cpu(deterministic):
     gpu = step_outputs(gpu_mem, torch.Generator().manual_seed(2), 10)
     for (m1, i1), (m2, i2) in zip(cpu, gpu):
         assert torch.equal(i1, i2.cpu()) and torch.allclose(m1, m2.cpu())
+
+
+def fused_or_separate_run(m: Memoria, fused: bool, steps: int = 20, B: int = 2, W: int = 3, H: int = 5):
+    """Steps with the working memory added and reminded by one `add_and_remind` call or by the two calls; row 1
+    adds nothing at step 7, and step 11 adds a second working memory first (both sets are that step's WM)."""
+    g = torch.Generator().manual_seed(9)
+    out = []
+    for t in range(steps):
+        x = torch.randn(B, W, H, generator=g)
+        mask = torch.tensor([True, False]) if t == 7 else None
+        if t == 11:
+            m.add_working_memory(torch.randn(B, 1, H, generator=g))
+        if fused:
+            mem, idx = m.add_and_remind(x, mask=mask)
+        else:
+            m.add_working_memory(x, mask=mask)
+            mem, idx = m.remind()
+        out.append((mem.clone(), idx.clone(), m.engrams.lifespan.clone()))
+        m.adjust_lifespan_and_memories(idx, torch.rand(idx.shape, generator=g) * 3 * (idx >= 0))
+    return out
+
+
+def assert_same_state(a, b, where: str = "state") -> None:
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("kw", [
+    {},  # the defaults: trimmed output, validation
+    {"static_shape": True, "validate": False, "weight_form": "neg_sq", "deterministic": True},
+    {"ltm_capacity": 4, "keep_history": True},
+])
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_add_and_remind_equals_the_two_calls(kw, sync_free):
+    """The same outputs, views, state and history as add_working_memory then remind."""
+    runs, memories = [], []
+    for fused in (False, True):
+        m = Memoria(**cfg(num_reminded_stm=3, stm_capacity=4, num_final_ltms=3), seed=2, **kw)
+        m._force_sync_free = sync_free
+        runs.append(fused_or_separate_run(m, fused))
+        memories.append(m)
+    for t, (a, b) in enumerate(zip(*runs)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), t
+    separate, fused = memories
+    assert int((fused.store.types == L_).sum()) > 0
+    assert_same_state(separate.state_dict(), fused.state_dict())
+    if separate.history is not None:
+        assert separate.history.state_dict() == fused.history.state_dict()
+
+
+def test_add_and_remind_refuses_bad_input_and_keeps_state():
+    m = Memoria(**cfg(), seed=1)
+    _, idx = m.add_and_remind(torch.randn(1, 2, 3))
+    m.adjust_lifespan_and_memories(idx, torch.zeros(idx.shape))
+    before = m.state_dict()
+    for data, message in ((torch.randn(2, 3), "shape"), (torch.full((1, 2, 3), float("nan")), "NaN"),
+                          (torch.randn(3, 2, 3), "batch")):
+        with pytest.raises(ValueError, match=message):
+            m.add_and_remind(data)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        m.add_and_remind(torch.randn(1, 2, 3), mask=torch.ones(2, dtype=torch.bool))
+    after = m.state_dict()
+    assert before["timestep"] == after["timestep"]
+    assert all(torch.equal(v, after["store"][k]) for k, v in before["store"].items())

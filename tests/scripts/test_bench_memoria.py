@@ -144,3 +144,15 @@ def test_score_slots_forces_remind_s_scoring_and_runs_alike(tmp_path) -> None:
     assert every["reminded_width_mean"] == candidates["reminded_width_mean"]
     matmuls = {mode: r["aten_calls_per_step"]["by_kind"]["baddbmm"] for mode, r in results.items()}
     assert (matmuls["every"], matmuls["candidates"]) == (1, 2)
+
+
+def test_add_and_remind_runs_the_models_one_call(tmp_path) -> None:
+    bench = load_bench()
+    results = {}
+    for flags in ([], ["--add-and-remind"]):
+        out = tmp_path / f"bench{len(flags)}.json"
+        bench.main(["--impl", "ours", "--configs", "lm", "--device", "cpu", "--batch-size", "1", "--warmup", "12",
+                    "--steps", "1", "--threads", "1", "--static-shape", "--no-validate", *flags, "--json", str(out)])
+        (results[bool(flags)],) = json.loads(out.read_text())["results"]
+    assert results[True]["options"]["add_and_remind"] == "True" and "add_and_remind" not in results[False]["options"]
+    assert results[True]["engrams_per_row"] == results[False]["engrams_per_row"]
