@@ -1,6 +1,7 @@
 """Memoria: the Hebbian memory network (Park & Bak, ICML 2024).
 
-One step per segment:  add_working_memory(WM) -> remind() -> adjust_lifespan_and_memories(indices, deltas).
+One step per segment:  add_working_memory(WM) -> remind() -> adjust_lifespan_and_memories(indices, deltas)
+(add_and_remind(WM) does the first two as one call).
 
     working memory (WM)  the W engrams written this step; the retrieval cue
     short-term (STM)     FIFO of capacity `stm_capacity`; recalled by similarity to the WM
@@ -9,9 +10,9 @@ One step per segment:  add_working_memory(WM) -> remind() -> adjust_lifespan_and
 
 Every batch row is an independent memory. All state is on one device in fixed slots (store.py); the per-step path
 makes no host sync while the store has room (with `static_shape=True` and `validate=False`, the mode models use).
-Each call's device work is a function of device tensors only (`_add_device`, `_remind_device`, `_adjust_device`),
-so it can be compiled or replayed as a CUDA graph (graphs.py). Indices handed out by `remind` are positions in the
-reference `engrams` layout, as in `memoria-pytorch`.
+Each call's device work is a function of device tensors only (`_add_device`, `_remind_device`, `_adjust_device`,
+`_add_and_remind_device`), so it can be compiled or replayed as a CUDA graph (graphs.py). Indices handed out by
+`remind` are positions in the reference `engrams` layout, as in `memoria-pytorch`.
 
 Where the reference package is wrong, this follows the corrected algorithm (no spurious engram 0, only recalled STMs
 seed the walk, no edge means no step, padding never competes, global indices only; see the README).
