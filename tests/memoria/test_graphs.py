@@ -12,7 +12,7 @@ import torch
 from memoria import EngramType, Memoria
 
 L_ = int(EngramType.LONGTERM)
-DEVICE_CALLS = ("_add_device", "_remind_device", "_adjust_device")
+DEVICE_CALLS = ("_add_device", "_remind_device", "_adjust_device", "_add_and_remind_device")
 
 
 def run(m: Memoria, steps: int, seed: int = 0, B: int = 2, W: int = 3, H: int = 5, device: str = "cpu",
@@ -61,9 +61,11 @@ def test_sync_free_path_matches_the_cpu_shortcuts(deterministic):
     assert int((sync_free.store.types == L_).sum()) > 0  # the walk had long-term memory to cover
 
 
-def test_step_traces_as_whole_graphs_without_recompiling():
+@pytest.mark.parametrize("fused", [False, True])
+def test_step_traces_as_whole_graphs_without_recompiling(fused):
     """torch.compile(fullgraph=True) fails on any host sync or data-dependent Python branch, and
-    error_on_recompile on any host value that changes between steps: what a CUDA-graph capture cannot hold."""
+    error_on_recompile on any host value that changes between steps: what a CUDA-graph capture cannot hold
+    (also add and remind as one call)."""
     torch._dynamo.reset()
     def traced_memory() -> Memoria:
         m = Memoria(**config(seed=1, ltm_capacity=6))  # a fixed capacity: the store never grows
@@ -74,8 +76,8 @@ def test_step_traces_as_whole_graphs_without_recompiling():
 
     eager, traced = Memoria(**config(seed=1, ltm_capacity=6)), traced_memory()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        got = run(traced, 14)
-        again = run(traced_memory(), 14)  # a new memory (as after a restore) reuses the compiled code
+        got = run(traced, 14, fused=fused)
+        again = run(traced_memory(), 14, fused=fused)  # a new memory (as after a restore) reuses the compiled code
     assert_same_runs(run(eager, 14), got)
     assert_same_runs(got, again)
     assert int(traced.evictions.sum()) > 0  # the eviction path ran inside the traced adjust
