@@ -8,7 +8,7 @@
 #      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt),
 #      then the same with every transformer block compiled (compile=true), fp32 then bf16;
 #   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead; Memoria's step graphed,
-#      and also compiled) against the eager step with fused Adam, fp32 and bf16, two rounds in turn; each timed
+#      and also compiled; fp32) against the eager step with fused Adam (fp32 and bf16), two rounds in turn; each timed
 #      per phase (memory read, blocks, memory write, head + loss, backward, optimizer; CUDA events), and also
 #      back to back with one sync at the end (--pipelined); profiles of both (what is left between the graphs);
 #   6. profiles of the graphed memory step (LM, the models' path: add and remind as one call, compiled + graphed
@@ -21,6 +21,7 @@
 #      per memory (what the model does) against one GEMM per block, forward + backward, fp32 and bf16;
 #   9. an experiment: part 5's fp32 Memoria step with inductor's batched-GEMM fusion in the blocks (the memory
 #      paths' same-shape weight-gradient GEMMs of a block's backward as one batched GEMM), to set beside part 5;
+#  10. part 5's graphed blocks in bf16 (both models);
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -30,7 +31,7 @@
 # them). Through the device tool:
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
-# PARTS (which of 1-9 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
+# PARTS (which of 1-10 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
 # SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the sorting runs, see part 4).
 set -u
 START=$(date +%s)
@@ -43,6 +44,8 @@ LOG="$OUT/gpu_checks.log"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 left() { echo $((DEADLINE - $(date +%s))); }
+# seconds for a step: at most $1 and what is left, at least 1 (`timeout 0` would mean no limit at all)
+limit() { local l; l=$(left); [ "$l" -lt "$1" ] || l=$1; [ "$l" -ge 1 ] || l=1; echo "$l"; }
 say() { echo "== $(date -u +%H:%M:%S) [$(left) s left] $*" | tee -a "$LOG"; }
 
 # ---------------------------------------------------------------- set-up: carried wheels, the reference in its own path
@@ -78,7 +81,7 @@ fi
 part1() {
 say "1. pytest -m cuda"
 # Only the files that hold CUDA tests: the others need packages (datasets, wandb) the GPU image lacks.
-timeout $(($(left) < 240 ? $(left) : 240)) $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" \
+timeout $(limit 240) $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" \
   tests/memoria/test_memoria.py tests/memoria/test_graphs.py tests/memoria/test_kernels.py tests/experiment/models tests/experiment/tasks/test_sorting.py \
   tests/experiment/tasks/test_language_modeling.py \
   2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15 | tee -a "$LOG"
@@ -92,7 +95,7 @@ part2() {
 say "2. bench_memoria (cuda)"
 while IFS='|' read -r name configs impls variant; do
   # shellcheck disable=SC2086
-  timeout $(($(left) < 200 ? $(left) : 200)) $PY scripts/bench_memoria.py --device cuda --configs $configs \
+  timeout $(limit 200) $PY scripts/bench_memoria.py --device cuda --configs $configs \
     --impl $impls $variant --warmup 40 --steps 30 --reference-python "$REF_PY" --timeout 150 \
     --json "$OUT/$name.json" 2>&1 | tail -8 | tee -a "$LOG"
 done <<'VARIANTS'
@@ -107,14 +110,14 @@ VARIANTS
 # ---------------------------------------------------------------- 3. one training step at the WikiText-103 shape
 part3() {
 say "3. bench_step (fp32, bf16)"
-timeout $(($(left) < 150 ? $(left) : 150)) $PY scripts/bench_step.py --warmup 20 --steps 30 \
+timeout $(limit 150) $PY scripts/bench_step.py --warmup 20 --steps 30 \
   --json "$OUT/bench_step.json" --profile "$OUT/profile_step.txt" 2>&1 | tail -12 | tee -a "$LOG"
 say "3b. bench_step with every block compiled (compile=true)"
-timeout $(($(left) < 240 ? $(left) : 240)) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks \
+timeout $(limit 240) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks \
   --precisions fp32 --models memoria_gpt2_graphed gpt2 --json "$OUT/bench_step_compiled.json" 2>&1 | tail -12 \
   | tee -a "$LOG"
 say "3c. the same in bf16"
-timeout $(($(left) < 200 ? $(left) : 200)) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks \
+timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks \
   --precisions bf16 --models memoria_gpt2_graphed gpt2 --json "$OUT/bench_step_compiled_bf16.json" 2>&1 \
   | tail -12 | tee -a "$LOG"
 }
@@ -122,17 +125,27 @@ timeout $(($(left) < 200 ? $(left) : 200)) $PY scripts/bench_step.py --warmup 20
 # ---------------------------------------------------------------- 5. training step: eager against graphed blocks
 # The step is bound by the host's kernel launches (about 7 us each on the lent machines), so: the eager step
 # (fused Adam, the task's optimizer on a GPU) against every block compiled with mode=reduce-overhead (each
-# block's forward and backward replayed as CUDA graphs), fp32 and bf16, two rounds each in turn, with profiles.
+# block's forward and backward replayed as CUDA graphs), two rounds each in turn, with profiles: fp32 (the
+# issue's target) with graphed blocks, then both precisions eager; bf16 with graphed blocks is part 10.
 part5() {
-say "5. bench_step: compiled blocks as CUDA graphs (reduce-overhead)"
-timeout $(($(left) < 220 ? $(left) : 220)) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
+say "5. bench_step fp32: compiled blocks as CUDA graphs (reduce-overhead)"
+timeout $(limit 240) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
   --compile-blocks --compile-mode reduce-overhead --models memoria_gpt2_graphed memoria_gpt2_compiled gpt2 --phases \
-  --pipelined --json "$OUT/bench_step_reduce_overhead.json" --profile "$OUT/profile_step_reduce_overhead.txt" 2>&1 \
-  | grep -v Warning | tail -24 | tee -a "$LOG"
+  --pipelined --precisions fp32 --json "$OUT/bench_step_reduce_overhead.json" \
+  --profile "$OUT/profile_step_reduce_overhead.txt" 2>&1 | grep -v Warning | tail -20 | tee -a "$LOG"
 say "5b. bench_step: eager, fused Adam"
-timeout $(($(left) < 100 ? $(left) : 100)) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
+timeout $(limit 100) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
   --models memoria_gpt2_graphed gpt2 --phases --pipelined --json "$OUT/bench_step_fused.json" --profile "$OUT/profile_step_fused.txt" \
   2>&1 | tail -24 | tee -a "$LOG"
+}
+
+# ---------------------------------------------------------------- 10. part 5's graphed blocks in bf16
+part10() {
+say "10. bench_step bf16: compiled blocks as CUDA graphs (reduce-overhead)"
+timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
+  --compile-blocks --compile-mode reduce-overhead --models memoria_gpt2_graphed gpt2 --phases --pipelined \
+  --precisions bf16 --json "$OUT/bench_step_reduce_overhead_bf16.json" 2>&1 | grep -v Warning | tail -16 \
+  | tee -a "$LOG"
 }
 
 # ---------------------------------------------------------------- 6. where the graphed memory step's time goes
@@ -141,7 +154,7 @@ say "6. bench_memoria profiles (LM: add_and_remind compiled + graphed / graphed;
 for variant in "--cuda-graph --compile --add-and-remind" "--cuda-graph --add-and-remind" \
                "--cuda-graph --compile --add-and-remind --score-slots candidates" "--cuda-graph --compile"; do
   # shellcheck disable=SC2086
-  timeout $(($(left) < 160 ? $(left) : 160)) $PY scripts/bench_memoria.py --device cuda --configs lm --impl ours \
+  timeout $(limit 160) $PY scripts/bench_memoria.py --device cuda --configs lm --impl ours \
     --static-shape --no-validate --ltm-capacity 1024 $variant --warmup 40 --steps 30 \
     --profile "$OUT/profile_memoria.txt" --timeout 150 2>&1 | tail -1 | tee -a "$LOG"
 done
@@ -150,7 +163,7 @@ done
 # ---------------------------------------------------------------- 7. the graph walk alone: torch ops vs Triton kernel
 part7() {
 say "7. bench_walk (torch walk vs the Triton kernel, graphed)"
-timeout $(($(left) < 180 ? $(left) : 180)) $PY scripts/bench_walk.py --replays 20 --json "$OUT/bench_walk.json" \
+timeout $(limit 180) $PY scripts/bench_walk.py --replays 20 --json "$OUT/bench_walk.json" \
   --best-to /tmp/walk_best.txt 2>&1 | tee "$OUT/bench_walk.txt" | tail -40 | tee -a "$LOG"
 # the parts after this one run with the fastest kernel variant (unless MEMORIA_WALK was given)
 if [ -z "${MEMORIA_WALK:-}" ] && [ -s /tmp/walk_best.txt ]; then
@@ -162,14 +175,14 @@ fi
 # ---------------------------------------------------------------- 8. memory K/V projection: one batched GEMM vs per block
 part8() {
 say "8. bench_memory_kv (12 blocks' memory projections: batched over the blocks vs one GEMM per block)"
-timeout $(($(left) < 90 ? $(left) : 90)) $PY scripts/bench_memory_kv.py 2>&1 | grep -v "^\[transformers\]" \
+timeout $(limit 90) $PY scripts/bench_memory_kv.py 2>&1 | grep -v "^\[transformers\]" \
   | tee "$OUT/bench_memory_kv.txt" | tail -4 | tee -a "$LOG"
 }
 
 # ---------------------------------------------------------------- 9. batched-GEMM fusion in the compiled blocks
 part9() {
 say "9. bench_step fp32, blocks as CUDA graphs, with inductor's batch_linear_post_grad fusion"
-timeout $(($(left) < 200 ? $(left) : 200)) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks \
+timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks \
   --compile-mode reduce-overhead --precisions fp32 --models memoria_gpt2_graphed --phases \
   --inductor-options '{"post_grad_fusion_options": {"batch_linear_post_grad": {"min_fuse_set_size": 2}}}' \
   --json "$OUT/bench_step_batch_fusion.json" 2>&1 | grep -v Warning | tail -12 | tee -a "$LOG"
@@ -230,7 +243,7 @@ fi
 
 # ---------------------------------------------------------------- run the parts asked for, in that order
 for part in ${PARTS:-1 2 3}; do
-  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-9)"; fi
+  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-10)"; fi
 done
 say "done"
 # The device tool brings back at most 8 files: keep the log and the pytest output loose, pack the rest.
