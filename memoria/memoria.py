@@ -265,7 +265,7 @@ class Memoria:
             slots, valid = self._add_device(x, valid)
             self._wm_slots = torch.cat([self._wm_slots, slots], 1)
             self._wm_valid = torch.cat([self._wm_valid, valid], 1)
-        self._added(x.shape[1], valid)
+        self._added(valid)
 
     @torch.no_grad()
     def add_and_remind(self, data: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,7 +279,7 @@ class Memoria:
         x, valid = self._prepare_add(data, mask)
         slots, valid, *reminded = self._device_call("add_remind", self._add_and_remind_device, x, valid)
         self._wm_slots, self._wm_valid = slots, valid
-        self._added(x.shape[1], valid)
+        self._added(valid)
         return self._reminded(*reminded)
 
     def _prepare_add(self, data: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,8 +318,9 @@ class Memoria:
         valid = torch.ones(B, W, dtype=torch.bool, device=dev) if mask is None else mask[:, None].repeat(1, W)
         return x, valid
 
-    def _added(self, W: int, valid: torch.Tensor) -> None:
+    def _added(self, valid: torch.Tensor) -> None:
         """The host-side bookkeeping of an add of W engrams per row (`valid` (B, W))."""
+        W = valid.shape[1]
         self.store.live_bound += W
         self._last = None
         if self.history is not None:
@@ -403,10 +404,13 @@ class Memoria:
         k_s = min(self.num_reminded_stm, k_stm_cap)
         k_f_cap = min(C, k_s * (self.ltm_search_depth + 1))  # the most LTMs the walk can find
         every_score = self._similarity(cue) if self._scores_every_slot(C, k_stm_cap + k_f_cap) else None  # (B, C)
+
+        def score(slots: torch.Tensor) -> torch.Tensor:  # (B, K) the slots' scores against the WM
+            return self._similarity(cue, slots) if every_score is None else torch.gather(every_score, 1, slots)
+
         stm_slots = torch.topk(is_stm.to(torch.uint8), k_stm_cap, dim=1, sorted=False).indices  # (B, S)
         stm_ok = torch.gather(is_stm, 1, stm_slots) & row_has_wm[:, None]
-        stm_score = (self._similarity(cue, stm_slots) if every_score is None
-                     else torch.gather(every_score, 1, stm_slots))  # (B, S)
+        stm_score = score(stm_slots)  # (B, S)
         rs_slots, rs_ok = self._top(stm_score, stm_ok, torch.gather(tie, 1, stm_slots), stm_slots, k_s)
 
         # --- initial LTMs, then the walk. `open_` (B, C + 1): the tie fraction of every LTM not yet visited,
@@ -431,7 +435,7 @@ class Memoria:
         k_l = min(self.num_final_ltms, k_f_cap)
         f_slots = torch.topk(found.to(torch.uint8), k_f_cap, dim=1, sorted=False).indices  # (B, F)
         f_ok = torch.gather(found, 1, f_slots)
-        f_score = self._similarity(cue, f_slots) if every_score is None else torch.gather(every_score, 1, f_slots)
+        f_score = score(f_slots)
         rl_slots, rl_ok = self._top(f_score, f_ok, torch.gather(tie, 1, f_slots), f_slots, k_l)
 
         # --- fire together, wire together: +1 on every ordered pair of the fired set, diagonal included

@@ -730,22 +730,31 @@ def test_cuda_graph_memory_trains_like_the_eager_memory():
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]))
 
 
+def sync_free_model(graph_backend=None, **overrides) -> GPT2WithMemoriaLMHeadModel:
+    """A tiny model whose Memoria takes the GPU's sync-free path on any device (with `graph_backend`: replays its
+    steps through it)."""
+    model = tiny_model(**overrides)
+    build = model.transformer._new_memoria
+
+    def sync_free_memoria():
+        memoria = build()
+        memoria._force_sync_free = True
+        if graph_backend is not None:
+            memoria._graph_backend = graph_backend
+        return memoria
+
+    model.transformer._new_memoria = sync_free_memoria
+    return model
+
+
 def test_graphed_memory_gives_the_model_the_same_outputs_with_emulated_graphs():
     """memoria_cuda_graph through the model (its calls, clones and state) with CUDA graphs emulated on the CPU."""
     from tests.memoria.test_graphs import EmulatedGraphs
 
     segs = segments(8)
     eager = run(tiny_model(memoria_cuda_graph=False), segs)
-    model = tiny_model(memoria_cuda_graph=True)
     backend = EmulatedGraphs()
-    build = model.transformer._new_memoria
-
-    def graphed_memoria():
-        memoria = build()
-        memoria._graph_backend, memoria._force_sync_free = backend, True
-        return memoria
-
-    model.transformer._new_memoria = graphed_memoria
+    model = sync_free_model(graph_backend=backend, memoria_cuda_graph=True)
     for a, b in zip(eager, run(model, segs)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert backend.replays >= 2 * 4  # the last segments were replayed (add + remind, adjust)
@@ -764,20 +773,6 @@ class RecordHostSyncs(TorchDispatchMode):
         if str(func).startswith(self.SYNCS):
             self.syncs.append(str(func))
         return func(*args, **(kwargs or {}))
-
-
-def sync_free_model(**overrides) -> GPT2WithMemoriaLMHeadModel:
-    """A tiny model whose Memoria takes the GPU's sync-free path on any device."""
-    model = tiny_model(**overrides)
-    build = model.transformer._new_memoria
-
-    def sync_free_memoria():
-        memoria = build()
-        memoria._force_sync_free = True
-        return memoria
-
-    model.transformer._new_memoria = sync_free_memoria
-    return model
 
 
 def test_a_warm_training_step_reads_nothing_back_to_the_host():
