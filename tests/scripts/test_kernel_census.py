@@ -1,0 +1,43 @@
+"""scripts/kernel_census.py: inductor's GPU-style code for the compiled step, counted on a CPU.
+
+Run in a subprocess: the script switches inductor to its Triton backend and stubs kernel compilation for the
+whole process."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.scripts import SCRIPTS
+
+pytest.importorskip("triton", reason="the census makes inductor write Triton code")
+
+
+def census(tmp_path, *args: str) -> dict:
+    out = tmp_path / "census.json"
+    completed = subprocess.run([sys.executable, str(SCRIPTS / "kernel_census.py"), "--warmup", "3", "--batch-size",
+                                "2", "--json", str(out), *args], capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "| step |" in completed.stdout
+    return json.loads(out.read_text())
+
+
+def test_counts_the_kernels_of_each_compiled_call(tmp_path):
+    result = census(tmp_path)
+    assert result["capacity"] == 400 + 1024 + 50 and result["score_every_slot"]
+    rows = {row["call"]: row for row in result["rows"]}
+    assert list(rows) == ["add_remind", "adjust"]
+    add_remind = rows["add_remind"]
+    # the walk is one kernel, the store is scored by one matmul, the store's big tensors are written in place
+    assert add_remind["calls_by_op"]["walk"] == 1 and add_remind["calls_by_op"]["baddbmm"] == 1
+    assert add_remind["calls_by_op"]["scatter_into"] == 4
+    assert "sort" not in add_remind["calls_by_op"]  # both rankings by counting, fused
+    assert add_remind["triton_kernels"] > 10 and rows["adjust"]["triton_kernels"] > 2
+    assert sum(add_remind["kernels"].values()) == add_remind["triton_kernels"]
+
+
+def test_two_calls_and_gathered_candidates(tmp_path):
+    rows = {row["call"]: row for row in census(tmp_path, "--two-calls", "--score-slots", "candidates")["rows"]}
+    assert list(rows) == ["add", "remind", "adjust"]
+    assert rows["remind"]["calls_by_op"]["baddbmm"] == 2  # the STM candidates, then the found LTMs
