@@ -2,11 +2,13 @@
 
 Every block's memory attention projects the same memories with its own c_attn (H -> 2H): the working memory
 (B, W, H), which carries gradient into the Abstractor, and the reminded engrams (B, M, H), which carry none.
-Per block (the model off a GPU): one GEMM over both side by side, whose backward also computes an input gradient
-for the reminded rows. `stacked_memory_projections` (the model on a GPU): one batched GEMM over the L blocks per
-memory, input gradient only for the working memory. This script times forward + backward of both at the
-WikiText-103 shape (12 blocks, 768 wide, batch 8, W 50, M 100), with a loss that reads every block's output, after
-checking that they give the same output and gradients.
+Per block (what the model falls back to when a c_attn has hooks or is replaced): one GEMM over both side by side,
+whose backward also computes an input gradient for the reminded rows, then each block's keys and values copied
+heads-major (B, nh, M, hd) for the attention's batched matmuls (as compiled float32 blocks do).
+`stacked_memory_projections` (the model's path): one batched GEMM over the L blocks per memory, input gradient
+only for the working memory, and one heads-major copy per memory for every block. This script times forward +
+backward of both at the WikiText-103 shape (12 blocks, 768 wide, batch 8, W 50, M 100), with a loss that reads
+every block's keys and values, after checking that they give the same outputs and gradients.
 
 Examples:
     python scripts/bench_memory_kv.py                      # GPU: fp32 and bf16
@@ -31,31 +33,32 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from experiment.models.gpt2_memoria import (  # noqa: E402
     GPT2WithMemoriaConfig,
     GPT2WithMemoriaModel,
+    memory_keys_values,
     stacked_memory_projections,
 )
 
 
-def per_block(blocks, wm: torch.Tensor, remembered: torch.Tensor) -> list[list[torch.Tensor]]:
+def per_block(blocks, wm: torch.Tensor, remembered: torch.Tensor) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each block's own projection of both memories side by side, split into keys and values and laid out
+    heads-major per block (the copies compiled float32 blocks make for their attention's batched matmuls)."""
     joint = torch.cat([wm, remembered], dim=1)  # (B, W + M, H)
-    return [[block.memory_attn.c_attn(joint)] for block in blocks]  # [block][piece] (B, W + M, 2H)
+    sizes = [wm.shape[1], remembered.shape[1]]
+    return [[(k.contiguous(), v.contiguous())
+             for k, v in memory_keys_values(block.memory_attn, block.memory_attn.c_attn(joint), sizes)]
+            for block in blocks]  # [block][memory] (keys, values) (B, nh, M_i, hd)
 
 
-def stacked(blocks, wm: torch.Tensor, remembered: torch.Tensor) -> list[list[torch.Tensor]]:
-    return stacked_memory_projections(blocks, [wm, remembered])  # [block][piece] (B, W, 2H), (B, M, 2H)
+def stacked(blocks, wm: torch.Tensor, remembered: torch.Tensor) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    return stacked_memory_projections(blocks, [wm, remembered])  # [block][memory] (keys, values) (B, nh, M_i, hd)
 
 
 def step(fn, blocks, wm, remembered, weights, precision: str) -> list[torch.Tensor]:
-    """Forward + backward; returns each block's output, the pieces side by side (B, W + M, 2H)."""
+    """Forward + backward; returns every key and value tensor of every block (float32, detached)."""
     with torch.autocast(wm.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        outs = fn(blocks, wm, remembered)
-        loss = 0.0
-        for pieces, w in zip(outs, weights):  # reads every block's output
-            offset = 0
-            for piece in pieces:
-                loss = loss + (piece.float() * w[:, offset:offset + piece.shape[1]]).sum()
-                offset += piece.shape[1]
+        outs = [t for block_kv in fn(blocks, wm, remembered) for kv in block_kv for t in kv]
+        loss = sum((t.float() * w).sum() for t, w in zip(outs, weights))  # reads every output
     loss.backward()
-    return [torch.cat(pieces, dim=1).detach().float() for pieces in outs]
+    return [t.detach().float() for t in outs]
 
 
 def time_fn(fn, blocks, wm, remembered, weights, precision, warmup: int, steps: int) -> list[float]:
@@ -95,7 +98,9 @@ def main(argv=None) -> list[dict]:
     B, H = args.batch_size, args.width
     wm = torch.randn(B, args.working, H, device=device, requires_grad=True)  # from the Abstractor: has a gradient
     remembered = torch.randn(B, args.reminded, H, device=device)  # Memoria's stored engrams: none
-    weights = [torch.randn(B, args.working + args.reminded, 2 * H, device=device) for _ in blocks]
+    nh = blocks[0].memory_attn.num_heads
+    weights = [torch.randn(B, nh, slots, H // nh, device=device)  # block, memory, keys / values
+               for _ in blocks for slots in (args.working, args.reminded) for _ in range(2)]
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; {args.layers} blocks, "
           f"B {B}, W {args.working}, M {args.reminded}, H {H}; forward + backward; median ms of {args.steps} steps "
           f"x {args.rounds} rounds", flush=True)

@@ -183,27 +183,34 @@ def memory_keys_values(
 
 def stacked_memory_projections(
     blocks: nn.ModuleList, memories: list[torch.Tensor]
-) -> list[list[torch.Tensor]] | None:
-    """Every block's memory keys and values, `block.memory_attn.c_attn(values)` (B, M_i, 2H) for each of
-    `memories` (B, M_i, H), one batched GEMM over the blocks per memory: result[block][memory].
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """Every block's memory keys and values, those of `block.memory_attn.c_attn(values)` for each of `memories`
+    (B, M_i, H), from one batched GEMM over the blocks per memory: result[block][memory] = (keys, values), each
+    (B, nh, M_i, hd) and contiguous (the layout `memory_keys_values` gives, then copied heads-major).
 
     The memories are the same for every block (they do not depend on the hidden states), so the L small
     projections of a memory (B*M_i x H x 2H each; forward and both backward GEMMs fill well under one wave of a
     large GPU) run as one batched GEMM, forward and for each gradient. Each memory is projected on its own so that
     the reminded engrams, which carry no gradient (Memoria stores detached data), cost no input-gradient GEMM:
-    only the working memory's rows have one. Same products, same parameters: the weights are stacked for the call
-    and their gradients land in each block's c_attn. Returns None when a c_attn is not a stock Conv1D, has hooks
-    or a forward of its own (an adapter, a probe, accelerate's device hooks), or the blocks' weights and the
-    memories are not all on one device in one dtype (blocks spread over devices): each block then projects
-    through its own module.
+    only the working memory's rows have one. The keys and values are then laid out heads-major for every block in
+    one copy (and their gradients laid back in one copy): the attention's batched matmuls over (batch, head) need
+    that layout, and inside compiled blocks each block would otherwise copy its own (four small copies a block
+    forward and as many backward, instead of one large one per memory). Same products, same parameters: the
+    weights are stacked for the call and their gradients land in each block's c_attn. Returns None when a c_attn
+    is not a stock Conv1D, has hooks or a forward of its own (an adapter, a probe, accelerate's device hooks), the
+    blocks' weights and the memories are not all on one device in one dtype (blocks spread over devices), or the
+    blocks' attentions differ in heads: each block then projects through its own module.
     """
     projections = [block.memory_attn.c_attn for block in blocks]
     if not all(type(p) is Conv1D and not (p._forward_hooks or p._forward_pre_hooks or "forward" in vars(p))
                for p in projections):
         return None
     placement = {(p.weight.device, p.weight.dtype, p.bias.device, p.bias.dtype) for p in projections}
-    if len(placement) != 1 or any(values.device != projections[0].weight.device for values in memories):
+    heads = {(block.memory_attn.num_heads, block.memory_attn.head_dim) for block in blocks}
+    if len(placement) != 1 or len(heads) != 1 or any(values.device != projections[0].weight.device
+                                                     for values in memories):
         return None
+    [(nh, hd)] = heads
     L = len(projections)
     weight = torch.stack([p.weight for p in projections])  # (L, H, 2H)
     bias = torch.stack([p.bias for p in projections])[:, None, :]  # (L, 1, 2H)
@@ -215,8 +222,9 @@ def stacked_memory_projections(
     for values in memories:
         B, M, H = values.shape
         rows = values.reshape(1, B * M, H).expand(L, B * M, H)  # the same rows for every block, not copied
-        kv = torch.baddbmm(bias, rows, weight)  # (L, B*M, 2H)
-        per_memory.append(kv.view(L, B, M, -1).unbind(0))  # L x (B, M, 2H); backward: one stack
+        kv = torch.baddbmm(bias, rows, weight)  # (L, B*M, 2H): keys then values, each heads side by side
+        kv = kv.view(L, B, M, 2, nh, hd).permute(3, 0, 1, 4, 2, 5).contiguous()  # (2, L, B, nh, M, hd)
+        per_memory.append(zip(kv[0].unbind(0), kv[1].unbind(0)))  # L x (keys, values) (B, nh, M, hd)
     return [list(block_kv) for block_kv in zip(*per_memory)]
 
 
@@ -298,13 +306,13 @@ class GPT2WithMemoriaBlock(GPT2Block):
         attention_mask: torch.Tensor | None = None,
         working_memory: MemorySource | None = None,
         reminded: MemorySource | None = None,
-        memory_kv: list[torch.Tensor] | None = None,
+        memory_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states (B, T, H); the working memory (W engrams) and the reminded memory (M engrams, with
         `prob_weights`) as prepared by `memory_source`, each None when absent (or M = 0). memory_kv: this
-        block's `memory_attn.c_attn` of each present memory, (B, W, 2H) and (B, M, 2H), projected by the model
-        for every block at once (`stacked_memory_projections`); None = projected here.
+        block's memory keys and values of each present memory, (B, nh, W, hd) twice and (B, nh, M, hd) twice,
+        projected by the model for every block at once (`stacked_memory_projections`); None = projected here.
 
         Returns the new hidden states and this layer's reminded-attention probabilities averaged over heads
         and query positions, (B, M) detached, or None without reminded memory.
@@ -316,11 +324,10 @@ class GPT2WithMemoriaBlock(GPT2Block):
         reminded_probs = None
         sources = present_memories(working_memory, reminded)
         if sources:
-            if memory_kv is None:  # both memories in one projection (the shared module's c_attn), in source order
+            kvs = memory_kv
+            if kvs is None:  # both memories in one projection (the shared module's c_attn), in source order
                 joint_kv = self.memory_attn.c_attn(joint_memory_values(working_memory, reminded))
                 kvs = memory_keys_values(self.memory_attn, joint_kv, [src.values.shape[1] for src in sources])
-            else:
-                kvs = [memory_keys_values(self.memory_attn, kv, [kv.shape[1]])[0] for kv in memory_kv]
             for source, keys_values in zip(sources, kvs):
                 if source is working_memory:
                     wm_out, _ = memory_attention(self.memory_attn, self.ln_wm(h), source, keys_values)
@@ -613,7 +620,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
                 remembered.to(device=device, dtype=dtype), reminded_valid, reminded_valid.any(dim=1),
                 query_weights, cfg.num_attention_heads,
             )
-        # every block's memory keys and values, one batched GEMM per memory: [block][memory] (B, M_i, 2H), or None
+        # every block's memory keys and values, one batched GEMM per memory: [block][memory] (k, v), or None
         memories = [src.values for src in present_memories(working_memory, reminded)]
         memory_kv = stacked_memory_projections(self.h, memories) if memories else None
 

@@ -23,7 +23,7 @@ def test_a_wrong_batched_projection_is_caught(monkeypatch):
     real = bench.stacked_memory_projections
 
     def off_by_a_bit(blocks, memories):
-        return [[kv * 1.01 for kv in block_kv] for block_kv in real(blocks, memories)]
+        return [[(k * 1.01, v) for k, v in block_kv] for block_kv in real(blocks, memories)]
 
     monkeypatch.setattr(bench, "stacked_memory_projections", off_by_a_bit)
     with pytest.raises(AssertionError):

@@ -21,6 +21,7 @@ from experiment.models.gpt2_memoria import (
     joint_memory_values,
     lifespan_delta,
     memory_attention,
+    memory_keys_values,
     memory_source,
     stacked_memory_projections,
 )
@@ -857,13 +858,19 @@ def test_stacked_projection_equals_each_blocks_own_and_steps_aside_for_hooks():
     wm, remembered = torch.randn(2, 4, 32, requires_grad=True), torch.randn(2, 7, 32)
     stacked = stacked_memory_projections(model.h, [wm, remembered])
     assert len(stacked) == 3
+    nh, hd = model.h[0].memory_attn.num_heads, model.h[0].memory_attn.head_dim
     for block_kv, block in zip(stacked, model.h):
-        assert [kv.shape for kv in block_kv] == [(2, 4, 64), (2, 7, 64)]
-        torch.testing.assert_close(block_kv[0], block.memory_attn.c_attn(wm))
-        torch.testing.assert_close(block_kv[1], block.memory_attn.c_attn(remembered))
-    assert stacked[0][0].requires_grad and stacked[0][1].requires_grad  # through the weights
-    sum(kv.sum() for block_kv in stacked for kv in block_kv).backward()
+        assert [k.shape for k, _ in block_kv] == [v.shape for _, v in block_kv] == [(2, nh, 4, hd), (2, nh, 7, hd)]
+        assert all(t.is_contiguous() for kv in block_kv for t in kv)  # heads-major: no copy in the blocks
+        for (k, v), values in zip(block_kv, (wm, remembered)):
+            attn = block.memory_attn
+            [(k_own, v_own)] = memory_keys_values(attn, attn.c_attn(values), [values.shape[1]])
+            torch.testing.assert_close(k, k_own)
+            torch.testing.assert_close(v, v_own)
+    assert all(t.requires_grad for t in stacked[0][1])  # through the weights
+    sum((t * torch.rand_like(t)).sum() for block_kv in stacked for kv in block_kv for t in kv).backward()
     assert wm.grad is not None and remembered.grad is None
+    assert all(block.memory_attn.c_attn.weight.grad.count_nonzero() > 0 for block in model.h)
     handle = model.h[1].memory_attn.c_attn.register_forward_hook(lambda *args: None)
     assert stacked_memory_projections(model.h, [wm]) is None
     handle.remove()
@@ -933,8 +940,15 @@ def test_stacked_projection_on_cuda_equals_per_block_with_gradients(precision):
     remembered = torch.randn(3, 9, 64, device="cuda")
     weights = [torch.randn(3, 5 + 9, 128, device="cuda") for _ in model.h]
     results = []
-    for fn in (lambda: [torch.cat(kv, 1) for kv in stacked_memory_projections(model.h, [wm, remembered])],
-               lambda: [block.memory_attn.c_attn(torch.cat([wm, remembered], 1)) for block in model.h]):
+    def own(block):  # each block's keys and values from its own projection, as the stacked path lays them out
+        joint = block.memory_attn.c_attn(torch.cat([wm, remembered], 1))
+        return memory_keys_values(block.memory_attn, joint, [5, 9])
+
+    def side_by_side(block_kv):  # (B, W + M, 2H), to weigh every output
+        return torch.cat([torch.cat([k, v], -1).transpose(1, 2).flatten(2) for k, v in block_kv], 1)
+
+    for fn in (lambda: [side_by_side(kv) for kv in stacked_memory_projections(model.h, [wm, remembered])],
+               lambda: [side_by_side(own(block)) for block in model.h]):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
             outs = fn()
             loss = sum((out.float() * w).sum() for out, w in zip(outs, weights))
