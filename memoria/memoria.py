@@ -30,7 +30,7 @@ import torch
 from .engrams import Engrams
 from .graphs import StepGraphs
 from .history import EngramHistory
-from .store import _RANK_BY_COMPARE, LONGTERM, NULL, SHORTTERM, WORKING, SlotStore, scatter_into
+from .store import _RANK_BY_COMPARE, LONGTERM, NULL, SHORTTERM, WORKING, SlotStore, write_slots
 
 WEIGHT_FORMS = ("exp", "neg_sq")
 _STATE_VERSION = 2  # 2: the device id counter in the store, no generator state
@@ -337,12 +337,12 @@ class Memoria:
         B, W, H = x.shape
         slots = store.allocate(W)  # (B, W)
         store.clear_counts(slots)
-        scatter_into(store.data, 1, slots[:, :, None].expand(B, W, H), x)
-        store.lifespan.scatter_(1, slots, self.initial_lifespan)
-        store.types.scatter_(1, slots, valid.to(torch.uint8) * WORKING)  # free slots stay NULL where masked
+        write_slots(store.data, 1, slots, x)
+        write_slots(store.lifespan, 1, slots, self.initial_lifespan)
+        write_slots(store.types, 1, slots, valid.to(torch.uint8) * WORKING)  # free slots stay NULL where masked
         ids = store.next_id + torch.arange(W, device=x.device)  # (W,) the same ids in every row
-        store.created.scatter_(1, slots, ids[None, :].expand(B, W))
-        store.age.scatter_(1, slots, 0)
+        write_slots(store.created, 1, slots, ids[None, :].expand(B, W))
+        write_slots(store.age, 1, slots, 0)
         store.next_id += W
         return slots, valid.clone()
 
@@ -441,9 +441,7 @@ class Memoria:
         # --- fire together, wire together: +1 on every ordered pair of the fired set, diagonal included
         fired = torch.cat([wm_slots, rs_slots, rl_slots], 1)  # (B, K)
         fired_ok = torch.cat([wm_valid, rs_ok, rl_ok], 1)  # (B, K)
-        pair_ok = fired_ok[:, :, None] & fired_ok[:, None, :]  # (B, K, K)
-        flat = (fired[:, :, None] * C + fired[:, None, :]).reshape(B, -1)  # (B, K*K) positions in ((C+1)*C)
-        scatter_into(counts.view(B, -1), 1, flat, pair_ok.reshape(B, -1).to(counts.dtype), add=True)
+        store.count_pairs(fired, fired_ok)
 
         # --- output: recalled STMs, then recalled LTMs (each by descending score), -1 padding at the end
         out_slots = torch.cat([rs_slots, rl_slots], 1)  # (B, k_s + k_l)
@@ -525,7 +523,7 @@ class Memoria:
         if idx.shape[1] > 0:
             slots, hit = self._match_reminded(idx, last_slots, last_view, last_ok)
             gain = torch.where(hit, delta, 0.0)
-            store.lifespan.scatter_add_(1, slots, gain)  # 1. extend (duplicates add up)
+            write_slots(store.lifespan, 1, slots, gain, accumulate=True)  # 1. extend (duplicates add up)
             if self.history is not None:
                 self.history.on_extend(self.timestep, store, slots, hit, gain)
 
@@ -544,7 +542,7 @@ class Memoria:
             key = torch.where(is_stm, ids_back, -1).to(torch.int32)
             oldest = torch.topk(key, k, dim=1, largest=True, sorted=True).indices  # (B, k) oldest first
             promote = torch.arange(k, device=dev)[None, :] < excess[:, None]
-            types.scatter_(1, oldest, torch.where(promote, LONGTERM, torch.gather(types, 1, oldest)))
+            write_slots(types, 1, oldest, torch.where(promote, LONGTERM, torch.gather(types, 1, oldest)))
         dead = live & (store.lifespan <= 0)  # 6. delete: the slot is freed (its counts are zeroed on reuse)
         if self.history is not None:
             self.history.on_adjust(self.timestep, store, dead)
@@ -917,5 +915,5 @@ class Memoria:
             order = torch.gather(by_age, 1, torch.sort(torch.gather(life, 1, by_age), dim=1, stable=True).indices)
         order = order[:, :k]  # (B, k)
         evict = torch.arange(k, device=store.device)[None, :] < excess[:, None]
-        types.scatter_(1, order, torch.where(evict, NULL, torch.gather(types, 1, order)))
+        write_slots(types, 1, order, torch.where(evict, NULL, torch.gather(types, 1, order)))
         return excess

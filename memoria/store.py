@@ -29,35 +29,38 @@ _GROWN = ("data", "lifespan", "types", "created", "age", "counts")  # the per-sl
 _RANK_BY_COMPARE = 1 << 24  # largest comparison (elements) made instead of a sort: view_ranks, Memoria._top
 
 
-@torch.library.custom_op("memoria::scatter_into", mutates_args=("target",))
-def _scatter_into(target: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor, add: bool) -> None:
-    """`target.scatter_` (`scatter_add_` with add) as one opaque op that torch.compile keeps in place."""
-    if add:
-        target.scatter_add_(dim, index, src)
-    else:
-        target.scatter_(dim, index, src)
+def write_slots(target: torch.Tensor, dim: int, slots: torch.Tensor, values: torch.Tensor | float,
+                accumulate: bool = False) -> None:
+    """Write `values` at `slots` (B, K) along `dim` of every batch row of `target`, in place: dim 1,
+    target[b, slots[b, k]] (for a 3-d target the whole row behind it); dim 2 (a 3-d target), target[b, :, slots[b, k]]
+    = values (+= with `accumulate`). values: a number, or a tensor shaped like what is written ((B, K), (B, K, D)
+    or (B, R, K)).
 
-
-@_scatter_into.register_fake
-def _scatter_into_fake(target: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor, add: bool) -> None:
-    return None  # no outputs: the op writes into target
-
-
-def scatter_into(target: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor | int,
-                 add: bool = False) -> None:
-    """target.scatter_(dim, index, src) (scatter_add_ with `add`; src a tensor, or a number without `add`), in
-    place, for the store's big tensors (counts, data). Inside torch.compile through the custom op above: inductor
-    turns an in-place scatter into a tensor the step reads from outside into a copy of the whole tensor, a scatter
-    and a copy back (on an H100 ~50 us a pass over the LM configuration's (8, 1025, 1024) counts, ~0.3 ms a
-    step), while a custom op that declares its mutation is called as it is."""
+    Eagerly a scatter_ (scatter_add_), one kernel. Inside torch.compile an index_put_, which inductor writes into
+    the tensor in place and fuses with the work around it: an in-place scatter into a tensor the step receives
+    becomes, under inductor, a copy in, the scatter and a copy back (for the count matrix, passes over all of it;
+    on an H100 ~50 us each at the LM configuration)."""
+    B, K = slots.shape
     if torch.compiler.is_compiling():
-        if not isinstance(src, torch.Tensor):
-            src = torch.full((), src, dtype=target.dtype, device=target.device).expand(index.shape)
-        torch.ops.memoria.scatter_into(target, dim, index, src, add)
-    elif add:
-        target.scatter_add_(dim, index, src)
+        rows = torch.arange(B, device=slots.device)
+        if dim == 1:
+            index = (rows[:, None], slots)
+        else:
+            index = (rows[:, None, None], torch.arange(target.shape[1], device=slots.device)[None, :, None],
+                     slots[:, None, :])
+        if accumulate:
+            target.index_put_(index, values, accumulate=True)
+        else:
+            target[index] = values
+        return
+    if dim == 2:
+        index = slots[:, None, :].expand(B, target.shape[1], K)
     else:
-        target.scatter_(dim, index, src)
+        index = slots if target.dim() == 2 else slots[:, :, None].expand(B, K, target.shape[2])
+    if accumulate:
+        target.scatter_add_(dim, index, values)
+    else:
+        target.scatter_(dim, index, values)
 
 
 class SlotStore:
@@ -127,10 +130,20 @@ class SlotStore:
 
     def clear_counts(self, slots: torch.Tensor) -> None:
         """Zero the rows and columns of co-fire counts of `slots` (B, K) before they are reused."""
+        write_slots(self.counts, 1, slots, 0)
+        write_slots(self.counts, 2, slots, 0)  # (the sink row's columns too: zero already)
+
+    def count_pairs(self, fired: torch.Tensor, fired_ok: torch.Tensor) -> None:
+        """Fire together, wire together: +1 on the co-fire count of every ordered pair of the valid `fired` slots
+        (B, K) (`fired_ok` (B, K)), the diagonal included."""
         B, C = self.types.shape
-        K = slots.shape[1]
-        scatter_into(self.counts, 1, slots[:, :, None].expand(B, K, C), 0)
-        scatter_into(self.counts, 2, slots[:, None, :].expand(B, C, K), 0)
+        pair_ok = (fired_ok[:, :, None] & fired_ok[:, None, :]).to(self.counts.dtype)  # (B, K, K)
+        if torch.compiler.is_compiling():  # in place, see write_slots
+            rows = torch.arange(B, device=fired.device)[:, None, None]
+            self.counts.index_put_((rows, fired[:, :, None], fired[:, None, :]), pair_ok, accumulate=True)
+        else:
+            flat = (fired[:, :, None] * C + fired[:, None, :]).reshape(B, -1)  # (B, K*K) positions in ((C+1)*C)
+            self.counts.view(B, -1).scatter_add_(1, flat, pair_ok.reshape(B, -1))
 
     def to(self, device: torch.device) -> None:
         for name in _STATE_TENSORS:

@@ -109,6 +109,18 @@ def test_compiled_step_equals_eager(fused):
     torch._dynamo.reset()
 
 
+def test_compiled_step_with_int16_counts_equals_eager():
+    """The compiled co-fire update adds into the counts with index_put_; with int16 counts (which Triton cannot
+    add atomically, so inductor falls back) the steps are still those of eager execution."""
+    torch._dynamo.reset()
+    kw = config(num_reminded_stm=4, num_final_ltms=4, stm_capacity=8, ltm_search_depth=2, seed=4, ltm_capacity=6,
+                count_dtype=torch.int16)
+    eager, compiled = Memoria(**kw), Memoria(**kw, compile=True)
+    assert_same_runs(run(eager, 8, B=3), run(compiled, 8, B=3, fused=True))
+    assert torch.equal(eager.store.counts, compiled.store.counts)
+    torch._dynamo.reset()
+
+
 def test_compiled_step_ordering_by_counting_equals_eager(monkeypatch):
     """On a GPU the compiled step puts _top's keys in order by counting instead of sorting: forced here on the
     CPU, the same steps as eager execution (which sorts)."""
@@ -122,23 +134,27 @@ def test_compiled_step_ordering_by_counting_equals_eager(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_compiled_step_writes_counts_and_data_in_place():
-    """Inductor copies a tensor the step scatters into (a copy of all of it, the scatter, a copy back) unless the
-    scatter is an op that declares its mutation (store.scatter_into): the compiled step's code allocates nothing
-    of the counts' (B, C + 1, C) or the data's (B, C, H) size, and calls memoria.scatter_into for them."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_step_writes_counts_and_data_in_place(fused):
+    """Inductor turns an in-place scatter into a tensor the step receives into a copy of all of it, the scatter
+    and a copy back (and an index_put through a view of it into a pass over all of it); the step writes through
+    store.write_slots / count_pairs (index_put_ on the tensors themselves when compiled), so the compiled code
+    neither allocates nor passes over anything of the counts' (B, C + 1, C) or the data's (B, C, H) size."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     kw = config(num_reminded_stm=4, num_final_ltms=4, stm_capacity=8, ltm_search_depth=2, seed=4, ltm_capacity=12)
     compiled = Memoria(**kw, compile=True)
-    _, code = run_and_get_code(lambda: run(compiled, 3, B=2, W=3, H=5))
+    _, code = run_and_get_code(lambda: run(compiled, 3, B=2, W=3, H=7, fused=fused))
     torch._dynamo.reset()
     code = "\n".join(code)
     B, C1, C = compiled.store.counts.shape
     H = compiled.store.data.shape[2]
-    assert code.count("memoria.scatter_into") >= 4  # add: two count clears, the data; remind: the co-fire counts
+    assert "index_put" in code
     for shape in ((B, C1, C), (B, C, H)):
         assert not re.search(rf"empty_strided_\w+\(\({shape[0]}, {shape[1]}, {shape[2]}\),", code), shape
+        numel = shape[0] * shape[1] * shape[2]  # a loop (C++) or a launch (Triton) over all of it
+        assert not re.search(rf"\b{numel}L?\b", code), (shape, numel)
 
 
 class EmulatedGraphs:
