@@ -338,6 +338,7 @@ class Memoria:
         slots = store.allocate(W)  # (B, W)
         store.clear_counts(slots)
         write_slots(store.data, 1, slots, x)
+        write_slots(store.sq_norm, 1, slots, x.pow(2).sum(-1))
         write_slots(store.lifespan, 1, slots, self.initial_lifespan)
         write_slots(store.types, 1, slots, valid.to(torch.uint8) * WORKING)  # free slots stay NULL where masked
         ids = store.next_id + torch.arange(W, device=x.device)  # (W,) the same ids in every row
@@ -792,9 +793,10 @@ class Memoria:
             x = torch.gather(store.data, 1, slots[:, :, None].expand(B, K, H))  # (B, K, H)
         if self.weight_form == "neg_sq":
             return -(x - cue[0][:, None, :]).pow(2).sum(-1)  # (B, K)
+        x_sq = store.sq_norm if slots is None else torch.gather(store.sq_norm, 1, slots)  # (B, K) kept by the add
         wm, neg_sq_norm = cue
         # -d^2 = 2 w.x - |w|^2 - |x|^2 (one batched matmul, full fp32), never above 0; -inf for invalid WM
-        neg_d2 = torch.baddbmm(neg_sq_norm - x.pow(2).sum(-1)[:, None, :], wm, x.transpose(1, 2), alpha=2)
+        neg_d2 = torch.baddbmm(neg_sq_norm - x_sq[:, None, :], wm, x.transpose(1, 2), alpha=2)
         return torch.logsumexp(neg_d2.clamp(max=0), dim=1)  # (B, K); -inf where the row has no WM
 
     def _top(self, score: torch.Tensor, ok: torch.Tensor, tie: torch.Tensor, slots: torch.Tensor,

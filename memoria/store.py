@@ -24,8 +24,8 @@ WORKING = int(EngramType.WORKING)
 SHORTTERM = int(EngramType.SHORTTERM)
 LONGTERM = int(EngramType.LONGTERM)
 
-_STATE_TENSORS = ("data", "lifespan", "types", "created", "age", "counts", "next_id")
-_GROWN = ("data", "lifespan", "types", "created", "age", "counts")  # the per-slot tensors
+_STATE_TENSORS = ("data", "sq_norm", "lifespan", "types", "created", "age", "counts", "next_id")
+_GROWN = ("data", "sq_norm", "lifespan", "types", "created", "age", "counts")  # the per-slot tensors
 _RANK_BY_COMPARE = 1 << 24  # largest comparison (elements) made instead of a sort: view_ranks, Memoria._top
 
 
@@ -70,6 +70,9 @@ class SlotStore:
         self.device = device
         self.count_dtype = count_dtype
         self.data = torch.zeros(B, C, H, device=device)  # (B, C, H) float32 snapshots
+        # (B, C) their squared norms, written with them: the distances need them, and recomputing all of them
+        # every step is a pass over the whole store
+        self.sq_norm = torch.zeros(B, C, device=device)
         self.lifespan = torch.zeros(B, C, device=device)  # (B, C)
         self.types = torch.zeros(B, C, dtype=torch.uint8, device=device)  # (B, C) EngramType
         self.created = torch.zeros(B, C, dtype=torch.int64, device=device)  # (B, C) creation id = engram id
@@ -213,6 +216,9 @@ class SlotStore:
         B, C, H = state["data"].shape
         store = cls(0, H, 0, device, state["counts"].dtype)
         for name in _STATE_TENSORS:
+            if name == "sq_norm" and name not in state:  # saved before the store kept them
+                store.sq_norm = state["data"].to(device).pow(2).sum(-1)
+                continue
             setattr(store, name, state[name].to(device).clone())
         store.live_bound = C
         return store

@@ -42,6 +42,7 @@ def make_memory(rows, counts=None, capacity=None, **kw) -> Memoria:
         for (i, j), n in (counts[b] if counts else {}).items():
             store.counts[b, N - 1 - i, N - 1 - j] = n
             store.counts[b, N - 1 - j, N - 1 - i] = n
+    store.sq_norm = store.data.pow(2).sum(-1)  # as the adds keep them
     store.live_bound = N
     store.next_id.fill_(N)
     m.store, m._empty, m.device, m.next_engram_id, m.timestep = store, False, torch.device("cpu"), N, 1
@@ -269,6 +270,8 @@ def run_against_oracle(B, H, W, steps, seed, form, **kw):
             expect = torch.tensor([[oracles[b].c(i, j) for j in ids] for i in ids], dtype=cnt.dtype).reshape(cnt.shape)
             assert torch.equal(cnt, expect)
             assert int((view.engrams_types[b] == S_).sum()) <= kw["stm_capacity"]
+        live = m.store.live  # the kept squared norms are those of the stored engrams
+        torch.testing.assert_close(m.store.sq_norm[live], m.store.data.pow(2).sum(-1)[live])
     return m
 
 
@@ -413,6 +416,21 @@ def test_state_dict_round_trip_continues_exactly():
     expected = step_outputs(m, torch.Generator().manual_seed(1), 8)
     restored = Memoria(**kw, seed=123)
     restored.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    got = step_outputs(restored, torch.Generator().manual_seed(1), 8)
+    for (m1, i1), (m2, i2) in zip(expected, got):
+        assert torch.equal(i1, i2) and torch.equal(m1, m2)
+
+
+def test_a_state_saved_without_squared_norms_loads_and_continues():
+    """States saved before the store kept its engrams' squared norms get them computed on load."""
+    kw = cfg(num_reminded_stm=3, stm_capacity=3, num_final_ltms=3)
+    m = Memoria(**kw, seed=5)
+    step_outputs(m, torch.Generator().manual_seed(0), 8)
+    state = m.state_dict()
+    del state["store"]["sq_norm"]
+    expected = step_outputs(m, torch.Generator().manual_seed(1), 8)
+    restored = Memoria(**kw, seed=5)
+    restored.load_state_dict(state)
     got = step_outputs(restored, torch.Generator().manual_seed(1), 8)
     for (m1, i1), (m2, i2) in zip(expected, got):
         assert torch.equal(i1, i2) and torch.equal(m1, m2)
