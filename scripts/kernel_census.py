@@ -19,9 +19,16 @@ compile) and stands in for the Triton walk kernel with an op of its own (one ker
 Triton code for the CPU can also differ in detail from its CUDA code (block sizes, a split reduction here and
 there), so read the totals as close to the GPU's, not equal.
 
+`--blocks MODEL` counts instead the compiled transformer blocks of a model of `scripts/bench_step.py` (full size,
+training mode, two steps: the first segment has no memory, the second has): per compiled graph, forward and
+backward. On the CPU, scaled-dot-product attention is decomposed into matmuls and a softmax, where a GPU calls its
+fused kernel, so read the plain GPT-2 block's attention (and Memoria's under bf16) as larger than on a GPU;
+Memoria's float32 memory attentions are written out on both.
+
 Examples:
     python scripts/kernel_census.py                          # the LM configuration, the models' path
     python scripts/kernel_census.py --config enwik8 --list   # every kernel and call by name
+    python scripts/kernel_census.py --blocks memoria_gpt2    # Memoria GPT-2's compiled blocks
 """
 
 from __future__ import annotations
@@ -115,7 +122,13 @@ def main(argv=None) -> list[dict]:
                         help="gpu: as Memoria decides on a GPU")
     parser.add_argument("--list", action="store_true", help="print every kernel and call by name")
     parser.add_argument("--json", help="also write the counts to this file")
+    parser.add_argument("--blocks", choices=("memoria_gpt2", "gpt2"), default=None,
+                        help="count a model's compiled transformer blocks instead of the memory step")
+    parser.add_argument("--tiny", action="store_true", help="with --blocks: the tiny model configs (a smoke run)")
     args = parser.parse_args(argv)
+    if args.blocks:
+        rows = block_census(args.blocks, args.batch_size or 8, args.tiny)
+        return report(rows, args, argv, {"blocks": args.blocks, "tiny": args.tiny})
 
     import memoria.memoria as memoria_module
     from memoria import Memoria
@@ -163,11 +176,7 @@ def main(argv=None) -> list[dict]:
 
     Memoria._walk_in_one_kernel = walk_as_one_kernel
     generate_gpu_style_code()
-    log = CodeLog()
-    torch._logging.set_logs(output_code=True)
-    code_logger = logging.getLogger("torch._inductor.codecache.__output_code")
-    code_logger.addHandler(log)
-    code_logger.propagate = False
+    log = capture_output_code()
 
     # Compile each call's device function once, on a copy of the steady state, with the arguments an eager step
     # gives it (the stub kernels leave garbage behind: each copy is used once).
@@ -198,23 +207,30 @@ def main(argv=None) -> list[dict]:
     delta = torch.rand(idx.shape, generator=generator) * (idx >= 0)
     compile_call("adjust", call._adjust_device, idx, delta, *call._last, W)
 
-    rows = []
-    for name, code in zip(names, log.modules):
-        kernels, calls = census(code)
-        by_kind = Counter()
-        for kernel, n in kernels.items():
-            by_kind[kind_of(kernel)] += n
-        rows.append({"call": name, "triton_kernels": sum(kernels.values()), "other_calls": sum(calls.values()),
-                     "kernels_by_kind": dict(by_kind), "calls_by_op": {op.split(".")[-1]: n for op, n in calls.items()},
-                     "kernels": dict(kernels)})
+    rows = [count_row(name, code) for name, code in zip(names, log.modules)]
+    return report(rows, args, argv, {"config": args.config, "batch_size": B, "capacity": C,
+                                     "score_every_slot": every})
 
+
+def count_row(name: str, code: str) -> dict:
+    kernels, calls = census(code)
+    by_kind = Counter()
+    for kernel, n in kernels.items():
+        by_kind[kind_of(kernel)] += n
+    return {"call": name, "triton_kernels": sum(kernels.values()), "other_calls": sum(calls.values()),
+            "kernels_by_kind": dict(by_kind), "calls_by_op": {op.split(".")[-1]: n for op, n in calls.items()},
+            "kernels": dict(kernels)}
+
+
+def report(rows: list[dict], args: argparse.Namespace, argv, header: dict) -> list[dict]:
     print("| call | Triton kernels | other calls | kernels by kind | other calls by op |")
     print("|---|---|---|---|---|")
     for row in rows:
         kinds = ", ".join(f"{k} {n}" for k, n in Counter(row["kernels_by_kind"]).most_common())
         ops = ", ".join(f"{op} {n}" for op, n in Counter(row["calls_by_op"]).most_common())
         print(f"| {row['call']} | {row['triton_kernels']} | {row['other_calls']} | {kinds} | {ops} |")
-    print(f"| step | {sum(r['triton_kernels'] for r in rows)} | {sum(r['other_calls'] for r in rows)} | | |")
+    if not args.blocks:
+        print(f"| step | {sum(r['triton_kernels'] for r in rows)} | {sum(r['other_calls'] for r in rows)} | | |")
     if args.list:
         for row in rows:
             print(f"\n{row['call']}:")
@@ -224,9 +240,44 @@ def main(argv=None) -> list[dict]:
                 print(f"  {n} x {op}")
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"argv": argv if argv is not None else sys.argv[1:], "config": args.config, "batch_size": B,
-                       "capacity": C, "score_every_slot": every, "rows": rows}, file, indent=1)
+            json.dump({"argv": argv if argv is not None else sys.argv[1:], **header, "rows": rows}, file, indent=1)
     return rows
+
+
+def block_census(model_name: str, batch_size: int, tiny: bool = False) -> list[dict]:
+    """Rows for each graph inductor compiles for the model's blocks over two training steps (a block's forward
+    and backward without memory, then with it, for Memoria GPT-2)."""
+    import torch.nn.functional as F
+    from bench_step import MODELS, build
+
+    from experiment.models import compile_blocks
+
+    model_cfg, memory_cfg, overrides = MODELS[model_name]
+    seq_len, vocab_size = (16, 1000) if tiny else (150, 50257)
+    if tiny:
+        model_cfg, memory_cfg = f"{model_cfg}_tiny", "tiny"
+    torch.manual_seed(0)
+    model = build(model_cfg, memory_cfg, overrides, vocab_size, torch.device("cpu")).train()
+    generate_gpu_style_code()
+    log = capture_output_code()
+    compile_blocks(model)
+    ids = torch.randint(vocab_size, (batch_size, seq_len))
+    for _ in range(2):  # the stub kernels compute nothing: the losses are garbage, the code is what counts
+        logits = model(ids).logits[:, :-1]
+        F.cross_entropy(logits.reshape(-1, vocab_size).float(), ids[:, 1:].reshape(-1)).backward()
+        model.zero_grad(set_to_none=True)
+    names = [re.search(r"AOT ID: \['([^']+)'\]", code).group(1) for code in log.modules]
+    return [count_row(f"block {name}", code) for name, code in zip(names, log.modules)]
+
+
+def capture_output_code() -> CodeLog:
+    """Start collecting inductor's output code."""
+    log = CodeLog()
+    torch._logging.set_logs(output_code=True)
+    code_logger = logging.getLogger("torch._inductor.codecache.__output_code")
+    code_logger.addHandler(log)
+    code_logger.propagate = False
+    return log
 
 if __name__ == "__main__":
     main()

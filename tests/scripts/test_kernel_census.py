@@ -19,7 +19,7 @@ def census(tmp_path, *args: str) -> dict:
     completed = subprocess.run([sys.executable, str(SCRIPTS / "kernel_census.py"), "--warmup", "3", "--batch-size",
                                 "2", "--json", str(out), *args], capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "| step |" in completed.stdout
+    assert "| call | Triton kernels |" in completed.stdout
     return json.loads(out.read_text())
 
 
@@ -40,3 +40,16 @@ def test_two_calls_and_gathered_candidates(tmp_path):
     rows = {row["call"]: row for row in census(tmp_path, "--two-calls", "--score-slots", "candidates")["rows"]}
     assert list(rows) == ["add", "remind", "adjust"]
     assert rows["remind"]["calls_by_op"]["baddbmm"] == 2  # the STM candidates, then the found LTMs
+
+
+def test_counts_a_models_compiled_blocks(tmp_path):
+    """--blocks: Memoria GPT-2's blocks compile twice (the first segment has no memory); with memory a block runs
+    8 linear GEMMs forward (its memory keys and values come projected, heads-major, from before the blocks) and
+    copies for its attentions' layouts only: q and the output of each attention (a block that laid out its own
+    memory keys and values had 13)."""
+    rows = {row["call"]: row for row in census(tmp_path, "--blocks", "memoria_gpt2", "--tiny")["rows"]}
+    assert list(rows) == ["block 0_forward", "block 0_backward", "block 1_forward", "block 1_backward"]
+    forward = rows["block 1_forward"]
+    assert forward["calls_by_op"] == {"addmm": 8, "bmm": 6}
+    assert sum(n for kernel, n in forward["kernels"].items() if "clone" in kernel) <= 8
+    assert rows["block 1_backward"]["triton_kernels"] > rows["block 0_backward"]["triton_kernels"]
