@@ -22,6 +22,8 @@
 #   9. an experiment: part 5's fp32 Memoria step with inductor's batched-GEMM fusion in the blocks (the memory
 #      paths' same-shape weight-gradient GEMMs of a block's backward as one batched GEMM), to set beside part 5;
 #  10. part 5's graphed blocks in bf16 (both models);
+#  11. scripts/bench_gemm.py: every GEMM of one fp32 training step of each model, timed alone shape by shape under
+#      cuBLAS and cuBLASLt (and TF32, for reference): which shapes lose efficiency, and whether a library helps;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -31,7 +33,7 @@
 # them). Through the device tool:
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
-# PARTS (which of 1-10 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
+# PARTS (which of 1-11 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
 # SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the sorting runs, see part 4).
 set -u
 START=$(date +%s)
@@ -188,6 +190,13 @@ timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-
   --json "$OUT/bench_step_batch_fusion.json" 2>&1 | grep -v Warning | tail -12 | tee -a "$LOG"
 }
 
+# ---------------------------------------------------------------- 11. the step's GEMMs, shape by shape, per BLAS library
+part11() {
+say "11. bench_gemm (fp32 step GEMMs: cuBLAS vs cuBLASLt, TF32 for reference)"
+timeout $(limit 150) $PY scripts/bench_gemm.py --tf32 --json "$OUT/bench_gemm.json" 2>&1 \
+  | grep -v "^\[transformers\]" | tee "$OUT/bench_gemm.txt" | head -8 | tee -a "$LOG"
+}
+
 # ---------------------------------------------------------------- 4. sorting, every model, side by side
 # SORT_RUNS: one run per line, "<name> <model> [more overrides]"; default: the five *_sort models with SORT_ARGS,
 # plus Memoria with memoria_zero_init_memory_output=true.
@@ -243,7 +252,7 @@ fi
 
 # ---------------------------------------------------------------- run the parts asked for, in that order
 for part in ${PARTS:-1 2 3}; do
-  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-10)"; fi
+  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-11)"; fi
 done
 say "done"
 # The device tool brings back at most 8 files: keep the log and the pytest output loose, pack the rest.

@@ -1,0 +1,224 @@
+"""Time the GEMMs of one training step, shape by shape, under each BLAS library: where Memoria GPT-2's step loses
+efficiency against plain GPT-2's, and whether another library would win it back.
+
+In float32 (the paper's precision, and the step that issue 5 measures) most of Memoria GPT-2's extra time is GEMMs:
+its memory paths add per block two query and two output projections (1,200 x 768 x 768 at the WikiText-103 shape)
+and their gradients, GEMMs that fill a fraction of a large GPU's waves. This script records every GEMM call (mm,
+addmm, bmm, baddbmm: shapes, strides, dtype) of one warm training step of each model, eagerly (compiled blocks call
+the same GEMMs), then times each distinct call alone with CUDA events, under cuBLAS and under cuBLASLt
+(`torch.backends.cuda.preferred_blas_library`), TF32 off, and optionally with TF32 on (`--tf32`: a change of
+precision, for reference only). It prints per model the GEMM time of a step under each setting, and the shapes
+that take the most time with their rates.
+
+Examples:
+    python scripts/bench_gemm.py                                   # GPU: both models, cuBLAS against cuBLASLt
+    python scripts/bench_gemm.py --tf32 --json bench_gemm.json
+    python scripts/bench_gemm.py --tiny --device cpu               # CPU smoke run (one library)
+Record results in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+GEMMS = {
+    torch.ops.aten.mm.default: "mm",
+    torch.ops.aten.addmm.default: "addmm",
+    torch.ops.aten.bmm.default: "bmm",
+    torch.ops.aten.baddbmm.default: "baddbmm",
+}
+
+
+class GemmRecorder(TorchDispatchMode):
+    """Counts the GEMM calls that pass through the dispatcher, by (op, each tensor's shape and strides, dtype,
+    scalar arguments)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in GEMMS:
+            tensors = tuple((tuple(a.shape), tuple(a.stride())) for a in args if isinstance(a, torch.Tensor))
+            dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor))
+            scalars = tuple(sorted((k, float(v)) for k, v in kwargs.items() if isinstance(v, (int, float))))
+            self.calls[(GEMMS[func], tensors, str(dtype).replace("torch.", ""), scalars)] += 1
+        return func(*args, **kwargs)
+
+
+def flops_of(signature) -> float:
+    """2 x batch x M x K x N of one call."""
+    name, tensors, _, _ = signature
+    a, b = (tensors[1], tensors[2]) if name in ("addmm", "baddbmm") else (tensors[0], tensors[1])
+    (a_shape, _), (b_shape, _) = a, b
+    batch = a_shape[0] if len(a_shape) == 3 else 1
+    return 2.0 * batch * a_shape[-2] * a_shape[-1] * b_shape[-1]
+
+
+def describe(signature) -> str:
+    name, tensors, dtype, scalars = signature
+    operands = tensors[1:] if name in ("addmm", "baddbmm") else tensors
+    parts = []
+    for shape, stride in operands:
+        transposed = len(shape) >= 2 and stride[-1] != 1 and stride[-2] == 1
+        parts.append("x".join(map(str, shape)) + ("ᵀ" if transposed else "") + (" (bcast)" if 0 in stride else ""))
+    extra = "".join(f" {k}={v:g}" for k, v in scalars)
+    return f"{name} {' @ '.join(parts)} {dtype}{extra}"
+
+
+def make_inputs(signature, device: torch.device, generator: torch.Generator) -> list[torch.Tensor]:
+    _, tensors, dtype, _ = signature
+    out = []
+    for shape, stride in tensors:
+        extent = 1 + sum((s - 1) * st for s, st in zip(shape, stride))  # storage the strides reach
+        storage = torch.randn(extent, generator=generator).to(device=device, dtype=getattr(torch, dtype))
+        out.append(storage.as_strided(shape, stride))
+    return out
+
+
+def run_call(signature, inputs: list[torch.Tensor]) -> torch.Tensor:
+    name, _, _, scalars = signature
+    return getattr(torch, name)(*inputs, **dict(scalars))
+
+
+def time_call(signature, inputs, device: torch.device, reps: int, rounds: int) -> float:
+    """Median microseconds of one call (CUDA events around `reps` calls, `rounds` times; wall time on a CPU)."""
+    for _ in range(3):
+        run_call(signature, inputs)
+    samples = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                run_call(signature, inputs)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3 / reps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                run_call(signature, inputs)
+            samples.append((time.perf_counter() - t0) * 1e6 / reps)
+    return statistics.median(samples)
+
+
+@contextlib.contextmanager
+def blas_setting(device: torch.device, library: str, tf32: bool):
+    """cuBLAS or cuBLASLt, TF32 on or off, for the block (restored after)."""
+    if device.type != "cuda":
+        yield
+        return
+    old_library = torch.backends.cuda.preferred_blas_library()
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.preferred_blas_library(library)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(old_library)
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+
+
+def record_step(label: str, tiny: bool, device: torch.device, precision: str, seed: int) -> Counter:
+    """The GEMM calls of one training step of `label` (a bench_step model), after four warm-up steps (the memory
+    paths start at the second segment; on a GPU the memory step is then warmed up, captured and replayed as CUDA
+    graphs, whose GEMMs the recording does not see: it sees the model's)."""
+    import bench_step
+
+    model_name, memory_name, overrides = bench_step.MODELS[label]
+    if tiny:
+        model_name, memory_name = f"{model_name}_tiny", "tiny"
+    batch, seq, vocab = (2, 16, 1000) if tiny else (8, 150, 50257)
+    torch.manual_seed(seed)
+    model = bench_step.build(model_name, memory_name, overrides, vocab, device)
+    optimizer = bench_step.make_optimizer(model, "task")
+    generator = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(vocab, (batch, seq), generator=generator).to(device) for _ in range(5)]
+    autocast = bench_step.autocast_for(device, precision)
+    model.train()
+    for input_ids in batches[:-1]:
+        bench_step.train_step(model, optimizer, input_ids, autocast)
+    recorder = GemmRecorder()
+    with recorder:
+        bench_step.train_step(model, optimizer, batches[-1], autocast)
+    return recorder.calls
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", default=["memoria_gpt2", "gpt2"], choices=["memoria_gpt2", "gpt2"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--tiny", action="store_true", help="tiny models and shapes (CPU smoke run)")
+    parser.add_argument("--tf32", action="store_true", help="also time with TF32 on (reference only)")
+    parser.add_argument("--reps", type=int, default=20, help="calls per timing")
+    parser.add_argument("--rounds", type=int, default=5, help="timings per call and setting (median)")
+    parser.add_argument("--top", type=int, default=12, help="shapes listed per model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    settings = [("cublas", False), ("cublaslt", False)] if device.type == "cuda" else [("default", False)]
+    if args.tf32 and device.type == "cuda":
+        settings += [("cublas", True), ("cublaslt", True)]
+
+    recorded = {label: record_step(label, args.tiny, device, args.precision, args.seed) for label in args.models}
+    generator = torch.Generator().manual_seed(args.seed)
+    times: dict = {}  # signature -> {setting: us}
+    for signature in sorted({s for calls in recorded.values() for s in calls}, key=str):
+        inputs = make_inputs(signature, device, generator)
+        times[signature] = {}
+        for library, tf32 in settings:
+            with blas_setting(device, library, tf32):
+                times[signature][f"{library}{'+tf32' if tf32 else ''}"] = time_call(
+                    signature, inputs, device, args.reps, args.rounds)
+    names = list(next(iter(times.values())).keys()) if times else []
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"GEMMs of one training step, each timed alone ({where}, {args.precision}; median us of {args.rounds} x "
+          f"{args.reps} calls)")
+    result = {"device": where, "precision": args.precision, "settings": names, "models": {}}
+    print("| model | GEMM calls | GFLOP | " + " | ".join(f"{n} ms/step" for n in names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for label, calls in recorded.items():
+        total_ms = {n: sum(count * times[s][n] for s, count in calls.items()) / 1e3 for n in names}
+        gflop = sum(count * flops_of(s) for s, count in calls.items()) / 1e9
+        print(f"| {label} | {sum(calls.values())} | {gflop:.1f} | "
+              + " | ".join(f"{total_ms[n]:.2f}" for n in names) + " |")
+        result["models"][label] = {
+            "calls": sum(calls.values()), "gflop": gflop, "ms_per_step": total_ms,
+            "shapes": [{"gemm": describe(s), "calls": count, "us": times[s], "gflop": flops_of(s) / 1e9}
+                       for s, count in calls.items()],
+        }
+    for label, calls in recorded.items():
+        first = names[0]
+        ranked = sorted(calls.items(), key=lambda item: -item[1] * times[item[0]][first])
+        print(f"\n{label}: the shapes taking the most time under {first} (us per call; TFLOP/s)")
+        for signature, count in ranked[:args.top]:
+            rates = " ".join(f"{n} {times[signature][n]:7.1f} ({flops_of(signature) / times[signature][n] / 1e6:5.1f})"
+                             for n in names)
+            print(f"  {count:3d} x {describe(signature)}: {rates}")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(result, file, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
