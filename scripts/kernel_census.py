@@ -1,7 +1,7 @@
 """Count the GPU kernels of Memoria's compiled step, on a machine without a GPU.
 
 `Memoria(compile=True)` on a GPU runs each call's device work as the code inductor generates: Triton kernels plus
-the ops inductor leaves as calls of their own (top-k, sort, GEMMs, Memoria's custom ops). At the LM configuration
+the ops inductor leaves as calls of their own (top-k, sort, GEMMs, the walk kernel's custom op). At the LM configuration
 every one of these kernels is tiny, so under CUDA-graph replay the step's device time is roughly its number of
 kernels times a few microseconds: the count is what to shrink. This script makes inductor generate the GPU-style
 code (its Triton backend, which schedules and fuses as it does for a GPU) for the CPU, where Triton cannot run,
@@ -11,7 +11,7 @@ How: inductor's Triton backend for the CPU is switched on, Triton's backend quer
 kernel compilation is replaced by a stub, so the generated code is complete but computes nothing. The memory is
 first filled eagerly to its steady state (the compiled code depends only on shapes), each device function is then
 compiled once on a copy of that state, and the stubs' garbage is thrown away. Relies on torch internals
-(torch.utils._triton, torch._inductor.async_compile): a dev tool, not part of the library or its tests.
+(torch.utils._triton, torch._inductor.async_compile): a dev tool, not part of the library.
 
 What differs from a real GPU: `Memoria` picks a few paths by device, so the script sets the GPU's choices
 (score every slot while the store is at most twice the candidates; order `_top`'s keys by counting inside
