@@ -194,7 +194,7 @@ timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-
 part11() {
 say "11. bench_gemm (fp32 step GEMMs: cuBLAS vs cuBLASLt, TF32 for reference)"
 timeout $(limit 150) $PY scripts/bench_gemm.py --tf32 --json "$OUT/bench_gemm.json" 2>&1 \
-  | grep -v "^\[transformers\]" | tee "$OUT/bench_gemm.txt" | head -8 | tee -a "$LOG"
+  | grep -v "^\[transformers\]" | tee "$OUT/bench_gemm.txt" | sed -n 1,8p | tee -a "$LOG"
 }
 
 # ---------------------------------------------------------------- 4. sorting, every model, side by side
