@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--profile", default=None,
                         help="also profile 3 more steps of each (model, precision) with torch.profiler and write "
                              "the op tables (by device time and by host time) to this file")
+    parser.add_argument("--blas-library", default="default", choices=["default", "cublas", "cublaslt"],
+                        help="the BLAS library of every GEMM of both models (torch.backends.cuda."
+                             "preferred_blas_library; GPUs): scripts/bench_gemm.py says which shapes each wins")
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup must be >= 0, --steps and --rounds >= 1")
@@ -349,6 +352,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        or m not in GPU_ONLY]
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible; use --device cpu (with --tiny)")
+    if args.blas_library != "default":
+        if device.type != "cuda":
+            parser.error("--blas-library picks a CUDA BLAS library; leave it at default on the CPU")
+        torch.backends.cuda.preferred_blas_library(args.blas_library)
     batch_size = args.batch_size or (2 if args.tiny else 8)
     seq_len = args.seq_len or (16 if args.tiny else 150)
     vocab_size = 1000 if args.tiny else 50257
@@ -379,7 +386,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30 if device.type == "cuda" else None
             config = " ".join([model_name, *overrides, *(["compile=true"] if args.compile_blocks else []),
                                *([f"mode={args.compile_mode}"] if args.compile_blocks and args.compile_mode else []),
-                               *([f"options={json.dumps(args.inductor_options)}"] if args.inductor_options else [])])
+                               *([f"options={json.dumps(args.inductor_options)}"] if args.inductor_options else []),
+                               *([f"blas={args.blas_library}"] if args.blas_library != "default" else [])])
             pairs.append({"label": label, "precision": precision, "config": config, "model": model,
                           "optimizer": optimizer, "times": times, "peak": peak, "losses": losses[:args.warmup],
                           "clock": clock})
@@ -403,6 +411,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append({
             "model": pair["label"], "precision": pair["precision"], "config": pair["config"],
             "optimizer": args.optimizer,
+            "blas_library": args.blas_library,
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "batch_size": batch_size, "seq_len": seq_len, "warmup": args.warmup, "steps": args.steps,

@@ -34,7 +34,8 @@
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
 # PARTS (which of 1-11 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
-# SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the sorting runs, see part 4).
+# SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the sorting runs, see part 4), STEP_ARGS (more
+# options for part 5's bench_step runs, e.g. "--blas-library cublaslt").
 set -u
 START=$(date +%s)
 BUDGET=${BUDGET:-540}
@@ -131,12 +132,14 @@ timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-
 # issue's target) with graphed blocks, then both precisions eager; bf16 with graphed blocks is part 10.
 part5() {
 say "5. bench_step fp32: compiled blocks as CUDA graphs (reduce-overhead)"
-timeout $(limit 240) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
+# shellcheck disable=SC2086
+timeout $(limit 240) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 ${STEP_ARGS:-} \
   --compile-blocks --compile-mode reduce-overhead --models memoria_gpt2_graphed memoria_gpt2_compiled gpt2 --phases \
   --pipelined --precisions fp32 --json "$OUT/bench_step_reduce_overhead.json" \
   --profile "$OUT/profile_step_reduce_overhead.txt" 2>&1 | grep -v Warning | tail -20 | tee -a "$LOG"
 say "5b. bench_step: eager, fused Adam"
-timeout $(limit 100) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 \
+# shellcheck disable=SC2086
+timeout $(limit 100) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 ${STEP_ARGS:-} \
   --models memoria_gpt2_graphed gpt2 --phases --pipelined --json "$OUT/bench_step_fused.json" --profile "$OUT/profile_step_fused.txt" \
   2>&1 | tail -24 | tee -a "$LOG"
 }

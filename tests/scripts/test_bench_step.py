@@ -111,3 +111,9 @@ def test_pipelined_steps_are_the_same_steps_back_to_back(capsys):
             losses[pipelined] = []
             bench.time_steps(model, optimizer, batches, torch.device("cpu"), "fp32", warmup=0, losses=losses[False])
     assert losses[True] == losses[False]
+
+
+def test_a_blas_library_needs_a_gpu():
+    with pytest.raises(SystemExit):
+        load_bench().main(["--tiny", "--device", "cpu", "--blas-library", "cublaslt"])
+
