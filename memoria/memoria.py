@@ -396,14 +396,12 @@ class Memoria:
         is_ltm = types == LONGTERM  # (B, C)
         if wm is None:
             wm = torch.gather(store.data, 1, wm_slots[:, :, None].expand(*wm_slots.shape, H))  # (B, W, H)
-        cue = self._cue(wm, wm_valid)  # what _similarity needs of the WM, computed once
+        cue = self._cue(wm, wm_valid, wm_slots)  # what _similarity needs of the WM, computed once
         row_has_wm = wm_valid.any(1)  # (B,)
         frac, tie = self._tie_keys(store)  # (B, C) each: the tie-break among equal counts, and among equal scores
 
         # --- STM recall: top r_stm live STMs by similarity to the WM (padding never competes)
-        k_stm_cap = min(C, self.stm_capacity)
-        k_s = min(self.num_reminded_stm, k_stm_cap)
-        k_f_cap = min(C, k_s * (self.ltm_search_depth + 1))  # the most LTMs the walk can find
+        k_stm_cap, k_s, k_f_cap = self._caps(C)
         every_score = self._similarity(cue) if self._scores_every_slot(C, k_stm_cap + k_f_cap) else None  # (B, C)
 
         def score(slots: torch.Tensor) -> torch.Tensor:  # (B, K) the slots' scores against the WM
@@ -757,26 +755,36 @@ class Memoria:
         u = _mix32((store.created & _MASK32) ^ salt)  # (B, C) in [0, 2**32)
         return u.double() * (0.49 / 2**32), u  # u * c keeps the order of u exactly (u < 2**32 << 2**53)
 
-    def _cue(self, wm: torch.Tensor, wm_valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The working memory wm (B, W, H) (rows `wm_valid` (B, W)) as _similarity uses it: neg_sq its centroid
-        (B, H); exp the vectors, minus their squared norms (B, W, 1) (-inf for invalid ones, which then never
-        count)."""
+    def _caps(self, C: int) -> tuple[int, int, int]:
+        """For a store of C slots a row: the most STM candidates, the STMs recalled (the walk's chains), and the
+        most LTMs the walk can find."""
+        k_stm_cap = min(C, self.stm_capacity)
+        k_s = min(self.num_reminded_stm, k_stm_cap)
+        return k_stm_cap, k_s, min(C, k_s * (self.ltm_search_depth + 1))
+
+    def _cue(self, wm: torch.Tensor, wm_valid: torch.Tensor, wm_slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The working memory wm (B, W, H) (rows `wm_valid` (B, W), stored in `wm_slots` (B, W)) as _similarity
+        uses it: neg_sq its centroid (B, H); exp the vectors, minus their squared norms (B, W, 1) (the store's,
+        kept by the add; -inf for invalid ones, which then never count)."""
         if self.weight_form == "neg_sq":
             w = wm_valid.to(wm.dtype)  # (B, W)
             return ((wm * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1),)  # (B, H)
-        neg_sq_norm = torch.where(wm_valid, -wm.pow(2).sum(-1), -math.inf)  # (B, W)
+        neg_sq_norm = torch.where(wm_valid, -torch.gather(self.store.sq_norm, 1, wm_slots), -math.inf)  # (B, W)
         return wm, neg_sq_norm[:, :, None]
 
-    def _scores_every_slot(self, C: int, candidates: int) -> bool:
+    def _scores_every_slot(self, C: int, candidates: int, gpu: bool | None = None) -> bool:
         """Whether remind scores every slot of the store against the WM, once, and picks the candidates' scores
         from that (one matmul over the store as it lies), rather than gathering the STM candidates and then the
         found LTMs and scoring each set (two gathers, two matmuls). On a GPU while the store is at most twice the
         candidates (`candidates` = their most): small batched matmuls like these (the LM configuration's) fill a
         fraction of one wave of the GPU, so one over C slots takes about the time of one of the two, and the
-        gathers go; elsewhere when the store is no bigger than the candidates (less work)."""
+        gathers go; elsewhere when the store is no bigger than the candidates (less work). `gpu`: decide as on a
+        GPU or not (None: by the store's device)."""
         if self._score_every_slot is not None:
             return self._score_every_slot
-        return C <= (2 * candidates if self.store.device.type == "cuda" else candidates)
+        if gpu is None:
+            gpu = self.store.device.type == "cuda"
+        return C <= (2 * candidates if gpu else candidates)
 
     def _similarity(self, cue: tuple[torch.Tensor, ...], slots: torch.Tensor | None = None) -> torch.Tensor:
         """Rank scores of the engrams in `slots` (B, K) (None: every slot, K = C) against the working memory
@@ -848,7 +856,7 @@ class Memoria:
         reads only the zero sink row), so a kernel that cannot work here is turned off (with its warning) before
         torch.compile traces a step that would call it."""
         C, dev = store.capacity, store.device
-        k_s = min(self.num_reminded_stm, C, self.stm_capacity)  # the chains, as in remind
+        k_s = self._caps(C)[1]  # the chains, as in remind
         counts = torch.zeros(1, 1, C, dtype=self.count_dtype, device=dev).expand(1, C + 1, C)  # no memory for it
         open_ = torch.zeros(1, C + 1, dtype=torch.float64, device=dev)
         self._walk_in_one_kernel(counts, torch.full((1, k_s), C, dtype=torch.int64, device=dev), open_)
@@ -914,8 +922,8 @@ class Memoria:
         else:  # other dtypes (a float64 default dtype): oldest first, then a stable sort by lifespan
             by_age = torch.sort(torch.where(is_ltm, store.created, torch.iinfo(torch.int64).max), dim=1,
                                 stable=True).indices
-            order = torch.gather(by_age, 1, torch.sort(torch.gather(life, 1, by_age), dim=1, stable=True).indices)
-        order = order[:, :k]  # (B, k)
+            by_life = torch.sort(torch.gather(life, 1, by_age), dim=1, stable=True).indices
+            order = torch.gather(by_age, 1, by_life[:, :k])  # (B, k)
         evict = torch.arange(k, device=store.device)[None, :] < excess[:, None]
         write_slots(types, 1, order, torch.where(evict, NULL, torch.gather(types, 1, order)))
         return excess

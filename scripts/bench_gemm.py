@@ -63,11 +63,10 @@ class GemmRecorder(TorchDispatchMode):
 
 def flops_of(signature) -> float:
     """2 x batch x M x K x N of one call."""
+    from bench_step import gemm_flops
+
     name, tensors, _, _ = signature
-    a, b = (tensors[1], tensors[2]) if name in ("addmm", "baddbmm") else (tensors[0], tensors[1])
-    (a_shape, _), (b_shape, _) = a, b
-    batch = a_shape[0] if len(a_shape) == 3 else 1
-    return 2.0 * batch * a_shape[-2] * a_shape[-1] * b_shape[-1]
+    return gemm_flops(f"aten::{name}", [shape for shape, _ in tensors])
 
 
 def describe(signature) -> str:

@@ -155,9 +155,9 @@ def main(argv=None) -> list[dict]:
     for _ in range(args.warmup):
         step(memory)
     C = memory.store.capacity
-    candidates = min(C, memory.stm_capacity) + min(C, min(memory.num_reminded_stm, memory.stm_capacity)
-                                                  * (memory.ltm_search_depth + 1))
-    every = {"gpu": C <= 2 * candidates, "every": True, "candidates": False}[args.score_slots]
+    k_stm_cap, _, k_f_cap = memory._caps(C)
+    every = {"gpu": memory._scores_every_slot(C, k_stm_cap + k_f_cap, gpu=True), "every": True,
+             "candidates": False}[args.score_slots]
     print(f"{args.config}: B {B}, W {W}, H {H}, store capacity {C} slots per row, "
           f"{'every slot scored' if every else 'candidates gathered and scored'}, "
           f"add and remind as {'two calls' if args.two_calls else 'one call'}")
