@@ -30,7 +30,7 @@ import torch
 from .engrams import Engrams
 from .graphs import StepGraphs
 from .history import EngramHistory
-from .store import _RANK_BY_COMPARE, LONGTERM, NULL, SHORTTERM, WORKING, SlotStore, write_slots
+from .store import _RANK_BY_COMPARE, LONGTERM, NULL, SHORTTERM, WORKING, SlotStore, first_true, write_slots
 
 WEIGHT_FORMS = ("exp", "neg_sq")
 _STATE_VERSION = 2  # 2: the device id counter in the store, no generator state
@@ -407,8 +407,8 @@ class Memoria:
         def score(slots: torch.Tensor) -> torch.Tensor:  # (B, K) the slots' scores against the WM
             return self._similarity(cue, slots) if every_score is None else torch.gather(every_score, 1, slots)
 
-        stm_slots = torch.topk(is_stm.to(torch.uint8), k_stm_cap, dim=1, sorted=False).indices  # (B, S)
-        stm_ok = torch.gather(is_stm, 1, stm_slots) & row_has_wm[:, None]
+        stm_slots, stm_ok = first_true(is_stm, k_stm_cap)  # (B, S) each
+        stm_ok = stm_ok & row_has_wm[:, None]
         stm_score = score(stm_slots)  # (B, S)
         rs_slots, rs_ok = self._top(stm_score, stm_ok, torch.gather(tie, 1, stm_slots), stm_slots, k_s)
 
@@ -432,8 +432,7 @@ class Memoria:
 
         # --- final LTMs: top r_ltm of F by similarity to the WM
         k_l = min(self.num_final_ltms, k_f_cap)
-        f_slots = torch.topk(found.to(torch.uint8), k_f_cap, dim=1, sorted=False).indices  # (B, F)
-        f_ok = torch.gather(found, 1, f_slots)
+        f_slots, f_ok = first_true(found, k_f_cap)  # (B, F) each
         f_score = score(f_slots)
         rl_slots, rl_ok = self._top(f_score, f_ok, torch.gather(tie, 1, f_slots), f_slots, k_l)
 

@@ -29,6 +29,17 @@ _GROWN = ("data", "sq_norm", "lifespan", "types", "created", "age", "counts")  #
 _RANK_BY_COMPARE = 1 << 24  # largest comparison (elements) made instead of a sort: view_ranks, Memoria._top
 
 
+def first_true(mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of the first k True entries of each row of `mask` (B, C), in order, as (slots (B, k), ok
+    (B, k)); past a row's last True entry, slots is C - 1 and ok False. A running count and a binary search in it
+    (two small kernels when compiled, fused with what reads them) instead of a top-k over the mask."""
+    B, C = mask.shape
+    upto = mask.cumsum(1, dtype=torch.int32)  # (B, C) True entries up to and including each
+    rank = torch.arange(1, k + 1, device=mask.device, dtype=torch.int32).expand(B, k).contiguous()  # (B, k)
+    slots = torch.searchsorted(upto, rank)  # (B, k) where the count first reaches 1, 2, ..., k
+    return slots.clamp(max=C - 1), rank <= upto[:, -1:]
+
+
 def write_slots(target: torch.Tensor, dim: int, slots: torch.Tensor, values: torch.Tensor | float,
                 accumulate: bool = False) -> None:
     """Write `values` at `slots` (B, K) along `dim` of every batch row of `target`, in place: dim 1,
@@ -126,10 +137,7 @@ class SlotStore:
     # ---------------------------------------------------------------- slots
     def allocate(self, num: int) -> torch.Tensor:
         """Pick `num` free slots per row (B, num); the caller has made sure there is room."""
-        free = (self.types == NULL).to(torch.uint8)  # (B, C)
-        # topk over a 0/1 mask: any `num` free slots, distinct, found on the device without a sync (uint8: a
-        # GPU top-k's radix passes cover 8 bits, not a float's 32)
-        return torch.topk(free, num, dim=1, sorted=False).indices  # (B, num)
+        return first_true(self.types == NULL, num)[0]  # (B, num) the lowest free slots, found without a sync
 
     def clear_counts(self, slots: torch.Tensor) -> None:
         """Zero the rows and columns of co-fire counts of `slots` (B, K) before they are reused."""

@@ -24,6 +24,8 @@
 #  10. part 5's graphed blocks in bf16 (both models);
 #  11. scripts/bench_gemm.py: every GEMM of one fp32 training step of each model, timed alone shape by shape under
 #      cuBLAS and cuBLASLt (and TF32, for reference): which shapes lose efficiency, and whether a library helps;
+#  12. part 5's fp32 graphed blocks compiled with mode=max-autotune (both models): inductor times cuBLAS against its
+#      own Triton GEMM templates (exact fp32, no TF32) shape by shape and keeps the faster; compiling takes minutes;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -33,7 +35,7 @@
 # them). Through the device tool:
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
-# PARTS (which of 1-11 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
+# PARTS (which of 1-12 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
 # SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the sorting runs, see part 4), STEP_ARGS (more
 # options for part 5's bench_step runs, e.g. "--blas-library cublaslt").
 set -u
@@ -200,6 +202,17 @@ timeout $(limit 150) $PY scripts/bench_gemm.py --tf32 --json "$OUT/bench_gemm.js
   | grep -v "^\[transformers\]" | tee "$OUT/bench_gemm.txt" | sed -n 1,8p | tee -a "$LOG"
 }
 
+# ---------------------------------------------------------------- 12. graphed blocks with autotuned GEMMs
+# Memoria's extra fp32 GEMMs (1,200 x 768 x 768 and their gradients) ran at ~26 TFLOP/s under cuBLAS's choice,
+# a fraction of one wave of tiles; max-autotune benchmarks inductor's Triton templates (other tile shapes) against
+# cuBLAS for every GEMM of a block and keeps the faster, so it can only gain (at a few minutes of compiling).
+part12() {
+say "12. bench_step fp32: blocks compiled with max-autotune (GEMMs autotuned; CUDA graphs)"
+timeout $(limit 360) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks --compile-mode max-autotune \
+  --precisions fp32 --models memoria_gpt2_graphed gpt2 --phases --json "$OUT/bench_step_max_autotune.json" 2>&1 \
+  | grep -v Warning | tail -14 | tee -a "$LOG"
+}
+
 # ---------------------------------------------------------------- 4. sorting, every model, side by side
 # SORT_RUNS: one run per line, "<name> <model> [more overrides]"; default: the five *_sort models with SORT_ARGS,
 # plus Memoria with memoria_zero_init_memory_output=true.
@@ -255,7 +268,7 @@ fi
 
 # ---------------------------------------------------------------- run the parts asked for, in that order
 for part in ${PARTS:-1 2 3}; do
-  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-11)"; fi
+  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-12)"; fi
 done
 say "done"
 # The device tool brings back at most 8 files: keep the log and the pytest output loose, pack the rest.

@@ -330,6 +330,21 @@ def test_descending_order_by_counting_equals_a_stable_sort():
         assert torch.equal(_descending_order(key), torch.sort(key, dim=1, descending=True, stable=True).indices)
 
 
+def test_first_true_finds_the_first_k_true_positions_in_order():
+    from memoria.store import first_true
+
+    g = torch.Generator().manual_seed(4)
+    for C, k, p in ((1, 1, 0.5), (9, 4, 0.3), (40, 12, 0.2), (40, 40, 0.9), (17, 5, 0.0), (17, 5, 1.0)):
+        mask = torch.rand(5, C, generator=g) < p
+        slots, ok = first_true(mask, k)
+        assert slots.shape == ok.shape == (5, k) and slots.dtype == torch.int64
+        for b in range(5):
+            want = mask[b].nonzero().flatten()[:k].tolist()
+            assert slots[b, : len(want)].tolist() == want
+            assert ok[b].tolist() == [True] * len(want) + [False] * (k - len(want))
+            assert (slots[b, len(want):] == C - 1).all()  # in range, so a gather with them is safe
+
+
 @pytest.mark.parametrize("by_compare", [True, False])
 def test_top_one_packed_sort_equals_two_stable_sorts(monkeypatch, by_compare):
     """_top's single int64 order (float32 score bits above the 32-bit tie key), by comparison or by one sort,
