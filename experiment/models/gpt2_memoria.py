@@ -273,7 +273,7 @@ def memory_attention(
             probs = p.detach()
         y = torch.matmul(F.dropout(p, dropout_p, training=dropout_p > 0).to(v.dtype), v)  # (B, nh, T, hd)
     if probs is not None:
-        probs = torch.einsum("bhtm,bt->bm", probs, source.prob_weights)  # (B, M) mean over heads, queries
+        probs = (probs * source.prob_weights[:, None, :, None]).sum((1, 2))  # (B, M) mean over heads, queries
 
     y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
     y = attn.resid_dropout(attn.c_proj(y))
