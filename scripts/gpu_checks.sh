@@ -144,6 +144,13 @@ say "5b. bench_step: eager, fused Adam"
 timeout $(limit 100) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 ${STEP_ARGS:-} \
   --models memoria_gpt2_graphed gpt2 --phases --pipelined --json "$OUT/bench_step_fused.json" --profile "$OUT/profile_step_fused.txt" \
   2>&1 | tail -24 | tee -a "$LOG"
+step_ratios
+}
+
+# Memoria's step against the eager plain step (the issue's target) over every bench_step run of this call so far
+step_ratios() {
+say "Memoria GPT-2 against plain GPT-2 (scripts/step_ratios.py, this call's bench_step runs)"
+$PY scripts/step_ratios.py "$OUT"/bench_step*.json 2>&1 | tee -a "$LOG"
 }
 
 # ---------------------------------------------------------------- 10. part 5's graphed blocks in bf16
@@ -211,6 +218,7 @@ say "12. bench_step fp32: blocks compiled with max-autotune (GEMMs autotuned; CU
 timeout $(limit 360) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks --compile-mode max-autotune \
   --precisions fp32 --models memoria_gpt2_graphed gpt2 --phases --json "$OUT/bench_step_max_autotune.json" 2>&1 \
   | grep -v Warning | tail -14 | tee -a "$LOG"
+step_ratios
 }
 
 # ---------------------------------------------------------------- 4. sorting, every model, side by side
