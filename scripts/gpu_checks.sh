@@ -210,9 +210,9 @@ timeout $(limit 150) $PY scripts/bench_gemm.py --tf32 --json "$OUT/bench_gemm.js
 }
 
 # ---------------------------------------------------------------- 12. graphed blocks with autotuned GEMMs
-# Memoria's extra fp32 GEMMs (1,200 x 768 x 768 and their gradients) ran at ~26 TFLOP/s under cuBLAS's choice,
-# a fraction of one wave of tiles; max-autotune benchmarks inductor's Triton templates (other tile shapes) against
-# cuBLAS for every GEMM of a block and keeps the faster, so it can only gain (at a few minutes of compiling).
+# Memoria's extra fp32 GEMMs (1,200 x 768 x 768 and their gradients; as 128 x 128 tiles, 60 tiles on 132 SMs) and
+# the memory attentions' tiny batched matmuls; max-autotune times inductor's Triton templates (other tile shapes)
+# against cuBLAS for every GEMM of a block and keeps whichever is faster (at a few minutes of compiling).
 part12() {
 say "12. bench_step fp32: blocks compiled with max-autotune (GEMMs autotuned; CUDA graphs)"
 timeout $(limit 360) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks --compile-mode max-autotune \
