@@ -258,11 +258,12 @@ class Memoria:
     def add_working_memory(self, data: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Store `data` (B, W, H) as W new working-memory engrams per row (rows where the bool `mask` (B,) is
         False add nothing)."""
-        x, valid = self._prepare_add(data, mask)
+        x, rows = self._prepare_add(data, mask)
         if self._wm_slots is None:
-            self._wm_slots, self._wm_valid = self._device_call("add", self._add_device, x, valid)
+            slots, valid = self._device_call("add", self._add_device, x, rows)
+            self._wm_slots, self._wm_valid = slots, valid
         else:  # a second add before adjust: both sets are working memory
-            slots, valid = self._add_device(x, valid)
+            slots, valid = self._add_device(x, rows)
             self._wm_slots = torch.cat([self._wm_slots, slots], 1)
             self._wm_valid = torch.cat([self._wm_valid, valid], 1)
         self._added(valid)
@@ -276,15 +277,17 @@ class Memoria:
         if self._wm_slots is not None:  # working memory was added before this step's call: the two calls
             self.add_working_memory(data, mask)
             return self.remind()
-        x, valid = self._prepare_add(data, mask)
-        slots, valid, *reminded = self._device_call("add_remind", self._add_and_remind_device, x, valid)
+        x, rows = self._prepare_add(data, mask)
+        slots, valid, *reminded = self._device_call("add_remind", self._add_and_remind_device, x, rows)
         self._wm_slots, self._wm_valid = slots, valid
         self._added(valid)
         return self._reminded(*reminded)
 
-    def _prepare_add(self, data: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare_add(self, data: torch.Tensor,
+                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Check an add's arguments (ValueError, state untouched), make the store and room for W more engrams;
-        returns x (B, W, H) float32 on the memory's device and valid (B, W) bool."""
+        returns x (B, W, H) float32 on the memory's device and the rows that add, `mask` (B,) bool on that device
+        (None: every row)."""
         if not isinstance(data, torch.Tensor):
             raise ValueError(f"data must be a torch.Tensor of shape (B, W, H), got {type(data).__name__}")
         if data.dim() != 3:
@@ -315,8 +318,7 @@ class Memoria:
 
         x = data.detach().to(device=dev, dtype=torch.float32).contiguous()  # (B, W, H)
         # contiguous inputs throughout: a compiled step guards on strides and must not recompile inside a capture
-        valid = torch.ones(B, W, dtype=torch.bool, device=dev) if mask is None else mask[:, None].repeat(1, W)
-        return x, valid
+        return x, None if mask is None else mask.contiguous()
 
     def _added(self, valid: torch.Tensor) -> None:
         """The host-side bookkeeping of an add of W engrams per row (`valid` (B, W))."""
@@ -329,12 +331,15 @@ class Memoria:
         self.timestep += 1
         self.next_engram_id += W
 
-    def _add_device(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The device work of an add: write x (B, W, H) into W free slots per row (type WORKING where `valid`
-        (B, W), else left free). Returns (slots (B, W), valid (B, W)). Reads no host state that changes between
-        steps, so it can be replayed as a CUDA graph."""
+    def _add_device(self, x: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device work of an add: write x (B, W, H) into W free slots per row (type WORKING in the rows where
+        `rows` (B,) is True, or in every row for None; else left free). Returns (slots (B, W), valid (B, W)). Reads
+        no host state that changes between steps, so it can be replayed as a CUDA graph."""
         store = self.store
         B, W, H = x.shape
+        valid = torch.ones(B, W, dtype=torch.bool, device=x.device)  # built here: no input to copy in a replay
+        if rows is not None:
+            valid = valid & rows[:, None]
         slots = store.allocate(W)  # (B, W)
         store.clear_counts(slots)
         write_slots(store.data, 1, slots, x)
@@ -345,7 +350,7 @@ class Memoria:
         write_slots(store.created, 1, slots, ids[None, :].expand(B, W))
         write_slots(store.age, 1, slots, 0)
         store.next_id += W
-        return slots, valid.clone()
+        return slots, valid
 
     @torch.no_grad()
     def remind(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,16 +381,18 @@ class Memoria:
             memories, view_idx = memories.clone(), view_idx.clone()
         return memories.to(ext).contiguous(), view_idx.to(ext)
 
-    def _add_and_remind_device(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _add_and_remind_device(self, x: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """The device work of `add_and_remind`: `_add_device`'s outputs, then `_remind_device`'s, which takes the
         working memory from x (what the add wrote into the store)."""
-        slots, valid = self._add_device(x, valid)
-        return (slots, valid, *self._remind_device(slots, valid, x))
+        slots, valid = self._add_device(x, rows)
+        row_has_wm = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if rows is None else rows
+        return (slots, valid, *self._remind_device(slots, valid, x, row_has_wm))
 
-    def _remind_device(self, wm_slots: torch.Tensor, wm_valid: torch.Tensor,
-                       wm: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def _remind_device(self, wm_slots: torch.Tensor, wm_valid: torch.Tensor, wm: torch.Tensor | None = None,
+                       row_has_wm: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The device work of remind for the working memory in `wm_slots` (B, W) (`wm_valid` (B, W); its data
-        `wm` (B, W, H) when at hand, else read from the store): recall, walk, fire. Returns memories (B, M, H), view
+        `wm` (B, W, H) when at hand, else read from the store; `row_has_wm` (B,) the rows that added it, when
+        known, else from wm_valid): recall, walk, fire. Returns memories (B, M, H), view
         indices (B, M), slots (B, M) and ok (B, M) at the full width M = k_stm + k_ltm, valid entries first.
         Without `_sync_free` (the CPU) it takes host-side shortcuts."""
         store = self.store
@@ -397,7 +404,8 @@ class Memoria:
         if wm is None:
             wm = torch.gather(store.data, 1, wm_slots[:, :, None].expand(*wm_slots.shape, H))  # (B, W, H)
         cue = self._cue(wm, wm_valid, wm_slots)  # what _similarity needs of the WM, computed once
-        row_has_wm = wm_valid.any(1)  # (B,)
+        if row_has_wm is None:
+            row_has_wm = wm_valid.any(1)  # (B,)
         frac, tie = self._tie_keys(store)  # (B, C) each: the tie-break among equal counts, and among equal scores
 
         # --- STM recall: top r_stm live STMs by similarity to the WM (padding never competes)

@@ -194,14 +194,14 @@ def main(argv=None) -> list[dict]:
     names: list[str] = []
     data = torch.randn(B, W, H, generator=generator)
     call = copy.deepcopy(memory)
-    x, valid = call._prepare_add(data, None)
+    x, add_rows = call._prepare_add(data, None)
     if args.two_calls:
-        compile_call("add", call._add_device, x, valid)
+        compile_call("add", call._add_device, x, add_rows)
         call = copy.deepcopy(memory)
         call.add_working_memory(data)
         compile_call("remind", call._remind_device, call._wm_slots, call._wm_valid)
     else:
-        compile_call("add_remind", call._add_and_remind_device, x, valid)
+        compile_call("add_remind", call._add_and_remind_device, x, add_rows)
     call = copy.deepcopy(memory)
     _, idx = call.add_and_remind(data)
     delta = torch.rand(idx.shape, generator=generator) * (idx >= 0)
