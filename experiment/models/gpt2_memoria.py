@@ -16,6 +16,7 @@ attention, its two LayerNorms, the Abstractor) freshly initialised.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, NamedTuple
 
@@ -61,6 +62,8 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_compile               torch.compile the memory step's device work (same results; slow first step)
     memoria_fused_walk            on a GPU with Triton, the memory's graph walk as one Triton kernel (same results;
                                   on by default, ignored off a GPU)
+    memoria_side_stream           on a GPU, run the memory step on a second CUDA stream while the working memory's
+                                  keys and values are projected (same results; on by default, ignored off a GPU)
     memoria_zero_init_memory_output  start the memory cross-attention's output projection at zero, so the memory
                                   paths add nothing at initialisation (not the paper's model: an option for the
                                   sorting stall of docs/results.md)
@@ -84,6 +87,7 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_cuda_graph: bool = True
     memoria_compile: bool = False
     memoria_fused_walk: bool = True
+    memoria_side_stream: bool = True
     memoria_zero_init_memory_output: bool = False
 
     def __post_init__(self, **kwargs):
@@ -181,51 +185,74 @@ def memory_keys_values(
     return list(zip(k.split(sizes, dim=2), v.split(sizes, dim=2)))
 
 
-def stacked_memory_projections(
-    blocks: nn.ModuleList, memories: list[torch.Tensor]
-) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
-    """Every block's memory keys and values, those of `block.memory_attn.c_attn(values)` for each of `memories`
-    (B, M_i, H), from one batched GEMM over the blocks per memory: result[block][memory] = (keys, values), each
-    (B, nh, M_i, hd) and contiguous (the layout `memory_keys_values` gives, then copied heads-major).
+class StackedProjection(NamedTuple):
+    """Every block's memory key/value projection (`block.memory_attn.c_attn`) stacked for one batched GEMM per
+    memory (built by `stack_memory_projections`, applied by `project_memory`)."""
 
-    The memories are the same for every block (they do not depend on the hidden states), so the L small
-    projections of a memory (B*M_i x H x 2H each; forward and both backward GEMMs fill well under one wave of a
-    large GPU) run as one batched GEMM, forward and for each gradient. Each memory is projected on its own so that
-    the reminded engrams, which carry no gradient (Memoria stores detached data), cost no input-gradient GEMM:
-    only the working memory's rows have one. The keys and values are then laid out heads-major for every block in
-    one copy (and their gradients laid back in one copy): the attention's batched matmuls over (batch, head) need
-    that layout, and inside compiled blocks each block would otherwise copy its own (four small copies a block
-    forward and as many backward, instead of one large one per memory). Same products, same parameters: the
-    weights are stacked for the call and their gradients land in each block's c_attn. Returns None when a c_attn
-    is not a stock Conv1D, has hooks or a forward of its own (an adapter, a probe, accelerate's device hooks), the
-    blocks' weights and the memories are not all on one device in one dtype (blocks spread over devices), or the
-    blocks' attentions differ in heads: each block then projects through its own module.
-    """
+    weight: torch.Tensor  # (L, H, 2H) the blocks' c_attn weights (in autocast's dtype under autocast)
+    bias: torch.Tensor  # (L, 1, 2H)
+    num_heads: int
+    head_dim: int
+
+
+def stack_memory_projections(blocks: nn.ModuleList, device: torch.device) -> StackedProjection | None:
+    """The blocks' memory key/value projections stacked for `project_memory`, or None when a c_attn is not a
+    stock Conv1D, has hooks or a forward of its own (an adapter, a probe, accelerate's device hooks), the blocks'
+    weights are not all on `device` (the memories' device) in one dtype (blocks spread over devices), or the
+    blocks' attentions differ in heads: each block then projects through its own module."""
     projections = [block.memory_attn.c_attn for block in blocks]
     if not all(type(p) is Conv1D and not (p._forward_hooks or p._forward_pre_hooks or "forward" in vars(p))
                for p in projections):
         return None
     placement = {(p.weight.device, p.weight.dtype, p.bias.device, p.bias.dtype) for p in projections}
     heads = {(block.memory_attn.num_heads, block.memory_attn.head_dim) for block in blocks}
-    if len(placement) != 1 or len(heads) != 1 or any(values.device != projections[0].weight.device
-                                                     for values in memories):
+    if len(placement) != 1 or len(heads) != 1 or projections[0].weight.device != device:
         return None
     [(nh, hd)] = heads
-    L = len(projections)
     weight = torch.stack([p.weight for p in projections])  # (L, H, 2H)
     bias = torch.stack([p.bias for p in projections])[:, None, :]  # (L, 1, 2H)
     device_type = weight.device.type
-    if torch.is_autocast_enabled(device_type):  # cast before expanding: autocast would copy the expanded rows
+    if torch.is_autocast_enabled(device_type):  # cast once, before expanding (autocast would copy expanded rows)
         dtype = torch.get_autocast_dtype(device_type)
-        weight, bias, memories = weight.to(dtype), bias.to(dtype), [values.to(dtype) for values in memories]
-    per_memory = []
-    for values in memories:
-        B, M, H = values.shape
-        rows = values.reshape(1, B * M, H).expand(L, B * M, H)  # the same rows for every block, not copied
-        kv = torch.baddbmm(bias, rows, weight)  # (L, B*M, 2H): keys then values, each heads side by side
-        kv = kv.view(L, B, M, 2, nh, hd).permute(3, 0, 1, 4, 2, 5).contiguous()  # (2, L, B, nh, M, hd)
-        per_memory.append(zip(kv[0].unbind(0), kv[1].unbind(0)))  # L x (keys, values) (B, nh, M, hd)
-    return [list(block_kv) for block_kv in zip(*per_memory)]
+        weight, bias = weight.to(dtype), bias.to(dtype)
+    return StackedProjection(weight, bias, nh, hd)
+
+
+def project_memory(stacked: StackedProjection, values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every block's keys and values of the memory `values` (B, M, H): result[block] = (keys, values), each
+    (B, nh, M, hd) and contiguous, those of `block.memory_attn.c_attn(values)` laid out heads-major.
+
+    The memories are the same for every block (they do not depend on the hidden states), so the L small
+    projections of a memory (B*M x H x 2H each; forward and both backward GEMMs fill well under one wave of a
+    large GPU) run as one batched GEMM, forward and for each gradient. Projecting each memory on its own keeps the
+    reminded engrams, which carry no gradient (Memoria stores detached data), free of an input-gradient GEMM:
+    only the working memory's rows have one. The keys and values are then laid out heads-major for every block in
+    one copy (and their gradients laid back in one copy): the attention's batched matmuls over (batch, head) need
+    that layout, and inside compiled blocks each block would otherwise copy its own (four small copies a block
+    forward and as many backward, instead of one large one per memory). Same products, same parameters: the
+    weights are stacked for the call and their gradients land in each block's c_attn.
+    """
+    weight, bias, nh, hd = stacked
+    L = weight.shape[0]
+    B, M, H = values.shape
+    if torch.is_autocast_enabled(weight.device.type):
+        values = values.to(weight.dtype)
+    rows = values.reshape(1, B * M, H).expand(L, B * M, H)  # the same rows for every block, not copied
+    kv = torch.baddbmm(bias, rows, weight)  # (L, B*M, 2H): keys then values, each heads side by side
+    kv = kv.view(L, B, M, 2, nh, hd).permute(3, 0, 1, 4, 2, 5).contiguous()  # (2, L, B, nh, M, hd)
+    return list(zip(kv[0].unbind(0), kv[1].unbind(0)))  # L x (keys, values) (B, nh, M, hd)
+
+
+def stacked_memory_projections(
+    blocks: nn.ModuleList, memories: list[torch.Tensor]
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """Every block's memory keys and values for each of `memories` (B, M_i, H): result[block][memory] = (keys,
+    values), each (B, nh, M_i, hd) and contiguous (`project_memory` of each, with the projections stacked once);
+    None where `stack_memory_projections` steps aside."""
+    stacked = stack_memory_projections(blocks, memories[0].device)
+    if stacked is None:
+        return None
+    return [list(block_kv) for block_kv in zip(*(project_memory(stacked, values) for values in memories))]
 
 
 def memory_attention(
@@ -425,6 +452,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         self.last_reminded_indices: torch.Tensor | None = None
         self.last_lifespan_delta: torch.Tensor | None = None
         self._state_is_inference = False  # carried state last written under torch.inference_mode
+        self._memory_stream: torch.cuda.Stream | None = None  # memoria_side_stream's stream, made on first use
 
         self.post_init()
 
@@ -464,6 +492,15 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             compile=cfg.memoria_compile,
             fused_walk=cfg.memoria_fused_walk,
         )
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        """The CUDA stream of the memory step when `memoria_side_stream` is on and the model runs on a GPU, else
+        None (the memory step runs on the current stream)."""
+        if device.type != "cuda" or not self.config.memoria_side_stream:
+            return None
+        if self._memory_stream is None or self._memory_stream.device != device:
+            self._memory_stream = torch.cuda.Stream(device=device)
+        return self._memory_stream
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:
         if rows is None:
@@ -600,7 +637,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
 
         # --- memory read, first: its device work runs while the host builds the embeddings and the mask below
         # (outside every block, so activation checkpointing never replays it)
-        working_memory = reminded = reminded_idx = reminded_valid = None
+        working_memory = reminded = reminded_idx = reminded_valid = memory_kv = None
         if self.prev_hidden is not None:
             prev_hidden = self.prev_hidden
             wm_rows = self.prev_hidden_rows  # (B,)
@@ -611,18 +648,29 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
                 wm = prev_hidden  # (B, T, H): raw hidden states as working memory
             if self.memoria is None:
                 self.memoria = self._new_memoria()
+            stream = self._side_stream(device)
+            wm_ready = None if stream is None else torch.cuda.current_stream(device).record_event()
+            working_memory = memory_source(wm, None, wm_rows)
+            # every block's memory keys and values, one batched GEMM per memory ([block] (k, v), or None): the
+            # working memory's now, queued before the memory step, so that on a side stream the two overlap
+            stacked = stack_memory_projections(self.h, device)
+            wm_kv = None if stacked is None or wm.shape[1] == 0 else project_memory(stacked, wm)
             # add the WM, remind (one device call): (B, M, H) float32, (B, M) int64, -1 = none
-            remembered, reminded_idx = self.memoria.add_and_remind(wm, mask=wm_rows)
+            with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
+                if stream is not None:
+                    stream.wait_event(wm_ready)  # the WM and the memory's last adjust, not the projection
+                remembered, reminded_idx = self.memoria.add_and_remind(wm, mask=wm_rows)
+            if stream is not None:
+                torch.cuda.current_stream(device).wait_stream(stream)
             reminded_idx = reminded_idx.to(device)
             reminded_valid = reminded_idx >= 0  # (B, M)
-            working_memory = memory_source(wm, None, wm_rows)
             reminded = memory_source(
                 remembered.to(device=device, dtype=dtype), reminded_valid, reminded_valid.any(dim=1),
                 query_weights, cfg.num_attention_heads,
             )
-        # every block's memory keys and values, one batched GEMM per memory: [block][memory] (k, v), or None
-        memories = [src.values for src in present_memories(working_memory, reminded)]
-        memory_kv = stacked_memory_projections(self.h, memories) if memories else None
+            if wm_kv is not None:
+                per_memory = [wm_kv] + ([project_memory(stacked, reminded.values)] if remembered.shape[1] else [])
+                memory_kv = [list(block_kv) for block_kv in zip(*per_memory)]  # [block][memory] (k, v)
 
         # --- embeddings (positions restart at 0 every segment) and the causal mask
         positions = torch.arange(T, device=device)[None, :]  # (1, T)
