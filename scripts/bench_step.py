@@ -51,9 +51,12 @@ MODELS = {  # label -> (model config, memory config, more overrides) at full and
     # benchmark's steps: ~860 engrams a row), since every new store size compiles the step again
     "memoria_gpt2_compiled": ("memoria_gpt2", "lm", ["memory.cuda_graph=true", "memory.compile=true",
                                                      "memory.ltm_capacity=1024"]),
+    # ... with the memory step on the current stream (memory.side_stream=false): what the side stream saves
+    "memoria_gpt2_one_stream": ("memoria_gpt2", "lm", ["memory.cuda_graph=true", "memory.side_stream=false"]),
     "gpt2": ("gpt2", "lm", []),
 }
-GPU_ONLY = ("memoria_gpt2_graphed", "memoria_gpt2_compiled")  # not in the default set off a GPU
+GPU_ONLY = ("memoria_gpt2_graphed", "memoria_gpt2_compiled", "memoria_gpt2_one_stream")  # not in the default set
+# off a GPU
 
 
 def build(model_name: str, memory_name: str, overrides: list[str], vocab_size: int, device: torch.device):
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     device = torch.device(args.device)
     if args.models is None:
-        args.models = [m for m in MODELS if device.type == "cuda" and m != "memoria_gpt2_compiled"
+        args.models = [m for m in MODELS if device.type == "cuda" and m in ("memoria_gpt2_graphed", "gpt2")
                        or m not in GPU_ONLY]
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible; use --device cpu (with --tiny)")
