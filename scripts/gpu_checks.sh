@@ -9,8 +9,9 @@
 #      then the same with every transformer block compiled (compile=true), fp32 then bf16;
 #   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead; Memoria's step graphed,
 #      also compiled, and graphed on the current stream instead of a side stream; fp32) against the eager step
-#      with fused Adam (fp32 and bf16), two rounds in turn; each timed per phase (memory read, blocks, memory write, head + loss, backward, optimizer; CUDA events), and also
-#      back to back with one sync at the end (--pipelined); profiles of both (what is left between the graphs);
+#      with fused Adam (fp32 and bf16), two rounds in turn; each timed per phase (memory read, blocks, memory
+#      write, head + loss, backward, optimizer; CUDA events), and also back to back with one sync at the end
+#      (--pipelined); profiles of both (what is left between the graphs);
 #   6. profiles of the graphed memory step (LM, the models' path: add and remind as one call, compiled + graphed
 #      and graphed; then compiled + graphed scoring the gathered candidates instead of every slot, and with add
 #      and remind as two calls): kernels and device time per step;
