@@ -37,6 +37,7 @@ from .protocol import MemoryModelOutput, MemoryProtocol
 
 MEMORY_KIND = "gpt2_with_memoria"
 WEIGHT_FORMS = ("exp", "neg_sq")
+_MEMORY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # memoria_side_stream's stream per device
 
 
 @strict
@@ -452,7 +453,6 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         self.last_reminded_indices: torch.Tensor | None = None
         self.last_lifespan_delta: torch.Tensor | None = None
         self._state_is_inference = False  # carried state last written under torch.inference_mode
-        self._memory_stream: torch.cuda.Stream | None = None  # memoria_side_stream's stream, made on first use
 
         self.post_init()
 
@@ -495,12 +495,14 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
         """The CUDA stream of the memory step when `memoria_side_stream` is on and the model runs on a GPU, else
-        None (the memory step runs on the current stream)."""
+        None (the memory step runs on the current stream). One per device for the process, kept outside the model
+        (a stream does not deepcopy or pickle); each forward joins it before going on."""
         if device.type != "cuda" or not self.config.memoria_side_stream:
             return None
-        if self._memory_stream is None or self._memory_stream.device != device:
-            self._memory_stream = torch.cuda.Stream(device=device)
-        return self._memory_stream
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        if device not in _MEMORY_STREAMS:
+            _MEMORY_STREAMS[device] = torch.cuda.Stream(device=device)
+        return _MEMORY_STREAMS[device]
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:
         if rows is None:
