@@ -16,7 +16,6 @@ attention, its two LayerNorms, the Abstractor) freshly initialised.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, NamedTuple
 
@@ -244,6 +243,11 @@ def project_memory(stacked: StackedProjection, values: torch.Tensor) -> list[tup
     return list(zip(kv[0].unbind(0), kv[1].unbind(0)))  # L x (keys, values) (B, nh, M, hd)
 
 
+def by_block(per_memory: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[list[tuple[torch.Tensor, ...]]]:
+    """`project_memory`'s results, one list per memory, regrouped per block: result[block][memory] = (k, v)."""
+    return [list(block_kv) for block_kv in zip(*per_memory)]
+
+
 def stacked_memory_projections(
     blocks: nn.ModuleList, memories: list[torch.Tensor]
 ) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
@@ -253,7 +257,7 @@ def stacked_memory_projections(
     stacked = stack_memory_projections(blocks, memories[0].device)
     if stacked is None:
         return None
-    return [list(block_kv) for block_kv in zip(*(project_memory(stacked, values) for values in memories))]
+    return by_block([project_memory(stacked, values) for values in memories])
 
 
 def memory_attention(
@@ -340,7 +344,7 @@ class GPT2WithMemoriaBlock(GPT2Block):
         """hidden_states (B, T, H); the working memory (W engrams) and the reminded memory (M engrams, with
         `prob_weights`) as prepared by `memory_source`, each None when absent (or M = 0). memory_kv: this
         block's memory keys and values of each present memory, (B, nh, W, hd) twice and (B, nh, M, hd) twice,
-        projected by the model for every block at once (`stacked_memory_projections`); None = projected here.
+        projected by the model for every block at once (`project_memory`); None = projected here.
 
         Returns the new hidden states and this layer's reminded-attention probabilities averaged over heads
         and query positions, (B, M) detached, or None without reminded memory.
@@ -658,11 +662,12 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             stacked = stack_memory_projections(self.h, device)
             wm_kv = None if stacked is None or wm.shape[1] == 0 else project_memory(stacked, wm)
             # add the WM, remind (one device call): (B, M, H) float32, (B, M) int64, -1 = none
-            with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
-                if stream is not None:
-                    stream.wait_event(wm_ready)  # the WM and the memory's last adjust, not the projection
+            if stream is None:
                 remembered, reminded_idx = self.memoria.add_and_remind(wm, mask=wm_rows)
-            if stream is not None:
+            else:
+                stream.wait_event(wm_ready)  # the WM and the memory's last adjust, not the projection
+                with torch.cuda.stream(stream):
+                    remembered, reminded_idx = self.memoria.add_and_remind(wm, mask=wm_rows)
                 torch.cuda.current_stream(device).wait_stream(stream)
             reminded_idx = reminded_idx.to(device)
             reminded_valid = reminded_idx >= 0  # (B, M)
@@ -672,7 +677,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             )
             if wm_kv is not None:
                 per_memory = [wm_kv] + ([project_memory(stacked, reminded.values)] if remembered.shape[1] else [])
-                memory_kv = [list(block_kv) for block_kv in zip(*per_memory)]  # [block][memory] (k, v)
+                memory_kv = by_block(per_memory)  # [block][memory] (k, v)
 
         # --- embeddings (positions restart at 0 every segment) and the causal mask
         positions = torch.arange(T, device=device)[None, :]  # (1, T)
