@@ -51,12 +51,14 @@ MODELS = {  # label -> (model config, memory config, more overrides) at full and
     # benchmark's steps: ~860 engrams a row), since every new store size compiles the step again
     "memoria_gpt2_compiled": ("memoria_gpt2", "lm", ["memory.cuda_graph=true", "memory.compile=true",
                                                      "memory.ltm_capacity=1024"]),
-    # ... with the memory step on the current stream (memory.side_stream=false): what the side stream saves
-    "memoria_gpt2_one_stream": ("memoria_gpt2", "lm", ["memory.cuda_graph=true", "memory.side_stream=false"]),
+    # ... with --compile-blocks, its memory reader left eager (compile_blocks(companions=False)): what compiling
+    # the reader with the blocks saves (under CUDA graphs, the blocks' copies of their memory inputs)
+    "memoria_gpt2_eager_reader": ("memoria_gpt2", "lm", ["memory.cuda_graph=true"]),
     "gpt2": ("gpt2", "lm", []),
 }
 # not in the default set off a GPU (and on one, only memoria_gpt2_graphed of them is)
-GPU_ONLY = ("memoria_gpt2_graphed", "memoria_gpt2_compiled", "memoria_gpt2_one_stream")
+GPU_ONLY = ("memoria_gpt2_graphed", "memoria_gpt2_compiled", "memoria_gpt2_eager_reader")
+BLOCKS_ONLY = ("memoria_gpt2_eager_reader",)  # compiled without the modules compiled with the blocks
 
 
 def build(model_name: str, memory_name: str, overrides: list[str], vocab_size: int, device: torch.device):
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.manual_seed(args.seed)
             model = build(model_name, memory_name, overrides, vocab_size, device)
             if args.compile_blocks:
-                compile_blocks(model, **compile_kwargs)
+                compile_blocks(model, companions=label not in BLOCKS_ONLY, **compile_kwargs)
             optimizer = make_optimizer(model, args.optimizer)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -388,6 +390,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                losses=losses, clock=clock)
             peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30 if device.type == "cuda" else None
             config = " ".join([model_name, *overrides, *(["compile=true"] if args.compile_blocks else []),
+                               *(["(reader eager)"] if args.compile_blocks and label in BLOCKS_ONLY else []),
                                *([f"mode={args.compile_mode}"] if args.compile_blocks and args.compile_mode else []),
                                *([f"options={json.dumps(args.inductor_options)}"] if args.inductor_options else []),
                                *([f"blas={args.blas_library}"] if args.blas_library != "default" else [])])

@@ -36,9 +36,11 @@ def build_model(model_cfg: Any, vocab_size: int):
     return cls(cls.config_class(**kwargs))
 
 
-def compile_blocks(model: Any, **compile_kwargs: Any) -> int:
+def compile_blocks(model: Any, companions: bool = True, **compile_kwargs: Any) -> int:
     """torch.compile every repeated transformer block of `model` in place: the classes its `_no_split_modules`
-    names (the transformers convention). What runs between blocks (embeddings, the memory bookkeeping, the head)
+    names (the transformers convention), and with `companions` the modules of the classes its
+    `_compile_with_blocks` names (what prepares the blocks' inputs, parameter-free: see
+    gpt2_memoria.MemoryReader). What else runs between blocks (embeddings, the memory bookkeeping, the head)
     stays eager, so carried memory needs no special care. State-dict keys do not change. Returns the number of
     blocks compiled; `compile_kwargs` go to `nn.Module.compile` (e.g. backend, mode)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
@@ -46,8 +48,10 @@ def compile_blocks(model: Any, **compile_kwargs: Any) -> int:
     if not blocks:
         raise ValueError(f"{type(model).__name__} declares no transformer blocks (_no_split_modules), so compile=true "
                          "cannot apply to it; run it with compile=false")
-    for block in blocks:
-        block.compile(**compile_kwargs)
+    companion_names = set(getattr(model, "_compile_with_blocks", ())) if companions else set()
+    for module in model.modules():
+        if type(module).__name__ in names | companion_names:
+            module.compile(**compile_kwargs)
     return len(blocks)
 
 

@@ -36,7 +36,6 @@ from .protocol import MemoryModelOutput, MemoryProtocol
 
 MEMORY_KIND = "gpt2_with_memoria"
 WEIGHT_FORMS = ("exp", "neg_sq")
-_MEMORY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # memoria_side_stream's stream per device
 
 
 @strict
@@ -62,8 +61,6 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_compile               torch.compile the memory step's device work (same results; slow first step)
     memoria_fused_walk            on a GPU with Triton, the memory's graph walk as one Triton kernel (same results;
                                   on by default, ignored off a GPU)
-    memoria_side_stream           on a GPU, run the memory step on a second CUDA stream while the working memory's
-                                  keys and values are projected (same results; on by default, ignored off a GPU)
     memoria_zero_init_memory_output  start the memory cross-attention's output projection at zero, so the memory
                                   paths add nothing at initialisation (not the paper's model: an option for the
                                   sorting stall of docs/results.md)
@@ -87,7 +84,6 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_cuda_graph: bool = True
     memoria_compile: bool = False
     memoria_fused_walk: bool = True
-    memoria_side_stream: bool = True
     memoria_zero_init_memory_output: bool = False
 
     def __post_init__(self, **kwargs):
@@ -195,27 +191,31 @@ class StackedProjection(NamedTuple):
     head_dim: int
 
 
-def stack_memory_projections(blocks: nn.ModuleList, device: torch.device) -> StackedProjection | None:
-    """The blocks' memory key/value projections stacked for `project_memory`, or None when a c_attn is not a
-    stock Conv1D, has hooks or a forward of its own (an adapter, a probe, accelerate's device hooks), the blocks'
-    weights are not all on `device` (the memories' device) in one dtype (blocks spread over devices), or the
-    blocks' attentions differ in heads: each block then projects through its own module."""
+def stackable_memory_projections(blocks: nn.ModuleList, device: torch.device) -> bool:
+    """Whether `stack_memory_projections` may stand in for the blocks' memory key/value projections: not when a
+    c_attn is not a stock Conv1D, has hooks or a forward of its own (an adapter, a probe, accelerate's device
+    hooks), the blocks' weights are not all on `device` (the memories' device) in one dtype (blocks spread over
+    devices), or the blocks' attentions differ in heads: each block then projects through its own module."""
     projections = [block.memory_attn.c_attn for block in blocks]
     if not all(type(p) is Conv1D and not (p._forward_hooks or p._forward_pre_hooks or "forward" in vars(p))
                for p in projections):
-        return None
+        return False
     placement = {(p.weight.device, p.weight.dtype, p.bias.device, p.bias.dtype) for p in projections}
     heads = {(block.memory_attn.num_heads, block.memory_attn.head_dim) for block in blocks}
-    if len(placement) != 1 or len(heads) != 1 or projections[0].weight.device != device:
-        return None
-    [(nh, hd)] = heads
-    weight = torch.stack([p.weight for p in projections])  # (L, H, 2H)
-    bias = torch.stack([p.bias for p in projections])[:, None, :]  # (L, 1, 2H)
+    return len(placement) == 1 and len(heads) == 1 and projections[0].weight.device == device
+
+
+def stack_memory_projections(weights: list[torch.Tensor], biases: list[torch.Tensor], num_heads: int
+                             ) -> StackedProjection:
+    """The blocks' memory key/value projections (their c_attn weights (H, 2H) and biases (2H,), in block order)
+    stacked for `project_memory`; `stackable_memory_projections` says when this stands in for the modules."""
+    weight = torch.stack(weights)  # (L, H, 2H)
+    bias = torch.stack(biases)[:, None, :]  # (L, 1, 2H)
     device_type = weight.device.type
     if torch.is_autocast_enabled(device_type):  # cast once, before expanding (autocast would copy expanded rows)
         dtype = torch.get_autocast_dtype(device_type)
         weight, bias = weight.to(dtype), bias.to(dtype)
-    return StackedProjection(weight, bias, nh, hd)
+    return StackedProjection(weight, bias, num_heads, weight.shape[-1] // 2 // num_heads)
 
 
 def project_memory(stacked: StackedProjection, values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -253,11 +253,59 @@ def stacked_memory_projections(
 ) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
     """Every block's memory keys and values for each of `memories` (B, M_i, H): result[block][memory] = (keys,
     values), each (B, nh, M_i, hd) and contiguous (`project_memory` of each, with the projections stacked once);
-    None where `stack_memory_projections` steps aside."""
-    stacked = stack_memory_projections(blocks, memories[0].device)
-    if stacked is None:
+    None where `stackable_memory_projections` says no."""
+    if not stackable_memory_projections(blocks, memories[0].device):
         return None
+    stacked = stack_memory_projections(*memory_projection_parameters(blocks), blocks[0].memory_attn.num_heads)
     return by_block([project_memory(stacked, values) for values in memories])
+
+
+def memory_projection_parameters(blocks: nn.ModuleList) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The blocks' memory key/value projection weights and biases, in block order."""
+    return [b.memory_attn.c_attn.weight for b in blocks], [b.memory_attn.c_attn.bias for b in blocks]
+
+
+class MemoryReader(nn.Module):
+    """What the blocks read of the two memories, prepared once per segment: both `MemorySource`s and, given the
+    blocks' memory projections (stackable ones), every block's keys and values of each memory (`project_memory`).
+
+    No parameters of its own (the projections come in as arguments), so no state-dict keys. A module so that
+    `compile_blocks` compiles it with the blocks: replayed as CUDA graphs (mode=reduce-overhead), a block takes
+    the outputs of an earlier graph as they are, while every tensor made outside a graph is copied into each
+    block's graph inputs, every step: eight a block here (keys and values of both memories, their masks and
+    scales), 96 copy kernels a step for GPT-2 small, where compiled they are one graph's outputs.
+    """
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+
+    def forward(
+        self,
+        wm: torch.Tensor,
+        wm_rows: torch.Tensor,
+        remembered: torch.Tensor,
+        reminded_valid: torch.Tensor,
+        query_weights: torch.Tensor,
+        projection_weights: list[torch.Tensor] | None = None,
+        projection_biases: list[torch.Tensor] | None = None,
+    ) -> tuple[MemorySource, MemorySource, list[list[tuple[torch.Tensor, torch.Tensor]]] | None]:
+        """wm (B, W, H) the working memory, wm_rows (B,) bool its real rows; remembered (B, M, H) the reminded
+        engrams, reminded_valid (B, M) bool their real slots; query_weights (B, T) (see `memory_source`).
+        projection_weights / _biases: the blocks' memory c_attn parameters (`memory_projection_parameters`),
+        None = each block projects the memories itself.
+
+        Returns the working memory's and the reminded memory's `MemorySource`, and [block][memory] (keys, values)
+        (B, nh, M_i, hd) for the memories with slots, working memory first (`present_memories`' order), or None.
+        """
+        working_memory = memory_source(wm, None, wm_rows)
+        reminded = memory_source(remembered, reminded_valid, reminded_valid.any(dim=1), query_weights,
+                                 self.num_heads)
+        present = [values for values in (wm, remembered) if values.shape[1] > 0]
+        if projection_weights is None or not present:
+            return working_memory, reminded, None
+        stacked = stack_memory_projections(projection_weights, projection_biases, self.num_heads)
+        return working_memory, reminded, by_block([project_memory(stacked, values) for values in present])
 
 
 def memory_attention(
@@ -413,6 +461,7 @@ class GPT2WithMemoriaPreTrainedModel(GPT2PreTrainedModel):
     config_class = GPT2WithMemoriaConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["GPT2WithMemoriaBlock"]  # noqa: RUF012  (transformers class-attribute convention)
+    _compile_with_blocks = ("MemoryReader",)  # compile_blocks compiles it too: see MemoryReader
     _can_record_outputs = {}  # noqa: RUF012  (no output recording: forward returns MemoryModelOutput)
 
     def _init_weights(self, module):
@@ -443,6 +492,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             [GPT2WithMemoriaBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)]
         )
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        self.memory_reader = MemoryReader(config.num_attention_heads)
         if config.memoria_num_memories:
             self.abstractor = Abstractor(config.memoria_num_memories, self.embed_dim, 4 * self.embed_dim)
         else:
@@ -496,17 +546,6 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             compile=cfg.memoria_compile,
             fused_walk=cfg.memoria_fused_walk,
         )
-
-    def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
-        """The CUDA stream of the memory step when `memoria_side_stream` is on and the model runs on a GPU, else
-        None (the memory step runs on the current stream). One per device for the process, kept outside the model
-        (a stream does not deepcopy or pickle); each forward joins it before going on."""
-        if device.type != "cuda" or not self.config.memoria_side_stream:
-            return None
-        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-        if device not in _MEMORY_STREAMS:
-            _MEMORY_STREAMS[device] = torch.cuda.Stream(device=device)
-        return _MEMORY_STREAMS[device]
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:
         if rows is None:
@@ -645,39 +684,23 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         # (outside every block, so activation checkpointing never replays it)
         working_memory = reminded = reminded_idx = reminded_valid = memory_kv = None
         if self.prev_hidden is not None:
-            prev_hidden = self.prev_hidden
             wm_rows = self.prev_hidden_rows  # (B,)
             # WM carries gradient into the Abstractor through the working-memory attention of this segment.
             if self.abstractor is not None:
-                wm = self.abstractor(prev_hidden)  # (B, W, H)
+                wm = self.abstractor(self.prev_hidden)  # (B, W, H)
             else:
-                wm = prev_hidden  # (B, T, H): raw hidden states as working memory
+                wm = self.prev_hidden  # (B, T, H): raw hidden states as working memory
             if self.memoria is None:
                 self.memoria = self._new_memoria()
-            stream = self._side_stream(device)
-            wm_ready = None if stream is None else torch.cuda.current_stream(device).record_event()
-            working_memory = memory_source(wm, None, wm_rows)
-            # every block's memory keys and values, one batched GEMM per memory ([block] (k, v), or None): the
-            # working memory's now, queued before the memory step, so that on a side stream the two overlap
-            stacked = stack_memory_projections(self.h, device)
-            wm_kv = None if stacked is None or wm.shape[1] == 0 else project_memory(stacked, wm)
             # add the WM, remind (one device call): (B, M, H) float32, (B, M) int64, -1 = none
-            if stream is None:
-                remembered, reminded_idx = self.memoria.add_and_remind(wm, mask=wm_rows)
-            else:
-                stream.wait_event(wm_ready)  # the WM and the memory's last adjust, not the projection
-                with torch.cuda.stream(stream):
-                    remembered, reminded_idx = self.memoria.add_and_remind(wm, mask=wm_rows)
-                torch.cuda.current_stream(device).wait_stream(stream)
+            remembered, reminded_idx = self.memoria.add_and_remind(wm, mask=wm_rows)
             reminded_idx = reminded_idx.to(device)
             reminded_valid = reminded_idx >= 0  # (B, M)
-            reminded = memory_source(
-                remembered.to(device=device, dtype=dtype), reminded_valid, reminded_valid.any(dim=1),
-                query_weights, cfg.num_attention_heads,
+            # both memories as the blocks read them; every block's keys and values in one batched GEMM per memory
+            projections = memory_projection_parameters(self.h) if stackable_memory_projections(self.h, device) else ()
+            working_memory, reminded, memory_kv = self.memory_reader(
+                wm, wm_rows, remembered.to(device=device, dtype=dtype), reminded_valid, query_weights, *projections
             )
-            if wm_kv is not None:
-                per_memory = [wm_kv] + ([project_memory(stacked, reminded.values)] if remembered.shape[1] else [])
-                memory_kv = by_block(per_memory)  # [block][memory] (k, v)
 
         # --- embeddings (positions restart at 0 every segment) and the causal mask
         positions = torch.arange(T, device=device)[None, :]  # (1, T)

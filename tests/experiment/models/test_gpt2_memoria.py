@@ -816,102 +816,6 @@ def test_cuda_training_step_makes_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
-def test_memory_step_on_a_side_stream_waits_for_the_wm_and_is_joined_before_the_reminded_projection(monkeypatch):
-    """memoria_side_stream's ordering, with the CUDA stream calls stood in for on the CPU: the current stream marks
-    the working memory ready before its key/value projection is queued; the memory step runs in the side stream's
-    context after waiting for that mark (not for the projection, which then overlaps it); the current stream
-    waits for the side stream before the reminded memory is projected. The outputs are those without it."""
-    calls = []
-
-    class Stream:
-        device = torch.device("cpu")
-
-        def __init__(self, name):
-            self.name = name
-
-        def record_event(self):
-            calls.append(f"{self.name} records")
-            return "wm ready"
-
-        def wait_event(self, event):
-            calls.append(f"{self.name} waits for {event}")
-
-        def wait_stream(self, other):
-            calls.append(f"{self.name} waits for {other.name}")
-
-    side, current = Stream("side"), Stream("current")
-    active = [current]
-
-    class OnStream:
-        def __init__(self, stream):
-            self.stream = stream
-
-        def __enter__(self):
-            active.append(self.stream)
-
-        def __exit__(self, *exc):
-            active.pop()
-
-    project = gpt2_memoria.project_memory
-
-    def recording_project(stacked, values):
-        calls.append(f"project {values.shape[1]} on {active[-1].name}")
-        return project(stacked, values)
-
-    segs = segments(3)
-    reference = run(tiny_model(memoria_side_stream=False), segs)
-    model = tiny_model()
-    assert model.config.memoria_side_stream  # the default
-    monkeypatch.setattr(GPT2WithMemoriaModel, "_side_stream", lambda self, device: side)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
-    monkeypatch.setattr(torch.cuda, "stream", OnStream)
-    monkeypatch.setattr(gpt2_memoria, "project_memory", recording_project)
-    real_add_and_remind = Memoria.add_and_remind
-
-    def recording_add_and_remind(self, data, mask=None):
-        calls.append(f"memory step on {active[-1].name}")
-        return real_add_and_remind(self, data, mask)
-
-    monkeypatch.setattr(Memoria, "add_and_remind", recording_add_and_remind)
-    got = run(model, segs)
-    W, M = 4, 8
-    one_step = ["current records", f"project {W} on current", "side waits for wm ready", "memory step on side",
-                "current waits for side", f"project {M} on current"]
-    assert calls == one_step * 2  # segments 2 and 3 (the first has no memory path)
-    for a, b in zip(reference, got):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-    monkeypatch.undo()
-    assert tiny_model().transformer._side_stream(torch.device("cpu")) is None  # off a GPU: the current stream
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_memory_step_on_a_side_stream_trains_like_on_the_current_stream():
-    """memoria_side_stream on a GPU: the same losses and memory state as the memory step on the current stream
-    (graphed), over training steps with an optimizer (dropout off, deterministic ties)."""
-    segs = [x.cuda() for x in segments(10, B=4, T=12)]
-    results = {}
-    gpt2_memoria._MEMORY_STREAMS.clear()
-    for side in (False, True):
-        model = tiny_model(memoria_side_stream=side).train().cuda()
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        losses = []
-        for x in segs:
-            loss = model(x, labels=x).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.detach())
-        results[side] = (torch.stack(losses).cpu(), model.transformer.last_reminded_indices.cpu(),
-                         model.transformer.memoria.type_counts().cpu())
-        assert bool(gpt2_memoria._MEMORY_STREAMS) == side  # the side stream really ran
-    for a, b in zip(results[False], results[True]):
-        torch.testing.assert_close(a, b)
-
-
 def test_block_projects_both_memories_in_one_gemm_with_the_same_result():
     """Keys and values of the working and the reminded memory come from one c_attn call on the two side by
     side; the block's output and probabilities equal those of projecting each memory on its own."""
@@ -993,7 +897,7 @@ def test_model_with_one_stacked_projection_trains_like_per_block_projections(mon
         model = tiny_model(n_layer=3)  # in eval mode: no dropout, gradients all the same
         calls = []
         if not stacked:
-            monkeypatch.setattr(gpt2_memoria, "stack_memory_projections", lambda blocks, device: None)
+            monkeypatch.setattr(gpt2_memoria, "stackable_memory_projections", lambda blocks, device: False)
         memory_projections = {id(block.memory_attn.c_attn) for block in model.transformer.h}
         forward = Conv1D.forward  # counted on the class: a forward of the instance's own turns stacking off
 
@@ -1054,9 +958,12 @@ def test_stacked_projection_on_cuda_equals_per_block_with_gradients(precision):
                         *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
         model.zero_grad(set_to_none=True)
         wm.grad = None
-    tol = {"atol": 3e-2, "rtol": 3e-2} if precision == "bf16" else {}
     assert len(results[0]) == len(results[1]) == 4 + 1 + 2 * 4  # outputs, wm, c_attn weights and biases
     for a, b in zip(*results):
+        # bf16 rounds products and sums at 2^-8 of the operands' size, not of the element's: an element that
+        # cancels to near zero differs by a rounding step of its terms (measured on an H100: a weight gradient's
+        # element is ~0.04 in one path and 0 in the other), so the bound scales with the tensor's largest element
+        tol = {"atol": 1e-2 * b.abs().max().item(), "rtol": 3e-2} if precision == "bf16" else {}
         torch.testing.assert_close(a, b, **tol)
 
 
