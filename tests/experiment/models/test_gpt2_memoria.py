@@ -26,7 +26,6 @@ from experiment.models.gpt2_memoria import (
     stacked_memory_projections,
 )
 from experiment.models.protocol import MemoryModelOutput
-from memoria import Memoria
 
 VOCAB = 37
 ALPHA = 8.0
