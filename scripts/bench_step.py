@@ -389,8 +389,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             times = time_steps(model, optimizer, batches, device, precision, args.warmup,
                                losses=losses, clock=clock)
             peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30 if device.type == "cuda" else None
-            config = " ".join([model_name, *overrides, *(["compile=true"] if args.compile_blocks else []),
+            config = " ".join([model_name, *overrides,
                                *(["(reader eager)"] if args.compile_blocks and label in BLOCKS_ONLY else []),
+                               *(["compile=true"] if args.compile_blocks else []),
                                *([f"mode={args.compile_mode}"] if args.compile_blocks and args.compile_mode else []),
                                *([f"options={json.dumps(args.inductor_options)}"] if args.inductor_options else []),
                                *([f"blas={args.blas_library}"] if args.blas_library != "default" else [])])

@@ -5,25 +5,33 @@ import json
 from tests.scripts import load_script
 
 
-def row(model, config, ms, precision="fp32"):
-    return {"model": model, "precision": precision, "config": config, "median_ms": ms}
+def row(model, config, ms, precision="fp32", pipelined=None):
+    return {"model": model, "precision": precision, "config": config, "median_ms": ms, "pipelined_ms": pipelined}
 
 
 def test_ratios_against_the_eager_plain_step_and_the_plain_model_run_alike(tmp_path, capsys):
     graphed = 'compile=true mode=reduce-overhead options={"a": {"b": 2}}'  # JSON with spaces, as bench_step writes
     runs = {
-        "graphed.json": [row("memoria_gpt2_graphed", f"memoria_gpt2 memory.cuda_graph=true {graphed}", 45.0),
+        "graphed.json": [row("memoria_gpt2_graphed", f"memoria_gpt2 memory.cuda_graph=true {graphed}", 45.0,
+                             pipelined=44.0),
+                         row("memoria_gpt2_eager_reader",
+                             f"memoria_gpt2 memory.cuda_graph=true (reader eager) {graphed}", 46.0),
                          row("gpt2", f"gpt2 {graphed}", 30.0)],
         "eager.json": [row("memoria_gpt2_graphed", "memoria_gpt2 memory.cuda_graph=true", 52.0),
-                       row("gpt2", "gpt2", 36.0), row("gpt2", "gpt2", 20.0, "bf16"),
+                       row("gpt2", "gpt2", 36.0, pipelined=35.2), row("gpt2", "gpt2", 20.0, "bf16"),
                        row("memoria_gpt2_graphed", "memoria_gpt2 memory.cuda_graph=true", 18.0, "bf16")],
     }
     for name, rows in runs.items():
         (tmp_path / name).write_text(json.dumps(rows))
     entries = load_script("step_ratios").main([str(tmp_path / n) for n in runs] + [str(tmp_path / "missing.json")])
-    by = {(e["settings"], e["precision"]): e for e in entries}
+    by = {(e["model"], e["settings"], e["precision"]): e for e in entries}
+    by = {key[1:]: e for key, e in by.items() if key[0] == "memoria_gpt2_graphed"}
+    reader_eager = next(e for e in entries if e["model"] == "memoria_gpt2_eager_reader")
+    assert reader_eager["settings"] == graphed and reader_eager["x_plain_alike"] == 46.0 / 30.0
     assert set(by) == {(graphed, "fp32"), ("eager", "fp32"), ("eager", "bf16")}
     assert by[graphed, "fp32"]["x_plain_eager"] == 45.0 / 36.0 and by[graphed, "fp32"]["x_plain_alike"] == 1.5
+    assert by[graphed, "fp32"]["x_plain_eager_pipelined"] == 44.0 / 35.2  # pipelined against pipelined
+    assert by["eager", "fp32"]["x_plain_eager_pipelined"] is None  # no pipelined time in that row
     assert by["eager", "fp32"]["x_plain_alike"] == 52.0 / 36.0
     assert by["eager", "bf16"]["x_plain_eager"] == 18.0 / 20.0
     out = capsys.readouterr()
