@@ -21,8 +21,9 @@ there), so read the totals as close to the GPU's, not equal.
 
 `--blocks MODEL` counts instead the compiled transformer blocks of a model of `scripts/bench_step.py` (full size,
 training mode, two steps: the first segment has no memory, the second has): per compiled graph, forward and
-backward. On the CPU, scaled-dot-product attention is decomposed into matmuls and a softmax, where a GPU calls its
-fused kernel, so read the plain GPT-2 block's attention (and Memoria's under bf16) as larger than on a GPU;
+backward; then the modules compiled with the blocks (Memoria GPT-2's memory reader), compiled alone. On the
+CPU, scaled-dot-product attention is decomposed into matmuls and a softmax, where a GPU calls its fused kernel,
+so read the plain GPT-2 block's attention (and Memoria's under bf16) as larger than on a GPU;
 Memoria's float32 memory attentions are written out on both.
 
 Examples:
@@ -246,28 +247,44 @@ def report(rows: list[dict], args: argparse.Namespace, argv, header: dict) -> li
 
 def block_census(model_name: str, batch_size: int, tiny: bool = False) -> list[dict]:
     """Rows for each graph inductor compiles for the model's blocks over two training steps (a block's forward
-    and backward without memory, then with it, for Memoria GPT-2)."""
+    and backward without memory, then with it, for Memoria GPT-2), then for each module compiled with the blocks
+    (`_compile_with_blocks`: Memoria GPT-2's memory reader), compiled alone on a fresh model."""
     import torch.nn.functional as F
     from bench_step import MODELS, build
 
-    from experiment.models import compile_blocks
+    from experiment.models import compile_blocks, with_inductor_options
 
     model_cfg, memory_cfg, overrides = MODELS[model_name]
     seq_len, vocab_size = (16, 1000) if tiny else (150, 50257)
     if tiny:
         model_cfg, memory_cfg = f"{model_cfg}_tiny", "tiny"
-    torch.manual_seed(0)
-    model = build(model_cfg, memory_cfg, overrides, vocab_size, torch.device("cpu")).train()
     generate_gpu_style_code()
     log = capture_output_code()
-    compile_blocks(model, companions=False)  # the blocks alone (Memoria GPT-2's memory reader stays eager)
-    ids = torch.randint(vocab_size, (batch_size, seq_len))
-    for _ in range(2):  # the stub kernels compute nothing: the losses are garbage, the code is what counts
-        logits = model(ids).logits[:, :-1]
-        F.cross_entropy(logits.reshape(-1, vocab_size).float(), ids[:, 1:].reshape(-1)).backward()
-        model.zero_grad(set_to_none=True)
-    names = [re.search(r"AOT ID: \['([^']+)'\]", code).group(1) for code in log.modules]
-    return [count_row(f"block {name}", code) for name, code in zip(names, log.modules)]
+
+    def compiled_rows(prefix: str, compile_model) -> list[dict]:
+        torch._dynamo.reset()
+        log.modules.clear()
+        torch.manual_seed(0)
+        model = build(model_cfg, memory_cfg, overrides, vocab_size, torch.device("cpu")).train()
+        compile_model(model)
+        ids = torch.randint(vocab_size, (batch_size, seq_len))
+        for _ in range(2):  # the stub kernels compute nothing: the losses are garbage, the code is what counts
+            logits = model(ids).logits[:, :-1]
+            F.cross_entropy(logits.reshape(-1, vocab_size).float(), ids[:, 1:].reshape(-1)).backward()
+            model.zero_grad(set_to_none=True)
+        names = [re.search(r"AOT ID: \['([^']+)'\]", code).group(1) for code in log.modules]
+        return [count_row(f"{prefix} {name}", code) for name, code in zip(names, log.modules)]
+
+    rows = compiled_rows("block", lambda model: compile_blocks(model, companions=False))
+    companions = set(getattr(build(model_cfg, memory_cfg, overrides, vocab_size, torch.device("cpu")),
+                             "_compile_with_blocks", ()))
+    for companion in sorted(companions):
+        def compile_companion(model, companion=companion):
+            for module in model.modules():
+                if type(module).__name__ == companion:
+                    module.compile(**with_inductor_options({}, getattr(module, "inductor_options", None)))
+        rows += compiled_rows(companion, compile_companion)
+    return rows
 
 
 def capture_output_code() -> CodeLog:

@@ -50,9 +50,21 @@ def compile_blocks(model: Any, companions: bool = True, **compile_kwargs: Any) -
                          "cannot apply to it; run it with compile=false")
     companion_names = set(getattr(model, "_compile_with_blocks", ())) if companions else set()
     for module in model.modules():
-        if type(module).__name__ in names | companion_names:
+        if type(module).__name__ in names:
             module.compile(**compile_kwargs)
+        elif type(module).__name__ in companion_names:
+            module.compile(**with_inductor_options(compile_kwargs, getattr(module, "inductor_options", None)))
     return len(blocks)
+
+
+def with_inductor_options(compile_kwargs: dict[str, Any], options: dict | None) -> dict[str, Any]:
+    """`compile_kwargs` (of `torch.compile`) with inductor `options` of a module's own added under them (the
+    given ones win); unchanged for another backend."""
+    if not options or compile_kwargs.get("backend", "inductor") != "inductor":
+        return compile_kwargs
+    kwargs = dict(compile_kwargs)
+    mode, given = kwargs.pop("mode", None), kwargs.pop("options", None) or {}
+    return {**kwargs, **compile_settings(mode, {**options, **given})}
 
 
 def compile_settings(mode: str | None = None, options: dict | None = None) -> dict[str, Any]:

@@ -276,6 +276,11 @@ class MemoryReader(nn.Module):
     scales), 96 copy kernels a step for GPT-2 small, where compiled they are one graph's outputs.
     """
 
+    # Compiled, every cat of the graph as one kernel: the stacks of the blocks' 12 weights and 12 biases, and
+    # backward of the 48 keys' and values' gradients, would otherwise be one copy kernel per tensor (inductor's
+    # ConcatKernel past 8 inputs): 72 launches a step where this makes 6.
+    inductor_options = {"force_pointwise_cat": True}  # noqa: RUF012  (read by compile_blocks)
+
     def __init__(self, num_heads: int):
         super().__init__()
         self.num_heads = num_heads

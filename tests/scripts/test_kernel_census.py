@@ -49,7 +49,12 @@ def test_counts_a_models_compiled_blocks(tmp_path):
     copies for its attentions' layouts only: q and the output of each attention (a block that laid out its own
     memory keys and values had 13)."""
     rows = {row["call"]: row for row in census(tmp_path, "--blocks", "memoria_gpt2", "--tiny")["rows"]}
+    reader = {name.split()[1].split("_")[1]: rows.pop(name) for name in list(rows) if name.startswith("MemoryReader")}
     assert list(rows) == ["block 0_forward", "block 0_backward", "block 1_forward", "block 1_backward"]
+    # the memory reader: both memories' batched projections, and its stacks (the blocks' weights and biases;
+    # backward, the keys' and values' gradients) as one kernel each (without its inductor options, 2 + 4 more)
+    assert reader["forward"]["calls_by_op"] == {"baddbmm": 2} and reader["forward"]["triton_kernels"] <= 7
+    assert reader["backward"]["calls_by_op"] == {"bmm": 3} and reader["backward"]["triton_kernels"] <= 6
     forward = rows["block 1_forward"]
     assert forward["calls_by_op"] == {"addmm": 8, "bmm": 6}
     assert sum(n for kernel, n in forward["kernels"].items() if "clone" in kernel) <= 8

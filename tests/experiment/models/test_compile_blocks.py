@@ -69,6 +69,21 @@ def test_compile_blocks_compiles_the_models_companions_unless_told_not_to():
     torch._dynamo.reset()
 
 
+def test_companions_compile_with_their_inductor_options_under_the_modes(monkeypatch):
+    """MemoryReader's inductor options (every cat as one kernel) join the mode's options; the blocks get the
+    given settings as they are; another backend gets no inductor options."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
+    model = build_model(compose_config(["model=memoria_gpt2_tiny", "memory=tiny"]).model, vocab_size=40)
+    compile_blocks(model, mode="reduce-overhead")
+    by_class = {name: kw for name, kw in calls}
+    assert by_class["GPT2WithMemoriaBlock"] == {"mode": "reduce-overhead"}
+    assert by_class["MemoryReader"] == {"options": {"triton.cudagraphs": True, "force_pointwise_cat": True}}
+    calls.clear()
+    compile_blocks(model, backend="eager")
+    assert {name: kw for name, kw in calls}["MemoryReader"] == {"backend": "eager"}
+
+
 class Recorder:
     """A torch.compile backend that runs the traced graph as it is and records, per call, the storages of its
     inputs and outputs (what CUDA graph trees look at to decide what to copy into a graph's inputs)."""
