@@ -8,7 +8,8 @@
 #      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt),
 #      then the same with every transformer block compiled (compile=true), fp32 then bf16;
 #   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead; Memoria's step graphed,
-#      its memory reader compiled with the blocks and, as the control, left eager; fp32) against the eager step
+#      its memory reader compiled with the blocks and, as the control, left eager; also the memory step compiled
+#      + graphed; fp32) against the eager step
 #      with fused Adam (fp32 and bf16), two rounds in turn; each timed per phase (memory read, blocks, memory
 #      write, head + loss, backward, optimizer; CUDA events), and also back to back with one sync at the end
 #      (--pipelined); profiles of both (what is left between the graphs);
@@ -138,7 +139,7 @@ say "5. bench_step fp32: compiled blocks as CUDA graphs (reduce-overhead)"
 # shellcheck disable=SC2086
 timeout $(limit 300) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 ${STEP_ARGS:-} \
   --compile-blocks --compile-mode reduce-overhead --phases \
-  --models memoria_gpt2_graphed memoria_gpt2_eager_reader gpt2 \
+  --models memoria_gpt2_graphed memoria_gpt2_eager_reader memoria_gpt2_compiled gpt2 \
   --pipelined --precisions fp32 --json "$OUT/bench_step_reduce_overhead.json" \
   --profile "$OUT/profile_step_reduce_overhead.txt" 2>&1 | grep -v Warning | tail -26 | tee -a "$LOG"
 say "5b. bench_step: eager, fused Adam"
