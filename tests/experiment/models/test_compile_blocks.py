@@ -174,3 +174,41 @@ def test_cuda_graphed_blocks_copy_no_memory_input_with_the_reader_compiled():
         pytest.skip("this torch does not count CUDA graph trees' copied inputs")
     assert results[False][0] - results[True][0] >= 8 * model.config.n_layer - 5, results
     torch.testing.assert_close(results[False][1], results[True][1])
+
+
+def test_memory_reader_compiled_with_its_options_computes_what_it_computes_eagerly():
+    """The reader compiled by inductor with its own options (every cat as one kernel) on the CPU: the same
+    sources, keys and values, and the same gradients for the working memory and the blocks' projections."""
+    from experiment.models.gpt2_memoria import MemoryReader, memory_projection_parameters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(compose_config(["model=memoria_gpt2_tiny", "memory=tiny"]).model, vocab_size=40)
+    blocks, H = model.transformer.h, model.config.n_embd
+    B, W, M, T = 2, 3, 5, 7
+    wm = torch.randn(B, W, H, requires_grad=True)
+    remembered = torch.randn(B, M, H)
+    valid = torch.rand(B, M) > 0.3
+    weights = torch.rand(B, T).softmax(-1)
+    rows = torch.tensor([True, False])
+    results = []
+    for compiled in (False, True):
+        reader = MemoryReader(model.config.n_head)
+        if compiled:
+            reader.compile(options=reader.inductor_options)
+        working, reminded, kv = reader(wm, rows, remembered, valid, weights, *memory_projection_parameters(blocks))
+        loss = sum((k * k.new_tensor(range(k.numel())).view_as(k).sin()).sum() + (v ** 2).sum()
+                   for block_kv in kv for k, v in block_kv)
+        loss.backward()
+        params = [p for block in blocks for p in (block.memory_attn.c_attn.weight, block.memory_attn.c_attn.bias)]
+        results.append([*working[1:3], *reminded[1:], *(t for block_kv in kv for pair in block_kv for t in pair),
+                        wm.grad.clone(), *(p.grad.clone() for p in params)])
+        wm.grad = None
+        model.zero_grad(set_to_none=True)
+    assert len(results[0]) == len(results[1])
+    for a, b in zip(*results):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
