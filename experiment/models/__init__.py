@@ -42,7 +42,8 @@ def compile_blocks(model: Any, companions: bool = True, **compile_kwargs: Any) -
     `_compile_with_blocks` names (what prepares the blocks' inputs, parameter-free: see
     gpt2_memoria.MemoryReader). What else runs between blocks (embeddings, the memory bookkeeping, the head)
     stays eager, so carried memory needs no special care. State-dict keys do not change. Returns the number of
-    blocks compiled; `compile_kwargs` go to `nn.Module.compile` (e.g. backend, mode)."""
+    blocks compiled; `compile_kwargs` go to `nn.Module.compile` (e.g. backend, mode), with a module class's own
+    `inductor_options` (a dict) added under the inductor backend."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [module for module in model.modules() if type(module).__name__ in names]
     if not blocks:
@@ -50,9 +51,7 @@ def compile_blocks(model: Any, companions: bool = True, **compile_kwargs: Any) -
                          "cannot apply to it; run it with compile=false")
     companion_names = set(getattr(model, "_compile_with_blocks", ())) if companions else set()
     for module in model.modules():
-        if type(module).__name__ in names:
-            module.compile(**compile_kwargs)
-        elif type(module).__name__ in companion_names:
+        if type(module).__name__ in names | companion_names:
             module.compile(**with_inductor_options(compile_kwargs, getattr(module, "inductor_options", None)))
     return len(blocks)
 

@@ -70,8 +70,8 @@ def test_compile_blocks_compiles_the_models_companions_unless_told_not_to():
 
 
 def test_companions_compile_with_their_inductor_options_under_the_modes(monkeypatch):
-    """MemoryReader's inductor options (every cat as one kernel) join the mode's options; the blocks get the
-    given settings as they are; another backend gets no inductor options."""
+    """MemoryReader's inductor options (every cat as one kernel) join the mode's options; the blocks, which have
+    none, get the given settings as they are; another backend gets no inductor options."""
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
     model = build_model(compose_config(["model=memoria_gpt2_tiny", "memory=tiny"]).model, vocab_size=40)
@@ -82,6 +82,11 @@ def test_companions_compile_with_their_inductor_options_under_the_modes(monkeypa
     calls.clear()
     compile_blocks(model, backend="eager")
     assert {name: kw for name, kw in calls}["MemoryReader"] == {"backend": "eager"}
+    calls.clear()  # a block class's own options join the same way
+    monkeypatch.setattr(type(model.transformer.h[0]), "inductor_options", {"max_autotune_gemm": True}, raising=False)
+    compile_blocks(model, mode="reduce-overhead")
+    assert {name: kw for name, kw in calls}["GPT2WithMemoriaBlock"] == {
+        "options": {"triton.cudagraphs": True, "max_autotune_gemm": True}}
 
 
 class Recorder:
