@@ -26,8 +26,9 @@
 #  10. part 5's graphed blocks in bf16 (both models);
 #  11. scripts/bench_gemm.py: every GEMM of one fp32 training step of each model, timed alone shape by shape under
 #      cuBLAS and cuBLASLt (and TF32, for reference): which shapes lose efficiency, and whether a library helps;
-#  12. part 5's fp32 graphed blocks with max_autotune_gemm (both models): inductor times cuBLAS against its own
-#      Triton GEMM templates (exact fp32, no TF32) shape by shape and keeps the faster; compiling takes minutes;
+#  12. part 5's fp32 graphed Memoria GPT-2 with max_autotune_gemm: inductor times cuBLAS against its own Triton GEMM
+#      templates (exact fp32, no TF32) shape by shape and keeps the faster; compiling takes minutes;
+#   9, 12: each also times the eager plain baseline when the call has not (part 5b), and prints the ratios;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -156,6 +157,14 @@ say "Memoria GPT-2 against plain GPT-2 (scripts/step_ratios.py, this call's benc
 $PY scripts/step_ratios.py "$OUT"/bench_step*.json 2>&1 | tee -a "$LOG"
 }
 
+# the baseline of the ratios (eager plain GPT-2, fused Adam, fp32) when this call has not timed it yet (part 5b)
+plain_eager_baseline() {
+[ -f "$OUT/bench_step_fused.json" ] || [ -f "$OUT/bench_step_plain_eager.json" ] && return 0
+say "eager plain GPT-2, fp32 (the ratios' baseline)"
+timeout $(limit 90) $PY scripts/bench_step.py --warmup 20 --steps 30 --models gpt2 --precisions fp32 --pipelined \
+  --json "$OUT/bench_step_plain_eager.json" 2>&1 | tail -4 | tee -a "$LOG"
+}
+
 # ---------------------------------------------------------------- 10. part 5's graphed blocks in bf16
 part10() {
 say "10. bench_step bf16: compiled blocks as CUDA graphs (reduce-overhead)"
@@ -200,9 +209,11 @@ timeout $(limit 90) $PY scripts/bench_memory_kv.py 2>&1 | grep -v "^\[transforme
 part9() {
 say "9. bench_step fp32, blocks as CUDA graphs, with inductor's batch_linear_post_grad fusion"
 timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks \
-  --compile-mode reduce-overhead --precisions fp32 --models memoria_gpt2_graphed --phases \
+  --compile-mode reduce-overhead --precisions fp32 --models memoria_gpt2_graphed --phases --pipelined \
   --inductor-options '{"post_grad_fusion_options": {"batch_linear_post_grad": {"min_fuse_set_size": 2}}}' \
   --json "$OUT/bench_step_batch_fusion.json" 2>&1 | grep -v Warning | tail -12 | tee -a "$LOG"
+plain_eager_baseline
+step_ratios
 }
 
 # ---------------------------------------------------------------- 11. the step's GEMMs, shape by shape, per BLAS library
@@ -220,9 +231,10 @@ timeout $(limit 150) $PY scripts/bench_gemm.py --tf32 --json "$OUT/bench_gemm.js
 part12() {
 say "12. bench_step fp32: blocks compiled with autotuned GEMMs (max_autotune_gemm; CUDA graphs)"
 timeout $(limit 360) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-blocks --compile-mode reduce-overhead \
-  --inductor-options '{"max_autotune_gemm": true}' --precisions fp32 --models memoria_gpt2_graphed gpt2 --phases \
-  --json "$OUT/bench_step_autotuned_gemm.json" 2>&1 | grep -v Warning | grep -v "^  triton_\|AUTOTUNE" | tail -14 \
-  | tee -a "$LOG"
+  --inductor-options '{"max_autotune_gemm": true}' --precisions fp32 --models memoria_gpt2_graphed --phases \
+  --pipelined --json "$OUT/bench_step_autotuned_gemm.json" 2>&1 | grep -v Warning | grep -v "^  triton_\|AUTOTUNE" \
+  | tail -10 | tee -a "$LOG"
+plain_eager_baseline
 step_ratios
 }
 
