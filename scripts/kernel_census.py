@@ -275,9 +275,13 @@ def block_census(model_name: str, batch_size: int, tiny: bool = False) -> list[d
         names = [re.search(r"AOT ID: \['([^']+)'\]", code).group(1) for code in log.modules]
         return [count_row(f"{prefix} {name}", code) for name, code in zip(names, log.modules)]
 
-    rows = compiled_rows("block", lambda model: compile_blocks(model, companions=False))
-    companions = set(getattr(build(model_cfg, memory_cfg, overrides, vocab_size, torch.device("cpu")),
-                             "_compile_with_blocks", ()))
+    companions = []
+
+    def compile_only_blocks(model):
+        companions.extend(getattr(model, "_compile_with_blocks", ()))
+        compile_blocks(model, companions=False)
+
+    rows = compiled_rows("block", compile_only_blocks)
     for companion in sorted(companions):
         def compile_companion(model, companion=companion):
             for module in model.modules():

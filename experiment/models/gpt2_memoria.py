@@ -243,21 +243,23 @@ def project_memory(stacked: StackedProjection, values: torch.Tensor) -> list[tup
     return list(zip(kv[0].unbind(0), kv[1].unbind(0)))  # L x (keys, values) (B, nh, M, hd)
 
 
-def by_block(per_memory: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[list[tuple[torch.Tensor, ...]]]:
-    """`project_memory`'s results, one list per memory, regrouped per block: result[block][memory] = (k, v)."""
+def project_memories(weights: list[torch.Tensor], biases: list[torch.Tensor], num_heads: int,
+                     memories: list[torch.Tensor]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Every block's keys and values of each of `memories` (B, M_i, H), given the blocks' memory projections
+    (`memory_projection_parameters`): result[block][memory] = (keys, values), each (B, nh, M_i, hd) and contiguous
+    (`project_memory` of each memory, with the projections stacked once)."""
+    stacked = stack_memory_projections(weights, biases, num_heads)
+    per_memory = [project_memory(stacked, values) for values in memories]
     return [list(block_kv) for block_kv in zip(*per_memory)]
 
 
 def stacked_memory_projections(
     blocks: nn.ModuleList, memories: list[torch.Tensor]
 ) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
-    """Every block's memory keys and values for each of `memories` (B, M_i, H): result[block][memory] = (keys,
-    values), each (B, nh, M_i, hd) and contiguous (`project_memory` of each, with the projections stacked once);
-    None where `stackable_memory_projections` says no."""
+    """`project_memories` with the projections of `blocks`, or None where `stackable_memory_projections` says no."""
     if not stackable_memory_projections(blocks, memories[0].device):
         return None
-    stacked = stack_memory_projections(*memory_projection_parameters(blocks), blocks[0].memory_attn.num_heads)
-    return by_block([project_memory(stacked, values) for values in memories])
+    return project_memories(*memory_projection_parameters(blocks), blocks[0].memory_attn.num_heads, memories)
 
 
 def memory_projection_parameters(blocks: nn.ModuleList) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -267,7 +269,7 @@ def memory_projection_parameters(blocks: nn.ModuleList) -> tuple[list[nn.Paramet
 
 class MemoryReader(nn.Module):
     """What the blocks read of the two memories, prepared once per segment: both `MemorySource`s and, given the
-    blocks' memory projections (stackable ones), every block's keys and values of each memory (`project_memory`).
+    blocks' memory projections (stackable ones), every block's keys and values of each memory (`project_memories`).
 
     No parameters of its own (the projections come in as arguments), so no state-dict keys. A module so that
     `compile_blocks` compiles it with the blocks: replayed as CUDA graphs (mode=reduce-overhead), a block takes
@@ -306,11 +308,11 @@ class MemoryReader(nn.Module):
         working_memory = memory_source(wm, None, wm_rows)
         reminded = memory_source(remembered, reminded_valid, reminded_valid.any(dim=1), query_weights,
                                  self.num_heads)
-        present = [values for values in (wm, remembered) if values.shape[1] > 0]
+        present = [src.values for src in present_memories(working_memory, reminded)]
         if projection_weights is None or not present:
             return working_memory, reminded, None
-        stacked = stack_memory_projections(projection_weights, projection_biases, self.num_heads)
-        return working_memory, reminded, by_block([project_memory(stacked, values) for values in present])
+        return working_memory, reminded, project_memories(projection_weights, projection_biases, self.num_heads,
+                                                          present)
 
 
 def memory_attention(
@@ -409,11 +411,10 @@ class GPT2WithMemoriaBlock(GPT2Block):
         reminded_probs = None
         sources = present_memories(working_memory, reminded)
         if sources:
-            kvs = memory_kv
-            if kvs is None:  # both memories in one projection (the shared module's c_attn), in source order
+            if memory_kv is None:  # both memories in one projection (the shared module's c_attn), in source order
                 joint_kv = self.memory_attn.c_attn(joint_memory_values(working_memory, reminded))
-                kvs = memory_keys_values(self.memory_attn, joint_kv, [src.values.shape[1] for src in sources])
-            for source, keys_values in zip(sources, kvs):
+                memory_kv = memory_keys_values(self.memory_attn, joint_kv, [src.values.shape[1] for src in sources])
+            for source, keys_values in zip(sources, memory_kv):
                 if source is working_memory:
                     wm_out, _ = memory_attention(self.memory_attn, self.ln_wm(h), source, keys_values)
                     h = h + wm_out
