@@ -147,12 +147,11 @@ def record_step(label: str, tiny: bool, device: torch.device, precision: str, se
     torch.manual_seed(seed)
     model = bench_step.build(model_name, memory_name, overrides, vocab, device)
     optimizer = bench_step.make_optimizer(model, "task")
-    generator = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(vocab, (batch, seq), generator=generator).to(device) for _ in range(5)]
+    batches = bench_step.make_batches(5, batch, seq, vocab, seed, device)
     autocast = bench_step.autocast_for(device, precision)
     model.train()
-    for input_ids in batches[:-1]:
-        bench_step.train_step(model, optimizer, input_ids, autocast)
+    for step_batch in batches[:-1]:
+        bench_step.train_step(model, optimizer, step_batch, autocast)
     recorder = GemmRecorder()
     with recorder:
         bench_step.train_step(model, optimizer, batches[-1], autocast)

@@ -1,8 +1,10 @@
 """Time one training step of Memoria GPT-2 against plain GPT-2 at the WikiText-103 shape, fp32 and bf16.
 
-One step = forward of one segment (the model carries its memory from the previous step), cross-entropy over the
-T - 1 in-segment predictions, backward, gradient clipping to 1.0, Adam step, zero grad: what the LM task does per
-optimizer step, without Lightning's loop around it. Inputs are random token ids from a private generator.
+One step = forward of one segment (the model carries its memory from the previous step), the LM task's loss (its
+`token_nll`: every one of the T positions scored against the next token, labels aligned with the inputs as the
+task's data gives them), backward, gradient clipping to 1.0, Adam step, zero grad: what the LM task does per
+optimizer step, without Lightning's loop around it. Inputs are random windows of T + 1 token ids from a private
+generator (inputs = the first T, labels = the last T).
 
 Shapes (experiments.md §b.1, §b.2):
     default   12 layers x 768 wide x 12 heads, vocab 50257, batch 8, 150 tokens; Memoria with memory=lm
@@ -41,7 +43,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402  (after the sys.path insert above)
-import torch.nn.functional as F  # noqa: E402
 
 MODELS = {  # label -> (model config, memory config, more overrides) at full and tiny size
     "memoria_gpt2": ("memoria_gpt2", "lm", []),
@@ -151,13 +152,27 @@ class PhaseClock:
             handle.remove()
 
 
-def train_step(model, optimizer, input_ids: torch.Tensor, autocast, mark=lambda: None) -> torch.Tensor:
-    """One training step (forward, loss, backward, clip, Adam, zero grad); returns the loss, not read back."""
+def make_batches(count: int, batch_size: int, seq_len: int, vocab_size: int, seed: int, device: torch.device
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` (input_ids, labels) pairs, each (B, T): random windows of T + 1 tokens, labels = inputs shifted by
+    one (both contiguous, as the LM task's batches are)."""
+    generator = torch.Generator().manual_seed(seed)
+    windows = [torch.randint(vocab_size, (batch_size, seq_len + 1), generator=generator) for _ in range(count)]
+    return [(w[:, :-1].contiguous().to(device), w[:, 1:].contiguous().to(device)) for w in windows]
+
+
+def train_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], autocast, mark=lambda: None
+               ) -> torch.Tensor:
+    """One training step (forward, loss, backward, clip, Adam, zero grad) on `batch` = (input_ids, labels); returns
+    the loss, not read back. The loss is the LM task's: mean NLL over the scored tokens (+ the model's aux loss)."""
+    from experiment.tasks.language_modeling import token_nll
+
+    input_ids, labels = batch
     torch.compiler.cudagraph_mark_step_begin()  # a new iteration for compiled blocks' CUDA graphs (if any)
     with autocast:
         output = model(input_ids)
-        logits = output.logits[:, :-1]  # (B, T-1, V): the reference scores T - 1 predictions per segment
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
+        nll_sum, tokens = token_nll(output.logits, labels)
+        loss = nll_sum / tokens.clamp(min=1)
         if output.aux_loss is not None:
             loss = loss + output.aux_loss
     mark()
@@ -185,11 +200,11 @@ def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: boo
     autocast = autocast_for(device, dtype)
     mark = clock.mark if clock is not None else (lambda: None)
     times = []
-    for i, input_ids in enumerate(batches):
+    for i, batch in enumerate(batches):
         synchronize(device)
         start = time.perf_counter()
         mark()
-        loss = train_step(model, optimizer, input_ids, autocast, mark)
+        loss = train_step(model, optimizer, batch, autocast, mark)
         mark()
         synchronize(device)
         if i >= warmup:
@@ -210,7 +225,7 @@ def time_pipelined(model, optimizer, batches, device, dtype) -> tuple[float, lis
     autocast = autocast_for(device, dtype)
     synchronize(device)
     start = time.perf_counter()
-    losses = [train_step(model, optimizer, input_ids, autocast) for input_ids in batches]
+    losses = [train_step(model, optimizer, batch, autocast) for batch in batches]
     synchronize(device)
     return (time.perf_counter() - start) / len(batches), [loss.item() for loss in losses]
 
@@ -364,9 +379,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     batch_size = args.batch_size or (2 if args.tiny else 8)
     seq_len = args.seq_len or (16 if args.tiny else 150)
     vocab_size = 1000 if args.tiny else 50257
-    generator = torch.Generator().manual_seed(args.seed)
-    batches = [torch.randint(vocab_size, (batch_size, seq_len), generator=generator).to(device)
-               for _ in range(args.warmup + args.steps)]
+    batches = make_batches(args.warmup + args.steps, batch_size, seq_len, vocab_size, args.seed, device)
 
     # Every (model, precision) pair is built and warmed up first; then `--rounds` rounds time `--steps` steps of
     # each pair in turn, so a drift of the machine (a shared, noisy host) spreads over all pairs alike.

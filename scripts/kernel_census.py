@@ -249,10 +249,10 @@ def block_census(model_name: str, batch_size: int, tiny: bool = False) -> list[d
     """Rows for each graph inductor compiles for the model's blocks over two training steps (a block's forward
     and backward without memory, then with it, for Memoria GPT-2), then for each module compiled with the blocks
     (`_compile_with_blocks`: Memoria GPT-2's memory reader), compiled alone on a fresh model."""
-    import torch.nn.functional as F
-    from bench_step import MODELS, build
+    from bench_step import MODELS, build, make_batches
 
     from experiment.models import compile_blocks, with_inductor_options
+    from experiment.tasks.language_modeling import token_nll
 
     model_cfg, memory_cfg, overrides = MODELS[model_name]
     seq_len, vocab_size = (16, 1000) if tiny else (150, 50257)
@@ -267,10 +267,9 @@ def block_census(model_name: str, batch_size: int, tiny: bool = False) -> list[d
         torch.manual_seed(0)
         model = build(model_cfg, memory_cfg, overrides, vocab_size, torch.device("cpu")).train()
         compile_model(model)
-        ids = torch.randint(vocab_size, (batch_size, seq_len))
+        [(ids, labels)] = make_batches(1, batch_size, seq_len, vocab_size, 0, torch.device("cpu"))
         for _ in range(2):  # the stub kernels compute nothing: the losses are garbage, the code is what counts
-            logits = model(ids).logits[:, :-1]
-            F.cross_entropy(logits.reshape(-1, vocab_size).float(), ids[:, 1:].reshape(-1)).backward()
+            token_nll(model(ids).logits, labels)[0].backward()
             model.zero_grad(set_to_none=True)
         names = [re.search(r"AOT ID: \['([^']+)'\]", code).group(1) for code in log.modules]
         return [count_row(f"{prefix} {name}", code) for name, code in zip(names, log.modules)]

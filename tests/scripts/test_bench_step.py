@@ -98,7 +98,7 @@ def test_pipelined_steps_are_the_same_steps_back_to_back(capsys):
     assert all(r["pipelined_ms"] > 0 for r in rows) and rows[1]["x_plain_pipelined"] == 1.0
     assert "pipelined ms" in capsys.readouterr().out
     # the same training as the synchronised steps: equal losses from the same start
-    batches = [torch.randint(1000, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    batches = bench.make_batches(4, 2, 16, 1000, 0, torch.device("cpu"))
     losses = {}
     for pipelined in (False, True):
         torch.manual_seed(0)
