@@ -27,9 +27,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             f"labels must have shape {tuple(logits.shape[:2])} (B, T) like input_ids, "
             f"got {tuple(labels.shape)}"
         )
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)  # (B*(T-1),)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    # The labels move, not the logits: logits[:, :-1] cannot be flattened without a copy (B x T x V floats, and
+    # as many again backward); the last position scores nothing instead.
+    shift_labels = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100)  # (B, T)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shift_labels.reshape(-1), ignore_index=-100)
 
 
 class GPT2LMHeadModel(HFGPT2LMHeadModel, MemoryProtocol):

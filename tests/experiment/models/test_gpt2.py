@@ -111,3 +111,19 @@ def test_causal_lm_loss_checks_shapes_and_shifts():
     assert good.item() < 1e-3 < bad.item()
     with pytest.raises(ValueError, match="labels"):
         causal_lm_loss(logits, torch.tensor([[0, 2]]))
+
+
+def test_causal_lm_loss_equals_the_mean_over_the_shifted_predictions_with_gradients():
+    """The last position scores nothing and -100 labels are skipped: the same mean cross-entropy, and the same
+    gradient, as slicing the T - 1 predicting positions out of the logits."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[1, 2:4] = -100
+    loss = causal_lm_loss(logits, labels)
+    (grad,) = torch.autograd.grad(loss, logits)
+    sliced = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    (sliced_grad,) = torch.autograd.grad(sliced, logits)
+    torch.testing.assert_close(loss, sliced)
+    torch.testing.assert_close(grad, sliced_grad)
+    assert grad[:, -1].abs().max() == 0  # the last position predicts nothing in the segment
