@@ -67,3 +67,16 @@ def test_bad_arguments():
         Abstractor(0, 4, 4)
     with pytest.raises(ValueError, match="expects"):
         Abstractor(2, 4, 4)(torch.randn(2, 4))
+
+
+def test_output_keeps_the_autocast_dtype():
+    """The output layer's bias, added after its product, follows the product's dtype: under autocast the engrams
+    come out in the autocast dtype as from a Linear with its bias."""
+    torch.manual_seed(0)
+    a = Abstractor(3, 8, 16)
+    x = torch.randn(2, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = a(x)
+        expect = a.output(a.feedforward(a.value_transform(torch.zeros(2, 3, 8))))  # a Linear's dtype under autocast
+    assert out.dtype == expect.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), a(x), atol=3e-2, rtol=3e-2)
