@@ -12,7 +12,7 @@
 #      + graphed; fp32) against the eager step
 #      with fused Adam (fp32 and bf16), two rounds in turn; each timed per phase (memory read, blocks, memory
 #      write, head + loss, backward, optimizer; CUDA events), and also back to back with one sync at the end
-#      (--pipelined); profiles of both (what is left between the graphs);
+#      (--pipelined); profiles of both (what is left between the graphs); then the LM loss alone (bench_loss.py);
 #   6. profiles of the graphed memory step (LM, the models' path: add and remind as one call, compiled + graphed
 #      and graphed; then compiled + graphed scoring the gathered candidates instead of every slot, and with add
 #      and remind as two calls): kernels and device time per step;
@@ -149,6 +149,8 @@ timeout $(limit 100) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2
   --models memoria_gpt2_graphed gpt2 --phases --pipelined --json "$OUT/bench_step_fused.json" --profile "$OUT/profile_step_fused.txt" \
   2>&1 | tail -24 | tee -a "$LOG"
 step_ratios
+say "5c. bench_loss: the LM loss forward + backward, sliced / shifted labels / the task's (fp32)"
+timeout $(limit 60) $PY scripts/bench_loss.py --json "$OUT/bench_loss.json" 2>&1 | tail -5 | tee -a "$LOG"
 }
 
 # Memoria's step against the eager plain step (the issue's target) over every bench_step run of this call so far
