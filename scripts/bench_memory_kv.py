@@ -1,4 +1,5 @@
-"""Time the memory keys/values projections of Memoria GPT-2: batched GEMMs over all blocks against one GEMM per block.
+"""Time the memory keys/values projections of Memoria GPT-2: batched GEMMs over all blocks against one GEMM per block
+(and, an experiment, one wide GEMM over every block's weights side by side).
 
 Every block's memory attention projects the same memories with its own c_attn (H -> 2H): the working memory
 (B, W, H), which carries gradient into the Abstractor, and the reminded engrams (B, M, H), which carry none.
@@ -50,6 +51,22 @@ def per_block(blocks, wm: torch.Tensor, remembered: torch.Tensor) -> list[list[t
 
 def stacked(blocks, wm: torch.Tensor, remembered: torch.Tensor) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     return stacked_memory_projections(blocks, [wm, remembered])  # [block][memory] (keys, values) (B, nh, M_i, hd)
+
+
+def wide(blocks, wm: torch.Tensor, remembered: torch.Tensor) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One plain GEMM per memory against every block's weights side by side, (B*M, H) x (H, L*2H), instead of a
+    batched GEMM over the blocks: the same products, as one wide GEMM (more output tiles per call, and one
+    input-gradient GEMM with a long reduction instead of L batched ones summed). An experiment: the model stacks."""
+    L, nh = len(blocks), blocks[0].memory_attn.num_heads
+    weight = torch.cat([b.memory_attn.c_attn.weight for b in blocks], dim=1)  # (H, L*2H)
+    bias = torch.cat([b.memory_attn.c_attn.bias for b in blocks])  # (L*2H,)
+    per_memory = []
+    for values in (wm, remembered):
+        B, M, H = values.shape
+        kv = torch.addmm(bias, values.reshape(B * M, H), weight)  # (B*M, L*2H)
+        kv = kv.view(B, M, L, 2, nh, H // nh).permute(3, 2, 0, 4, 1, 5).contiguous()  # (2, L, B, nh, M, hd)
+        per_memory.append(list(zip(kv[0].unbind(0), kv[1].unbind(0))))
+    return [list(block_kv) for block_kv in zip(*per_memory)]
 
 
 def step(fn, blocks, wm, remembered, weights, precision: str) -> list[torch.Tensor]:
@@ -105,7 +122,7 @@ def main(argv=None) -> list[dict]:
           f"B {B}, W {args.working}, M {args.reminded}, H {H}; forward + backward; median ms of {args.steps} steps "
           f"x {args.rounds} rounds", flush=True)
 
-    variants = (("per_block", per_block), ("stacked", stacked))
+    variants = (("per_block", per_block), ("stacked", stacked), ("wide", wide))
     rows = []
     for precision in args.precisions:
         # the same result first: every block's output, the working memory's and every parameter's gradient
@@ -116,13 +133,14 @@ def main(argv=None) -> list[dict]:
                                                          if p.grad is not None)]
             blocks.zero_grad(set_to_none=True)
             wm.grad = None
-        assert len(results["per_block"]) == len(results["stacked"])
-        for x, y in zip(results["per_block"], results["stacked"]):
-            if precision == "bf16":  # bf16 rounds differently in the two; compare whole tensors
-                error = (x - y).norm() / y.norm().clamp(min=1e-12)
-                assert error < 1e-2, f"bf16 results differ by {error:.3g} (relative norm)"
-            else:
-                torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+        for name, _ in variants[1:]:
+            assert len(results["per_block"]) == len(results[name]), name
+            for x, y in zip(results["per_block"], results[name]):
+                if precision == "bf16":  # bf16 rounds differently in the two; compare whole tensors
+                    error = (x - y).norm() / y.norm().clamp(min=1e-12)
+                    assert error < 1e-2, f"{name}: bf16 results differ by {error:.3g} (relative norm)"
+                else:
+                    torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
         flops = {}
         for name, fn in variants:  # forward + backward FLOPs of one step (matmuls)
@@ -136,13 +154,15 @@ def main(argv=None) -> list[dict]:
         for _ in range(args.rounds):
             for name, fn in variants:
                 times[name] += time_fn(fn, blocks, wm, remembered, weights, precision, args.warmup, args.steps)
-        per, one = (1e3 * statistics.median(times[name]) for name, _ in variants)
-        rate = {name: flops[name] / statistics.median(times[name]) / 1e12 for name, _ in variants}
-        print(f"{precision}: per block {per:.3f} ms ({flops['per_block'] / 1e9:.1f} GFLOP, "
-              f"{rate['per_block']:.1f} TFLOP/s), batched over blocks {one:.3f} ms ({flops['stacked'] / 1e9:.1f} "
-              f"GFLOP, {rate['stacked']:.1f} TFLOP/s): x{per / one:.2f}; same outputs and gradients", flush=True)
-        rows.append({"precision": precision, "per_block_ms": per, "batched_ms": one,
-                     "per_block_gflop": flops["per_block"] / 1e9, "batched_gflop": flops["stacked"] / 1e9})
+        ms = {name: 1e3 * statistics.median(times[name]) for name, _ in variants}
+        rate = {name: flops[name] / ms[name] / 1e9 for name, _ in variants}
+        labels = {"per_block": "per block", "stacked": "batched over blocks (the model's)", "wide": "one wide GEMM"}
+        parts = [f"{labels[name]} {ms[name]:.3f} ms ({flops[name] / 1e9:.1f} GFLOP, {rate[name]:.1f} TFLOP/s, "
+                 f"x{ms['per_block'] / ms[name]:.2f})" for name, _ in variants]
+        print(f"{precision}: " + "; ".join(parts) + "; same outputs and gradients", flush=True)
+        rows.append({"precision": precision, "per_block_ms": ms["per_block"], "batched_ms": ms["stacked"],
+                     "wide_ms": ms["wide"], "per_block_gflop": flops["per_block"] / 1e9,
+                     "batched_gflop": flops["stacked"] / 1e9, "wide_gflop": flops["wide"] / 1e9})
     return rows
 
 

@@ -20,7 +20,8 @@
 #      warps and chains per program), graphed, at the three configurations' sizes; the parts run after it use the
 #      fastest variant (MEMORIA_WALK, see memoria/kernels.py);
 #   8. scripts/bench_memory_kv.py: the memory keys/values projections of Memoria GPT-2's 12 blocks, one batched GEMM
-#      per memory (what the model does) against one GEMM per block, forward + backward, fp32 and bf16;
+#      per memory (what the model does) against one GEMM per block and one wide GEMM over all blocks' weights side
+#      by side, forward + backward, fp32 and bf16;
 #   9. an experiment: part 5's fp32 Memoria step with inductor's batched-GEMM fusion in the blocks (the memory
 #      paths' same-shape weight-gradient GEMMs of a block's backward as one batched GEMM), to set beside part 5;
 #  10. part 5's graphed blocks in bf16 (both models);
@@ -202,7 +203,7 @@ fi
 
 # ---------------------------------------------------------------- 8. memory K/V projection: one batched GEMM vs per block
 part8() {
-say "8. bench_memory_kv (12 blocks' memory projections: batched over the blocks vs one GEMM per block)"
+say "8. bench_memory_kv (12 blocks' memory projections: batched over the blocks vs per block vs one wide GEMM)"
 timeout $(limit 90) $PY scripts/bench_memory_kv.py 2>&1 | grep -v "^\[transformers\]" \
   | tee "$OUT/bench_memory_kv.txt" | tail -4 | tee -a "$LOG"
 }
