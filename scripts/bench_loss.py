@@ -8,8 +8,9 @@ forward and two backward. Three formulations, same logits, each timed forward + 
              flattened without a copy (what `scripts/bench_step.py` and `causal_lm_loss` did before)
     shifted  `causal_lm_loss`: the same T - 1 predictions, the labels shifted instead and the last position
              ignored (no copy)
-    task     the LM task's `token_nll` over T aligned labels (every position predicts the next token; its data
-             gives the labels aligned), divided by the scored tokens: what a training step of the task computes
+    task     the LM task's `token_nll` over labels aligned with the positions, as its data gives them (by default
+             the same T - 1 targets, the last position -100), divided by the scored tokens: what a training step
+             of the task computes
 
 Examples:
     python scripts/bench_loss.py                         # GPU (or CPU) at the WikiText-103 shape, float32
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logits = torch.randn(shape, generator=generator).to(device=device, dtype=dtype).requires_grad_()
     tokens = torch.randint(args.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator).to(device)
     inputs_labels = tokens[:, :-1].contiguous()  # the labels the model's own loss shifts (input ids)
-    aligned_labels = tokens[:, 1:].contiguous()  # the task's: the next token of every position
+    aligned_labels = tokens[:, 1:].clone()  # the task's: the next token of every position ...
+    aligned_labels[:, -1] = -100  # ... but the last (the reference's T - 1 targets a segment)
 
     rows = []
     for name, fn in FORMULATIONS.items():

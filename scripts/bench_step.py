@@ -1,10 +1,9 @@
 """Time one training step of Memoria GPT-2 against plain GPT-2 at the WikiText-103 shape, fp32 and bf16.
 
 One step = forward of one segment (the model carries its memory from the previous step), the LM task's loss (its
-`token_nll`: every one of the T positions scored against the next token, labels aligned with the inputs as the
-task's data gives them), backward, gradient clipping to 1.0, Adam step, zero grad: what the LM task does per
-optimizer step, without Lightning's loop around it. Inputs are random windows of T + 1 token ids from a private
-generator (inputs = the first T, labels = the last T).
+`token_nll` over labels aligned with the inputs, as the task's data gives them: the T - 1 predictions inside the
+segment, the reference's protocol), backward, gradient clipping to 1.0, Adam step, zero grad: what the LM task does
+per optimizer step, without Lightning's loop around it. Inputs are random token ids from a private generator.
 
 Shapes (experiments.md §b.1, §b.2):
     default   12 layers x 768 wide x 12 heads, vocab 50257, batch 8, 150 tokens; Memoria with memory=lm
@@ -154,11 +153,18 @@ class PhaseClock:
 
 def make_batches(count: int, batch_size: int, seq_len: int, vocab_size: int, seed: int, device: torch.device
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`count` (input_ids, labels) pairs, each (B, T): random windows of T + 1 tokens, labels = inputs shifted by
-    one (both contiguous, as the LM task's batches are)."""
+    """`count` (input_ids, labels) pairs, each (B, T) of random tokens, labelled as the LM task's data labels them
+    by default (the reference's protocol): labels[:, t] = input_ids[:, t + 1], the last position unscored (-100)."""
+    from experiment.data.lanes import IGNORE_INDEX
+
     generator = torch.Generator().manual_seed(seed)
-    windows = [torch.randint(vocab_size, (batch_size, seq_len + 1), generator=generator) for _ in range(count)]
-    return [(w[:, :-1].contiguous().to(device), w[:, 1:].contiguous().to(device)) for w in windows]
+    batches = []
+    for _ in range(count):
+        input_ids = torch.randint(vocab_size, (batch_size, seq_len), generator=generator)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[:, :-1] = input_ids[:, 1:]
+        batches.append((input_ids.to(device), labels.to(device)))
+    return batches
 
 
 def train_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], autocast, mark=lambda: None

@@ -7,7 +7,7 @@ import pytest
 from tests.scripts import load_script
 
 
-def test_formulations_are_timed_and_the_shifted_loss_equals_the_sliced_one(tmp_path, capsys):
+def test_formulations_are_timed_and_give_the_same_loss(tmp_path, capsys):
     path = tmp_path / "loss.json"
     rows = load_script("bench_loss").main(["--device", "cpu", "--batch-size", "2", "--seq-len", "7",
                                            "--vocab-size", "50", "--repeats", "2", "--warmup", "1",
@@ -16,6 +16,7 @@ def test_formulations_are_timed_and_the_shifted_loss_equals_the_sliced_one(tmp_p
     assert list(by_name) == ["sliced", "shifted", "task"]
     assert all(row["median_ms"] > 0 for row in rows) and by_name["sliced"]["x_sliced"] == 1.0
     assert by_name["shifted"]["loss"] == pytest.approx(by_name["sliced"]["loss"], rel=1e-6)
+    assert by_name["task"]["loss"] == pytest.approx(by_name["sliced"]["loss"], rel=1e-6)  # the same targets
     assert json.loads(path.read_text())["rows"][2]["formulation"] == "task"
     assert "x sliced" in capsys.readouterr().out
 
