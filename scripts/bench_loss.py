@@ -11,9 +11,11 @@ forward and two backward. Three formulations, same logits, each timed forward + 
     task     the LM task's `token_nll` over labels aligned with the positions, as its data gives them (by default
              the same T - 1 targets, the last position -100), divided by the scored tokens: what a training step
              of the task computes
+    compiled the same through `compiled_token_nll` (what the LM task runs with compile=true; `--compiled`)
 
 Examples:
     python scripts/bench_loss.py                         # GPU (or CPU) at the WikiText-103 shape, float32
+    python scripts/bench_loss.py --compiled                # ... and the task's loss compiled
     python scripts/bench_loss.py --dtype bf16 --json bench_loss.json
     python scripts/bench_loss.py --device cpu --vocab-size 1000 --repeats 3
 Record results in docs/benchmarks.md.
@@ -35,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from experiment.models.gpt2 import causal_lm_loss  # noqa: E402
-from experiment.tasks.language_modeling import token_nll  # noqa: E402
+from experiment.tasks.language_modeling import compiled_token_nll, token_nll  # noqa: E402
 
 
 def sliced_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -48,7 +50,12 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll_sum / tokens.clamp(min=1)
 
 
-FORMULATIONS = {"sliced": sliced_loss, "shifted": causal_lm_loss, "task": task_loss}
+def compiled_task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    nll_sum, tokens = compiled_token_nll()(logits, labels)
+    return nll_sum / tokens.clamp(min=1)
+
+
+FORMULATIONS = {"sliced": sliced_loss, "shifted": causal_lm_loss, "task": task_loss, "compiled": compiled_task_loss}
 
 
 def synchronize(device: torch.device) -> None:
@@ -82,6 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="the logits' dtype (bf16: as an autocast LM head gives them; the loss is float32)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compiled", action="store_true", help="also time the task's loss compiled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
@@ -102,7 +110,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     rows = []
     for name, fn in FORMULATIONS.items():
-        labels = aligned_labels if name == "task" else inputs_labels
+        if name == "compiled" and not args.compiled:
+            continue
+        labels = aligned_labels if name in ("task", "compiled") else inputs_labels
         seconds, loss = time_loss(fn, logits, labels, args.repeats, args.warmup)
         rows.append({"formulation": name, "median_ms": 1e3 * seconds, "loss": loss})
     base = rows[0]["median_ms"]

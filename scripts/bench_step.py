@@ -24,6 +24,8 @@ Examples:
     python scripts/bench_step.py --compile-blocks         # every transformer block compiled (compile=true)
     python scripts/bench_step.py --compile-blocks --compile-mode reduce-overhead --rounds 2
                                                           # ... replayed as CUDA graphs; two rounds in turn
+                                                          # (with --compile-blocks the loss is compiled too, as
+                                                          # compile=true does in the LM task; --loss eager: not)
 The target (issue 5): Memoria GPT-2 <= 1.3x the plain step on one H100 (plain is about 34 ms fp32 there).
 Record results in docs/benchmarks.md.
 """
@@ -167,17 +169,19 @@ def make_batches(count: int, batch_size: int, seq_len: int, vocab_size: int, see
     return batches
 
 
-def train_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], autocast, mark=lambda: None
-               ) -> torch.Tensor:
+def train_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], autocast, mark=lambda: None,
+               loss_fn=None) -> torch.Tensor:
     """One training step (forward, loss, backward, clip, Adam, zero grad) on `batch` = (input_ids, labels); returns
-    the loss, not read back. The loss is the LM task's: mean NLL over the scored tokens (+ the model's aux loss)."""
+    the loss, not read back. The loss is the LM task's: mean NLL over the scored tokens (+ the model's aux loss),
+    through `loss_fn` (the task's `token_nll`, or its compiled form; None = `token_nll`)."""
     from experiment.tasks.language_modeling import token_nll
 
     input_ids, labels = batch
+    loss_fn = loss_fn or token_nll
     torch.compiler.cudagraph_mark_step_begin()  # a new iteration for compiled blocks' CUDA graphs (if any)
     with autocast:
         output = model(input_ids)
-        nll_sum, tokens = token_nll(output.logits, labels)
+        nll_sum, tokens = loss_fn(output.logits, labels)
         loss = nll_sum / tokens.clamp(min=1)
         if output.aux_loss is not None:
             loss = loss + output.aux_loss
@@ -196,7 +200,7 @@ def autocast_for(device: torch.device, dtype: str):
 
 
 def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: bool = True,
-               losses: list | None = None, clock: PhaseClock | None = None) -> list[float]:
+               losses: list | None = None, clock: PhaseClock | None = None, loss_fn=None) -> list[float]:
     """Seconds per training step for each batch after the first `warmup` ones (memory reset first if `reset`);
     each step's loss is appended to `losses` when given (read after the step's synchronisation); `clock` times
     the step's phases."""
@@ -210,7 +214,7 @@ def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: boo
         synchronize(device)
         start = time.perf_counter()
         mark()
-        loss = train_step(model, optimizer, batch, autocast, mark)
+        loss = train_step(model, optimizer, batch, autocast, mark, loss_fn)
         mark()
         synchronize(device)
         if i >= warmup:
@@ -222,7 +226,7 @@ def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: boo
     return times
 
 
-def time_pipelined(model, optimizer, batches, device, dtype) -> tuple[float, list[float]]:
+def time_pipelined(model, optimizer, batches, device, dtype, loss_fn=None) -> tuple[float, list[float]]:
     """Seconds per step of `batches` run back to back, one synchronisation at the end (the memory goes on from
     where it is): what a training loop that does not read the loss every step sees, where the host queues the
     next step while the GPU runs this one (a step with a host sync inside it waits there). Returns the mean and
@@ -231,17 +235,17 @@ def time_pipelined(model, optimizer, batches, device, dtype) -> tuple[float, lis
     autocast = autocast_for(device, dtype)
     synchronize(device)
     start = time.perf_counter()
-    losses = [train_step(model, optimizer, batch, autocast) for batch in batches]
+    losses = [train_step(model, optimizer, batch, autocast, loss_fn=loss_fn) for batch in batches]
     synchronize(device)
     return (time.perf_counter() - start) / len(batches), [loss.item() for loss in losses]
 
 
-def count_flops(model, optimizer, batches, device, dtype) -> int:
+def count_flops(model, optimizer, batches, device, dtype, loss_fn=None) -> int:
     """FLOPs of one more training step (the memory warm, as timed), by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        time_steps(model, optimizer, batches, device, dtype, warmup=0, reset=False)
+        time_steps(model, optimizer, batches, device, dtype, warmup=0, reset=False, loss_fn=loss_fn)
     return counter.get_total_flops()
 
 
@@ -280,14 +284,15 @@ def gemm_table(prof, device: torch.device, steps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def profile_steps(model, optimizer, batches, device, dtype, title: str, path: str) -> None:
+def profile_steps(model, optimizer, batches, device, dtype, title: str, path: str, loss_fn=None) -> None:
     """Append torch.profiler op tables of a few more steps (where the step's time goes) to `path`, and the GEMMs
     by shape."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
-        time_steps(model, optimizer, batches, device, dtype, warmup=0, reset=False)  # the warm memory goes on
+        time_steps(model, optimizer, batches, device, dtype, warmup=0, reset=False,  # the warm memory goes on
+                   loss_fn=loss_fn)
     averages = prof.key_averages()
     device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     host_ops = sum(1 for event in prof.events() if event.cpu_parent is None and event.name.startswith("aten::"))
@@ -302,18 +307,19 @@ def profile_steps(model, optimizer, batches, device, dtype, title: str, path: st
 def finish_pair(pair: dict, args: argparse.Namespace, batches: list, device: torch.device) -> None:
     """Pipelined steps, FLOPs and profile of a pair after its timings (if asked), then free its model."""
     model, optimizer, precision = pair.pop("model"), pair.pop("optimizer"), pair["precision"]
-    clock = pair.pop("clock")
+    clock, loss_fn = pair.pop("clock"), pair.pop("loss_fn")
     if clock is not None:  # off before the FLOP count and the profile: they are not timed steps
         pair["phases"] = clock.medians()
         clock.remove()
     if args.pipelined:
-        pair["pipelined_ms"] = 1e3 * time_pipelined(model, optimizer, batches[args.warmup:], device, precision)[0]
+        pair["pipelined_ms"] = 1e3 * time_pipelined(model, optimizer, batches[args.warmup:], device, precision,
+                                                    loss_fn)[0]
         print(f"{pair['label']} {precision}: pipelined {pair['pipelined_ms']:.2f} ms/step", flush=True)
     if args.flops:
-        pair["gflop"] = count_flops(model, optimizer, batches[-1:], device, precision) / 1e9
+        pair["gflop"] = count_flops(model, optimizer, batches[-1:], device, precision, loss_fn) / 1e9
     if args.profile:
         profile_steps(model, optimizer, batches[-3:], device, precision, f"{pair['label']} {precision}",
-                      args.profile)
+                      args.profile, loss_fn)
     del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -360,6 +366,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--profile", default=None,
                         help="also profile 3 more steps of each (model, precision) with torch.profiler and write "
                              "the op tables (by device time and by host time) to this file")
+    parser.add_argument("--loss", default="task", choices=["task", "eager", "compiled"],
+                        help="the LM loss (the task's token_nll): task = as the CLI runs it (compiled with "
+                             "--compile-blocks, like compile=true; eager without); eager / compiled force one")
     parser.add_argument("--blas-library", default="default", choices=["default", "cublas", "cublaslt"],
                         help="the BLAS library of every GEMM of both models (torch.backends.cuda."
                              "preferred_blas_library; GPUs): scripts/bench_gemm.py says which shapes each wins")
@@ -371,6 +380,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from experiment.models import compile_blocks, compile_settings
 
     compile_kwargs = compile_settings(args.compile_mode, args.inductor_options)
+    from experiment.tasks.language_modeling import compiled_token_nll, token_nll
+
+    compile_loss = args.loss == "compiled" or args.loss == "task" and args.compile_blocks
+    loss_fn = compiled_token_nll() if compile_loss else token_nll
 
     device = torch.device(args.device)
     if args.models is None:
@@ -406,17 +419,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             losses = []  # the warm-up steps' losses: a check that compiled / graphed variants train alike
             clock = PhaseClock(model, device) if args.phases else None
             times = time_steps(model, optimizer, batches, device, precision, args.warmup,
-                               losses=losses, clock=clock)
+                               losses=losses, clock=clock, loss_fn=loss_fn)
             peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30 if device.type == "cuda" else None
             config = " ".join([model_name, *overrides,
                                *(["(reader eager)"] if args.compile_blocks and label in BLOCKS_ONLY else []),
                                *(["compile=true"] if args.compile_blocks else []),
                                *([f"mode={args.compile_mode}"] if args.compile_blocks and args.compile_mode else []),
                                *([f"options={json.dumps(args.inductor_options)}"] if args.inductor_options else []),
+                               *(["loss compiled"] if compile_loss else []),
                                *([f"blas={args.blas_library}"] if args.blas_library != "default" else [])])
             pairs.append({"label": label, "precision": precision, "config": config, "model": model,
                           "optimizer": optimizer, "times": times, "peak": peak, "losses": losses[:args.warmup],
-                          "clock": clock})
+                          "clock": clock, "loss_fn": loss_fn})
             # one line per pair as it is measured, so a run stopped at its time limit still reports something
             print(f"{label} {precision}: round 1 median {1e3 * statistics.median(times):.2f} ms/step", flush=True)
             if args.rounds == 1:
@@ -424,7 +438,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for round_index in range(2, args.rounds + 1):
         for pair in pairs:
             pair["times"] += time_steps(pair["model"], pair["optimizer"], batches[args.warmup:], device,
-                                        pair["precision"], warmup=0, reset=False, clock=pair["clock"])
+                                        pair["precision"], warmup=0, reset=False, clock=pair["clock"],
+                                        loss_fn=pair["loss_fn"])
             print(f"{pair['label']} {pair['precision']}: round {round_index} median "
                   f"{1e3 * statistics.median(pair['times'][-args.steps:]):.2f} ms/step", flush=True)
     if args.rounds > 1:
@@ -437,6 +452,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append({
             "model": pair["label"], "precision": pair["precision"], "config": pair["config"],
             "optimizer": args.optimizer,
+            "loss": "compiled" if compile_loss else "eager",
             "blas_library": args.blas_library,
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -150,8 +150,8 @@ timeout $(limit 100) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2
   --models memoria_gpt2_graphed gpt2 --phases --pipelined --json "$OUT/bench_step_fused.json" --profile "$OUT/profile_step_fused.txt" \
   2>&1 | tail -24 | tee -a "$LOG"
 step_ratios
-say "5c. bench_loss: the LM loss forward + backward, sliced / shifted labels / the task's (fp32)"
-timeout $(limit 60) $PY scripts/bench_loss.py --json "$OUT/bench_loss.json" 2>&1 | tail -5 | tee -a "$LOG"
+say "5c. bench_loss: the LM loss forward + backward, sliced / shifted labels / the task's, eager and compiled (fp32)"
+timeout $(limit 90) $PY scripts/bench_loss.py --compiled --json "$OUT/bench_loss.json" 2>&1 | tail -6 | tee -a "$LOG"
 }
 
 # Memoria's step against the eager plain step (the target) over every bench_step run of this call so far

@@ -21,8 +21,10 @@ Training logs train/loss, train/ppl (per step) and train/tokens_per_s (input tok
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,6 +78,16 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return nll_sum, (labels != IGNORE_INDEX).sum()
 
 
+@functools.cache
+def compiled_token_nll() -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """`token_nll` through torch.compile (default mode, static shapes; one per process). The logits are the
+    largest tensor of a step (B x T x V floats: 241 MB at the WikiText-103 shape), and eagerly the loss passes over
+    them several times (log-softmax written out, a zero-filled gradient scattered into, the softmax gradient);
+    compiled it reads them once or twice forward and once backward, writing only the gradient. Not a CUDA graph:
+    graphs would copy the logits into their inputs."""
+    return torch.compile(token_nll, dynamic=False)
+
+
 class LanguageModelingTask(MemoryTask):
     """LightningModule for streaming language modelling.
 
@@ -85,6 +97,7 @@ class LanguageModelingTask(MemoryTask):
         reset_period: reset the memory every this many optimizer steps (None or 0: only at stage starts).
         reset_on_document_end: reset a row's memory when its lane starts a new document.
         bits_per_character: also log {stage}/bpc (enwik8).
+        compile_loss: compute the loss through `compiled_token_nll` (the configs set it with compile=true).
         The optimizer settings go to MemoryTask.
     """
 
@@ -93,8 +106,9 @@ class LanguageModelingTask(MemoryTask):
 
     def __init__(self, model: torch.nn.Module, segment_length: int = 150, eval_segment_length: int | None = None,
                  reset_period: int | None = 500, reset_on_document_end: bool = False,
-                 bits_per_character: bool = False, learning_rate: float = 2e-4, weight_decay: float = 0.0,
-                 schedule: str = "linear", warmup_ratio: float = 0.06, max_grad_norm: float | None = 1.0):
+                 bits_per_character: bool = False, compile_loss: bool = False, learning_rate: float = 2e-4,
+                 weight_decay: float = 0.0, schedule: str = "linear", warmup_ratio: float = 0.06,
+                 max_grad_norm: float | None = 1.0):
         super().__init__(model, learning_rate=learning_rate, weight_decay=weight_decay, schedule=schedule,
                          warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm)
         self.check_segment_length(segment_length, "task.data.segment_length")
@@ -108,6 +122,7 @@ class LanguageModelingTask(MemoryTask):
         self.reset_period = reset_period or None
         self.reset_on_document_end = reset_on_document_end
         self.bits_per_character = bits_per_character
+        self.compile_loss = compile_loss
         self.save_hyperparameters(ignore=["model"])
         self.val_nll = SplitNLL()
         self.test_nll = SplitNLL()
@@ -153,6 +168,10 @@ class LanguageModelingTask(MemoryTask):
         if self.reset_on_document_end and batch.get("any_doc_start", True):
             self.model.reset_memory(rows=batch["doc_start"])
 
+    def token_nll(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`token_nll`, compiled with `compile_loss` (built on first use: the task itself stays picklable)."""
+        return (compiled_token_nll() if self.compile_loss else token_nll)(logits, labels)
+
     def _forward(self, batch: dict[str, Any]):
         mask = batch["attention_mask"] if batch.get("has_padding", True) else None
         return self.model(batch["input_ids"], attention_mask=mask)
@@ -178,7 +197,7 @@ class LanguageModelingTask(MemoryTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self._reset_before_step(batch, batch_idx, training=True)
         output = self._forward(batch)
-        nll_sum, tokens = token_nll(output.logits, batch["labels"])
+        nll_sum, tokens = self.token_nll(output.logits, batch["labels"])
         lm_loss = nll_sum / tokens.clamp(min=1)
         loss = lm_loss + output.aux_loss if output.aux_loss is not None else lm_loss
         batch_size = batch["input_ids"].shape[0]
@@ -195,7 +214,7 @@ class LanguageModelingTask(MemoryTask):
     def _eval_step(self, batch: dict[str, Any], batch_idx: int, metric: SplitNLL) -> None:
         self._reset_before_step(batch, batch_idx, training=False)
         output = self._forward(batch)
-        nll_sum, tokens = token_nll(output.logits, batch["labels"])
+        nll_sum, tokens = self.token_nll(output.logits, batch["labels"])
         metric.update(nll_sum, tokens)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -24,3 +24,14 @@ def test_formulations_are_timed_and_give_the_same_loss(tmp_path, capsys):
 def test_a_segment_of_one_token_is_refused():
     with pytest.raises(SystemExit):
         load_script("bench_loss").main(["--device", "cpu", "--seq-len", "1"])
+
+
+def test_the_compiled_task_loss_is_timed_on_request():
+    import torch
+
+    rows = load_script("bench_loss").main(["--device", "cpu", "--batch-size", "2", "--seq-len", "5",
+                                           "--vocab-size", "40", "--repeats", "1", "--warmup", "1", "--compiled"])
+    torch._dynamo.reset()
+    by_name = {row["formulation"]: row for row in rows}
+    assert list(by_name) == ["sliced", "shifted", "task", "compiled"]
+    assert by_name["compiled"]["loss"] == pytest.approx(by_name["task"]["loss"], rel=1e-5)

@@ -117,3 +117,33 @@ def test_a_blas_library_needs_a_gpu():
     with pytest.raises(SystemExit):
         load_bench().main(["--tiny", "--device", "cpu", "--blas-library", "cublaslt"])
 
+
+
+def test_the_loss_is_compiled_with_the_blocks_as_the_cli_does(monkeypatch):
+    """--loss task (the default) compiles the LM loss with --compile-blocks, as compile=true does in the LM task;
+    --loss eager keeps it eager. Traced with the eager backend (fast on a CPU)."""
+    import torch
+
+    import experiment.tasks.language_modeling as lm
+
+    bench = load_bench()
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(fn=None, **kwargs):
+        compiled.append(getattr(fn, "__name__", type(fn).__name__))
+        return real_compile(fn, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    lm.compiled_token_nll.cache_clear()
+    try:
+        args = ["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--precisions", "fp32", "--models",
+                "gpt2", "--compile-blocks"]
+        rows = bench.main(args)
+        assert rows[0]["loss"] == "compiled" and "token_nll" in compiled and "loss compiled" in rows[0]["config"]
+        compiled.clear()
+        rows = bench.main([*args, "--loss", "eager"])
+        assert rows[0]["loss"] == "eager" and "token_nll" not in compiled
+    finally:
+        lm.compiled_token_nll.cache_clear()
+        torch._dynamo.reset()

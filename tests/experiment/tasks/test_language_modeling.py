@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from experiment.data.enwik8 import Enwik8DataModule
 from experiment.models import build_model
 from experiment.models.protocol import MemoryModelOutput, MemoryProtocol
-from experiment.tasks.language_modeling import LanguageModelingTask, SplitNLL, token_nll
+from experiment.tasks.language_modeling import LanguageModelingTask, SplitNLL, compiled_token_nll, token_nll
 from tests.conftest import CONF_DIR, PYTHON, compose_config, subprocess_env
 from tests.experiment.data.lm_fixtures import enwik8_like_bytes, make_tokenizer, write_wikitext103
 
@@ -32,6 +32,51 @@ def test_token_nll_sums_only_scored_tokens():
     expected = -sum(log_probs[b, t, labels[b, t]] for b in range(2) for t in range(4) if labels[b, t] >= 0)
     assert count.item() == 6
     assert torch.allclose(nll_sum, expected)
+
+
+def test_compiled_token_nll_equals_the_eager_one_with_gradients():
+    """compile_loss (compile=true): inductor's code for the loss gives the eager sums and logits gradient, in
+    float32 and from bf16 logits (the loss itself is float32)."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[1, 2] = labels[2, -1] = -100
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.randn(3, 5, 11).to(dtype).requires_grad_()
+            results = []
+            for fn in (token_nll, compiled_token_nll()):
+                nll_sum, count = fn(logits, labels)
+                (grad,) = torch.autograd.grad(nll_sum / count, logits)
+                results.append((nll_sum.detach(), count, grad))
+            (eager_sum, eager_count, eager_grad), (sum_, count, grad) = results
+            assert count.item() == eager_count.item() == 13 and grad.dtype == dtype
+            torch.testing.assert_close(sum_, eager_sum)
+            torch.testing.assert_close(grad, eager_grad)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("compile_flag", [False, True])
+def test_compile_true_compiles_the_lm_tasks_loss(compile_flag, monkeypatch):
+    """The LM task configs tie compile_loss to compile; the task then computes its loss through
+    `compiled_token_nll`."""
+    import experiment.tasks.language_modeling as lm
+
+    for task in ("wikitext103", "pg19", "enwik8"):
+        cfg = compose_config([f"task={task}", f"compile={str(compile_flag).lower()}"])
+        assert cfg.task.module.compile_loss is compile_flag
+    calls = []
+
+    def recording(logits, labels):
+        calls.append(tuple(logits.shape))
+        return token_nll(logits, labels)
+
+    monkeypatch.setattr(lm, "compiled_token_nll", lambda: recording)
+    task = LanguageModelingTask(build_model(compose_config(["model=gpt2_tiny"]).model, 50), segment_length=8,
+                                compile_loss=compile_flag)
+    logits, labels = torch.randn(2, 8, 50), torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(task.token_nll(logits, labels)[0], token_nll(logits, labels)[0])
+    assert calls == ([(2, 8, 50)] if compile_flag else [])
 
 
 def test_split_ppl_is_token_weighted_and_the_reference_mean_is_separate():
