@@ -53,8 +53,9 @@ MODELS = {  # label -> (model config, memory config, more overrides) at full and
     # benchmark's steps: ~860 engrams a row), since every new store size compiles the step again
     "memoria_gpt2_compiled": ("memoria_gpt2", "lm", ["memory.cuda_graph=true", "memory.compile=true",
                                                      "memory.ltm_capacity=1024"]),
-    # ... with --compile-blocks, its memory reader left eager (compile_blocks(companions=False)): what compiling
-    # the reader with the blocks saves (under CUDA graphs, the blocks' copies of their memory inputs)
+    # ... with --compile-blocks, its memory reader and Abstractor left eager (compile_blocks(companions=False)):
+    # what compiling them with the blocks saves (under CUDA graphs, the blocks' copies of their memory inputs, the
+    # Abstractor's launches one by one)
     "memoria_gpt2_eager_reader": ("memoria_gpt2", "lm", ["memory.cuda_graph=true"]),
     "gpt2": ("gpt2", "lm", []),
 }
@@ -422,11 +423,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                losses=losses, clock=clock, loss_fn=loss_fn)
             peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30 if device.type == "cuda" else None
             config = " ".join([model_name, *overrides,
-                               *(["(reader eager)"] if args.compile_blocks and label in BLOCKS_ONLY else []),
+                               *(["(companions eager)"] if args.compile_blocks and label in BLOCKS_ONLY else []),
                                *(["compile=true"] if args.compile_blocks else []),
                                *([f"mode={args.compile_mode}"] if args.compile_blocks and args.compile_mode else []),
                                *([f"options={json.dumps(args.inductor_options)}"] if args.inductor_options else []),
-                               *(["loss compiled"] if compile_loss else []),
+                               *(["loss=compiled"] if compile_loss else []),
                                *([f"blas={args.blas_library}"] if args.blas_library != "default" else [])])
             pairs.append({"label": label, "precision": precision, "config": config, "model": model,
                           "optimizer": optimizer, "times": times, "peak": peak, "losses": losses[:args.warmup],

@@ -8,7 +8,7 @@
 #      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt),
 #      then the same with every transformer block compiled (compile=true), fp32 then bf16;
 #   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead; Memoria's step graphed,
-#      its memory reader compiled with the blocks and, as the control, left eager; also the memory step compiled
+#      its memory reader and Abstractor compiled with the blocks and, as the control, left eager; the memory step compiled
 #      + graphed; fp32) against the eager step
 #      with fused Adam (fp32 and bf16), two rounds in turn; each timed per phase (memory read, blocks, memory
 #      write, head + loss, backward, optimizer; CUDA events), and also back to back with one sync at the end

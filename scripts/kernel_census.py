@@ -21,9 +21,9 @@ there), so read the totals as close to the GPU's, not equal.
 
 `--blocks MODEL` counts instead the compiled transformer blocks of a model of `scripts/bench_step.py` (full size,
 training mode, two steps: the first segment has no memory, the second has): per compiled graph, forward and
-backward; then the modules compiled with the blocks (Memoria GPT-2's memory reader), compiled alone. On the
-CPU, scaled-dot-product attention is decomposed into matmuls and a softmax, where a GPU calls its fused kernel,
-so read the plain GPT-2 block's attention (and Memoria's under bf16) as larger than on a GPU;
+backward; then the modules compiled with the blocks (Memoria GPT-2's memory reader and Abstractor), compiled
+alone. On the CPU, scaled-dot-product attention is decomposed into matmuls and a softmax, where a GPU calls its
+fused kernel, so read the plain GPT-2 block's attention (and Memoria's under bf16) as larger than on a GPU;
 Memoria's float32 memory attentions are written out on both.
 
 Examples:
@@ -248,7 +248,7 @@ def report(rows: list[dict], args: argparse.Namespace, argv, header: dict) -> li
 def block_census(model_name: str, batch_size: int, tiny: bool = False) -> list[dict]:
     """Rows for each graph inductor compiles for the model's blocks over two training steps (a block's forward
     and backward without memory, then with it, for Memoria GPT-2), then for each module compiled with the blocks
-    (`_compile_with_blocks`: Memoria GPT-2's memory reader), compiled alone on a fresh model."""
+    (`_compile_with_blocks`: Memoria GPT-2's memory reader and Abstractor), compiled alone on a fresh model."""
     from bench_step import MODELS, build, make_batches
 
     from experiment.models import compile_blocks, with_inductor_options

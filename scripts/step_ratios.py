@@ -20,9 +20,10 @@ TARGET = 1.3  # Memoria GPT-2's step at most 1.3x the plain step (issue 5), fp32
 
 def _settings(config: str) -> str:
     """The compile/BLAS settings of a row's config string: what bench_step writes after the model and its
-    overrides ("compile=true mode=... options={...} blas=..."), "" for an eager step with the default library."""
+    overrides ("compile=true mode=... options={...} loss=compiled blas=..."), "" for an eager step with the
+    default library."""
     words = config.split()
-    starts = [i for i, word in enumerate(words) if word.startswith(("compile=", "blas="))]
+    starts = [i for i, word in enumerate(words) if word.startswith(("compile=", "loss=", "blas="))]
     return " ".join(words[starts[0]:]) if starts else ""
 
 
@@ -34,7 +35,7 @@ def ratios(rows: list[dict]) -> list[dict]:
         if row["model"] != "gpt2":
             continue
         settings = _settings(row["config"])
-        if "compile=true" not in settings:
+        if "compile=true" not in settings and "loss=compiled" not in settings:  # nothing compiled
             eager_plain.setdefault(row["precision"], row["median_ms"])
             if row.get("pipelined_ms"):
                 eager_plain_pipelined.setdefault(row["precision"], row["pipelined_ms"])

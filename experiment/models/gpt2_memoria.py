@@ -467,7 +467,10 @@ class GPT2WithMemoriaPreTrainedModel(GPT2PreTrainedModel):
     config_class = GPT2WithMemoriaConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["GPT2WithMemoriaBlock"]  # noqa: RUF012  (transformers class-attribute convention)
-    _compile_with_blocks = ("MemoryReader",)  # compile_blocks compiles it too: see MemoryReader
+    # compile_blocks compiles these too: what makes the blocks' memory inputs, so that under CUDA graphs the blocks
+    # take them as an earlier graph's outputs (see MemoryReader), and the working memory's Abstractor, whose dozen
+    # small ops would otherwise be launched one by one before the memory step, where the GPU has nothing else to do
+    _compile_with_blocks = ("MemoryReader", "Abstractor")
     _can_record_outputs = {}  # noqa: RUF012  (no output recording: forward returns MemoryModelOutput)
 
     def _init_weights(self, module):

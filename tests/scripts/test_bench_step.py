@@ -140,7 +140,7 @@ def test_the_loss_is_compiled_with_the_blocks_as_the_cli_does(monkeypatch):
         args = ["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--precisions", "fp32", "--models",
                 "gpt2", "--compile-blocks"]
         rows = bench.main(args)
-        assert rows[0]["loss"] == "compiled" and "token_nll" in compiled and "loss compiled" in rows[0]["config"]
+        assert rows[0]["loss"] == "compiled" and "token_nll" in compiled and "loss=compiled" in rows[0]["config"]
         compiled.clear()
         rows = bench.main([*args, "--loss", "eager"])
         assert rows[0]["loss"] == "eager" and "token_nll" not in compiled

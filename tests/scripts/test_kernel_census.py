@@ -50,7 +50,11 @@ def test_counts_a_models_compiled_blocks(tmp_path):
     memory keys and values had 13)."""
     rows = {row["call"]: row for row in census(tmp_path, "--blocks", "memoria_gpt2", "--tiny")["rows"]}
     reader = {name.split()[1].split("_")[1]: rows.pop(name) for name in list(rows) if name.startswith("MemoryReader")}
+    abstractor = {name.split()[1].split("_")[1]: rows.pop(name) for name in list(rows) if name.startswith("Abstractor")}
     assert list(rows) == ["block 0_forward", "block 0_backward", "block 1_forward", "block 1_backward"]
+    # the Abstractor, compiled with the blocks too: its GEMMs and a few fused kernels (softmax over the segment)
+    assert set(abstractor) == {"forward", "backward"}
+    assert abstractor["forward"]["calls_by_op"].get("bmm", 0) + abstractor["forward"]["calls_by_op"]["mm"] >= 4
     # the memory reader: both memories' batched projections, and its stacks (the blocks' weights and biases;
     # backward, the keys' and values' gradients) as one kernel each (without its inductor options, 2 + 4 more)
     assert reader["forward"]["calls_by_op"] == {"baddbmm": 2} and reader["forward"]["triton_kernels"] <= 7

@@ -46,3 +46,14 @@ def test_reads_what_bench_step_writes(tmp_path, capsys):
     [entry] = load_script("step_ratios").main([str(path)])
     assert entry["model"] == "memoria_gpt2" and entry["settings"] == "eager"
     assert entry["x_plain_eager"] == entry["x_plain_alike"] > 0
+
+
+def test_a_plain_step_with_its_loss_compiled_is_no_eager_baseline(tmp_path):
+    """bench_step --loss compiled without compiled blocks: the plain row compiled something, so it is compared
+    like for like, never taken as the eager plain step."""
+    rows = [row("gpt2", "gpt2 loss=compiled", 31.0), row("memoria_gpt2", "memoria_gpt2 loss=compiled", 40.0),
+            row("gpt2", "gpt2", 33.0)]
+    (tmp_path / "runs.json").write_text(json.dumps(rows))
+    [entry] = load_script("step_ratios").main([str(tmp_path / "runs.json")])
+    assert entry["settings"] == "loss=compiled"
+    assert entry["plain_eager_ms"] == 33.0 and entry["x_plain_alike"] == 40.0 / 31.0

@@ -60,11 +60,12 @@ def test_compile_settings_merge_the_modes_options_with_the_given_ones():
 
 def test_compile_blocks_compiles_the_models_companions_unless_told_not_to():
     model = build_model(compose_config(["model=memoria_gpt2_tiny", "memory=tiny"]).model, vocab_size=40)
-    reader = model.transformer.memory_reader
+    reader, abstractor = model.transformer.memory_reader, model.transformer.abstractor
     compile_blocks(copy.deepcopy(model), companions=False, backend="eager")
-    assert reader._compiled_call_impl is None
+    assert reader._compiled_call_impl is None and abstractor._compiled_call_impl is None
     compile_blocks(model, backend="eager")
-    assert reader._compiled_call_impl is not None  # MemoryReader, named by _compile_with_blocks
+    # MemoryReader and the Abstractor, named by _compile_with_blocks
+    assert reader._compiled_call_impl is not None and abstractor._compiled_call_impl is not None
     assert all(block._compiled_call_impl is not None for block in model.transformer.h)
     torch._dynamo.reset()
 
@@ -79,6 +80,7 @@ def test_companions_compile_with_their_inductor_options_under_the_modes(monkeypa
     by_class = {name: kw for name, kw in calls}
     assert by_class["GPT2WithMemoriaBlock"] == {"mode": "reduce-overhead"}
     assert by_class["MemoryReader"] == {"options": {"triton.cudagraphs": True, "force_pointwise_cat": True}}
+    assert by_class["Abstractor"] == {"mode": "reduce-overhead"}
     calls.clear()
     compile_blocks(model, backend="eager")
     assert {name: kw for name, kw in calls}["MemoryReader"] == {"backend": "eager"}
@@ -115,25 +117,31 @@ def test_compiled_blocks_read_the_memories_from_the_compiled_readers_outputs(com
     """With the memory reader compiled, every memory input of every block (keys, values, masks, scales) is an
     output of the reader's graph: under CUDA graphs (mode=reduce-overhead) the blocks then take them without
     copying them into their graph inputs. Each block's only other inputs are its parameters and the hidden
-    states. The eager reader (companions=False) leaves eight inputs a block that are no graph's output."""
+    states. The eager reader (companions=False) leaves eight inputs a block that are no graph's output. With the
+    Abstractor compiled too, the reader's working memory is the Abstractor graph's output."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(compose_config(["model=memoria_gpt2_tiny", "memory=tiny"]).model, vocab_size=40).eval()
-    blocks, reader = Recorder(), Recorder()
+    blocks, reader, abstractor = Recorder(), Recorder(), Recorder()
     compile_blocks(model, companions=False, backend=blocks)
     if companions:
         model.transformer.memory_reader.compile(backend=reader)
+        model.transformer.abstractor.compile(backend=abstractor)
     parameters = {storage(p) for p in model.parameters()}
     g = torch.Generator().manual_seed(1)
     n_layer = model.config.n_layer
     for step in range(3):
-        blocks.calls.clear(), reader.calls.clear()
+        blocks.calls.clear(), reader.calls.clear(), abstractor.calls.clear()
         x = torch.randint(0, 40, (2, 12), generator=g)
         model(x, labels=x).loss.backward()
         if step == 0:
             continue  # the first segment has no memory to read
-        assert len(blocks.calls) == n_layer and len(reader.calls) == (1 if companions else 0)
-        from_graphs = {storage(t) for _, outputs in reader.calls + blocks.calls for t in outputs}
+        assert len(blocks.calls) == n_layer and len(reader.calls) == len(abstractor.calls) == (1 if companions else 0)
+        from_graphs = {storage(t) for _, outputs in abstractor.calls + reader.calls + blocks.calls for t in outputs}
+        if companions:  # the reader's inputs from outside any graph: the rows, the reminded engrams, their
+            # validity, the query weights; not the working memory
+            [(reader_inputs, _)] = reader.calls
+            assert len([t for t in reader_inputs if storage(t) not in parameters | from_graphs]) == 4
         for i, (inputs, _) in enumerate(blocks.calls):
             made_outside = [t for t in inputs if storage(t) not in parameters | from_graphs]
             hidden = [t for t in made_outside if t.shape == (2, 12, model.config.n_embd)]
