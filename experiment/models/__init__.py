@@ -41,9 +41,9 @@ def compile_blocks(model: Any, companions: bool = True, **compile_kwargs: Any) -
     names (the transformers convention), and with `companions` the modules of the classes its
     `_compile_with_blocks` names (what prepares the blocks' inputs: see gpt2_memoria.MemoryReader). What else
     runs between blocks (embeddings, the memory bookkeeping, the head) stays eager, so carried memory needs no
-    special care. State-dict keys do not change. Returns the number of
-    blocks compiled; `compile_kwargs` go to `nn.Module.compile` (e.g. backend, mode), with a module class's own
-    `inductor_options` (a dict) added under the inductor backend."""
+    special care. State-dict keys do not change. Returns the number of blocks compiled; `compile_kwargs` go to
+    `nn.Module.compile` (e.g. backend, mode), with a module class's own `inductor_options` (a dict) added under the
+    inductor backend."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [module for module in model.modules() if type(module).__name__ in names]
     if not blocks:
