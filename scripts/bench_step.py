@@ -379,10 +379,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.inductor_options is not None and (not args.compile_blocks or not isinstance(args.inductor_options, dict)):
         parser.error("--inductor-options takes a JSON object and needs --compile-blocks")
     from experiment.models import compile_blocks, compile_settings
-
-    compile_kwargs = compile_settings(args.compile_mode, args.inductor_options)
     from experiment.tasks.language_modeling import compiled_token_nll, token_nll
 
+    compile_kwargs = compile_settings(args.compile_mode, args.inductor_options)
     compile_loss = args.loss == "compiled" or args.loss == "task" and args.compile_blocks
     loss_fn = compiled_token_nll() if compile_loss else token_nll
 
