@@ -8,11 +8,11 @@
 #      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt),
 #      then the same with every transformer block compiled (compile=true), fp32 then bf16;
 #   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead; Memoria's step graphed,
-#      its memory reader and Abstractor compiled with the blocks and, as the control, left eager; the memory step compiled
-#      + graphed; fp32) against the eager step
-#      with fused Adam (fp32 and bf16), two rounds in turn; each timed per phase (memory read, blocks, memory
-#      write, head + loss, backward, optimizer; CUDA events), and also back to back with one sync at the end
-#      (--pipelined); profiles of both (what is left between the graphs); then the LM loss alone (bench_loss.py);
+#      its memory reader and Abstractor compiled with the blocks and, as the control, left eager; the memory step
+#      compiled + graphed; the LM loss compiled, as compile=true does; fp32) against the eager step with fused Adam
+#      (fp32 and bf16), two rounds in turn; each timed per phase (memory read, blocks, memory write, head + loss,
+#      backward, optimizer; CUDA events), and also back to back with one sync at the end (--pipelined); profiles
+#      of both (what is left between the graphs); then the LM loss alone, eager and compiled (bench_loss.py);
 #   6. profiles of the graphed memory step (LM, the models' path: add and remind as one call, compiled + graphed
 #      and graphed; then compiled + graphed scoring the gathered candidates instead of every slot, and with add
 #      and remind as two calls): kernels and device time per step;
