@@ -728,20 +728,20 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         )
 
         # --- blocks
-        probs_sum = None
+        layer_probs = []
         for i, block in enumerate(self.h):
             block_kv = None if memory_kv is None else memory_kv[i]
             h, probs = block(h, causal_mask, working_memory, reminded, block_kv, **kwargs)
             if probs is not None:
-                probs_sum = probs if probs_sum is None else probs_sum + probs
+                layer_probs.append(probs)  # (B, M)
         hidden = self.ln_f(h)  # (B, T, H)
 
         # --- memory write
         if self.prev_hidden is not None:
-            if probs_sum is None:  # nothing reminded (M = 0): every engram ages, none is extended
+            if not layer_probs:  # nothing reminded (M = 0): every engram ages, none is extended
                 delta = torch.zeros(reminded_idx.shape, device=h.device, dtype=torch.float32)
-            else:
-                mean_probs = probs_sum.float() / len(self.h)  # (B, M) mean over layers, heads, queries
+            else:  # mean over layers, heads, queries (two kernels, not one add a layer)
+                mean_probs = torch.stack(layer_probs).float().mean(0)  # (B, M)
                 delta = lifespan_delta(mean_probs, reminded_valid, cfg.memoria_lifespan_extend_scale)
             self.memoria.adjust_lifespan_and_memories(reminded_idx, delta)
             self.last_reminded_indices, self.last_lifespan_delta = reminded_idx, delta
