@@ -118,7 +118,6 @@ def test_a_blas_library_needs_a_gpu():
         load_bench().main(["--tiny", "--device", "cpu", "--blas-library", "cublaslt"])
 
 
-
 def test_the_loss_is_compiled_with_the_blocks_as_the_cli_does(monkeypatch):
     """--loss task (the default) compiles the LM loss with --compile-blocks, as compile=true does in the LM task;
     --loss eager keeps it eager. Traced with the eager backend (fast on a CPU)."""
