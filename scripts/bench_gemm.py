@@ -10,9 +10,16 @@ the same GEMMs), then times each distinct call alone with CUDA events, under cuB
 precision, for reference only). It prints per model the GEMM time of a step under each setting, and the shapes
 that take the most time with their rates.
 
+`--transposed` also times each 2-D product C = A @ B (mm, addmm) the other way round, Cᵀ = Bᵀ @ Aᵀ as an mm
+(under the first setting; an addmm's bias left out): the same products, but the BLAS library sees the problem with
+M and N swapped and may pick other tiles (cuBLAS covers a 1,200 x 768 fp32 output with 30 tiles of 128 x 256 on a
+132-SM H100). A model can compute a product that way for free where its consumer copies the result anyway (a query
+projection laid out heads-major) or where it owns the weight's layout.
+
 Examples:
     python scripts/bench_gemm.py                                   # GPU: both models, cuBLAS against cuBLASLt
     python scripts/bench_gemm.py --tf32 --json bench_gemm.json
+    python scripts/bench_gemm.py --transposed                      # ... and every 2-D product the other way round
     python scripts/bench_gemm.py --tiny --device cpu               # CPU smoke run (one library)
 Record results in docs/benchmarks.md.
 """
@@ -95,6 +102,18 @@ def run_call(signature, inputs: list[torch.Tensor]) -> torch.Tensor:
     return getattr(torch, name)(*inputs, **dict(scalars))
 
 
+def transposed_call(signature, inputs: list[torch.Tensor]):
+    """(signature, inputs) of the same 2-D product computed the other way round, Cᵀ = Bᵀ @ Aᵀ, as an mm (an addmm's
+    bias left to the consumer, where compiled code adds it in a kernel it runs anyway); None for batched
+    products."""
+    name, _, dtype, _ = signature
+    if name not in ("mm", "addmm"):
+        return None
+    a, b = inputs[-2:]
+    args = [b.t(), a.t()]
+    return ("mm", tuple((tuple(t.shape), tuple(t.stride())) for t in args), dtype, ()), args
+
+
 def time_call(signature, inputs, device: torch.device, reps: int, rounds: int) -> float:
     """Median microseconds of one call (CUDA events around `reps` calls, `rounds` times; wall time on a CPU)."""
     for _ in range(3):
@@ -165,6 +184,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--tiny", action="store_true", help="tiny models and shapes (CPU smoke run)")
     parser.add_argument("--tf32", action="store_true", help="also time with TF32 on (reference only)")
+    parser.add_argument("--transposed", action="store_true",
+                        help="also time every 2-D product the other way round, Cᵀ = Bᵀ @ Aᵀ (first setting only)")
     parser.add_argument("--reps", type=int, default=20, help="calls per timing")
     parser.add_argument("--rounds", type=int, default=5, help="timings per call and setting (median)")
     parser.add_argument("--top", type=int, default=12, help="shapes listed per model")
@@ -187,6 +208,15 @@ def main(argv=None) -> dict:
                 times[signature][f"{library}{'+tf32' if tf32 else ''}"] = time_call(
                     signature, inputs, device, args.reps, args.rounds)
     names = list(next(iter(times.values())).keys()) if times else []
+    if args.transposed:  # the other way round under the first setting; "best" = the faster of the two per call
+        library, tf32 = settings[0]
+        for signature in times:
+            flipped = transposed_call(signature, make_inputs(signature, device, generator))
+            with blas_setting(device, library, tf32):
+                other = time_call(*flipped, device, args.reps, args.rounds) if flipped else times[signature][names[0]]
+            times[signature]["transposed"] = other
+            times[signature]["best of both"] = min(other, times[signature][names[0]])
+        names += ["transposed", "best of both"]
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"GEMMs of one training step, each timed alone ({where}, {args.precision}; median us of {args.rounds} x "

@@ -26,7 +26,8 @@
 #      paths' same-shape weight-gradient GEMMs of a block's backward as one batched GEMM), to set beside part 5;
 #  10. part 5's graphed blocks in bf16 (both models);
 #  11. scripts/bench_gemm.py: every GEMM of one fp32 training step of each model, timed alone shape by shape under
-#      cuBLAS and cuBLASLt (and TF32, for reference): which shapes lose efficiency, and whether a library helps;
+#      cuBLAS and cuBLASLt (and TF32, for reference), and each 2-D product computed the other way round (Cᵀ = Bᵀ Aᵀ):
+#      which shapes lose efficiency, and whether a library or the orientation helps;
 #  12. part 5's fp32 graphed Memoria GPT-2 with max_autotune_gemm: inductor times cuBLAS against its own Triton GEMM
 #      templates (exact fp32, no TF32) shape by shape and keeps the faster; compiling takes minutes;
 #   9, 12: each also times the eager plain baseline when the call has not (part 5b), and prints the ratios;
@@ -221,9 +222,9 @@ step_ratios
 
 # ---------------------------------------------------------------- 11. the step's GEMMs, shape by shape, per BLAS library
 part11() {
-say "11. bench_gemm (fp32 step GEMMs: cuBLAS vs cuBLASLt, TF32 for reference)"
-timeout $(limit 150) $PY scripts/bench_gemm.py --tf32 --json "$OUT/bench_gemm.json" 2>&1 \
-  | grep -v "^\[transformers\]" | tee "$OUT/bench_gemm.txt" | sed -n 1,8p | tee -a "$LOG"
+say "11. bench_gemm (fp32 step GEMMs: cuBLAS vs cuBLASLt, the other way round, TF32 for reference)"
+timeout $(limit 150) $PY scripts/bench_gemm.py --tf32 --transposed --json "$OUT/bench_gemm.json" 2>&1 \
+  | grep -v "^\[transformers\]" | tee "$OUT/bench_gemm.txt" | sed -n 1,20p | tee -a "$LOG"
 }
 
 # ---------------------------------------------------------------- 12. graphed blocks with autotuned GEMMs

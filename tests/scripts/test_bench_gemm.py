@@ -28,3 +28,21 @@ def test_a_recorded_call_is_replayed_with_its_shapes_and_strides():
     inputs = bench.make_inputs(signature, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert [(t.shape, t.stride()) for t in inputs] == [(a.shape, a.stride()), (b.shape, b.stride())]
     assert bench.run_call(signature, inputs).shape == expected.shape
+
+
+def test_products_are_also_timed_the_other_way_round():
+    bench = load_script("bench_gemm")
+    a, b, bias = torch.randn(6, 4), torch.randn(4, 5), torch.randn(5)
+    with bench.GemmRecorder() as recorder:
+        torch.addmm(bias, a, b)
+        torch.bmm(torch.randn(2, 3, 4), torch.randn(2, 4, 5))
+    addmm, bmm = sorted(recorder.calls, key=lambda s: s[0])[0], sorted(recorder.calls, key=lambda s: s[0])[1]
+    signature, args = bench.transposed_call(addmm, [bias, a, b])
+    assert signature[0] == "mm" and bench.flops_of(signature) == bench.flops_of(addmm)
+    torch.testing.assert_close(bench.run_call(signature, args).t() + bias, torch.addmm(bias, a, b))
+    assert bench.transposed_call(bmm, bench.make_inputs(bmm, torch.device("cpu"), torch.Generator())) is None
+    result = bench.main(["--tiny", "--device", "cpu", "--reps", "1", "--rounds", "1", "--models", "gpt2",
+                         "--transposed"])
+    assert result["settings"] == ["default", "transposed", "best of both"]
+    step = result["models"]["gpt2"]["ms_per_step"]
+    assert step["best of both"] <= min(step["default"], step["transposed"]) + 1e-9
