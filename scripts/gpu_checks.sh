@@ -30,7 +30,9 @@
 #      which shapes lose efficiency, and whether a library or the orientation helps;
 #  12. part 5's fp32 graphed Memoria GPT-2 with max_autotune_gemm: inductor times cuBLAS against its own Triton GEMM
 #      templates (exact fp32, no TF32) shape by shape and keeps the faster; compiling takes minutes;
-#   9, 12: each also times the eager plain baseline when the call has not (part 5b), and prints the ratios;
+#  13. part 5's fp32 graphed Memoria GPT-2 with its memory attentions' query projections computed transposed
+#      (qᵀ = Wᵀ hᵀ; an experiment, see part 11) against the model as it is, two rounds in turn;
+#   9, 12, 13: each also times the eager plain baseline when the call has not (part 5b), and prints the ratios;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -40,7 +42,7 @@
 # them). Through the device tool:
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
-# PARTS (which of 1-12 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
+# PARTS (which of 1-13 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
 # SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the sorting runs, see part 4), STEP_ARGS (more
 # options for part 5's bench_step runs, e.g. "--blas-library cublaslt").
 set -u
@@ -242,6 +244,18 @@ plain_eager_baseline
 step_ratios
 }
 
+# ---------------------------------------------------------------- 13. graphed blocks, queries projected transposed
+# The memory attentions' query projections computed as qᵀ = Wᵀ hᵀ (the same numbers; cuBLAS sees the 1,200 x 768 x 768
+# GEMMs with M and N swapped: part 11 times that shape by shape), against the model as it is, in turn.
+part13() {
+say "13. bench_step fp32: blocks as CUDA graphs, memory queries projected transposed (against as they are)"
+timeout $(limit 240) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 --compile-blocks \
+  --compile-mode reduce-overhead --precisions fp32 --models memoria_gpt2_transposed_queries memoria_gpt2_graphed \
+  --pipelined --json "$OUT/bench_step_transposed_queries.json" 2>&1 | grep -v Warning | tail -8 | tee -a "$LOG"
+plain_eager_baseline
+step_ratios
+}
+
 # ---------------------------------------------------------------- 4. sorting, every model, side by side
 # SORT_RUNS: one run per line, "<name> <model> [more overrides]"; default: the five *_sort models with SORT_ARGS,
 # plus Memoria with memoria_zero_init_memory_output=true.
@@ -297,7 +311,7 @@ fi
 
 # ---------------------------------------------------------------- run the parts asked for, in that order
 for part in ${PARTS:-1 2 3}; do
-  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-12)"; fi
+  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-13)"; fi
 done
 say "done"
 # The device tool brings back at most 8 files: keep the log and the pytest output loose, pack the rest.
