@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     outputs: dict[str, list[tuple[float, float]]] = {}
     original = gpt2_memoria.memory_attention
 
-    def recording(attn, hidden, source, keys_values=None):
-        y, probs = original(attn, hidden, source, keys_values)
+    def recording(attn, hidden, source, keys_values=None, **options):
+        y, probs = original(attn, hidden, source, keys_values, **options)
         # norm of the output vector, and its spread across positions (B, T, H) -> scalars
         outputs.setdefault("wm" if probs is None else "mem", []).append(
             (y.norm(dim=-1).mean().item(), y.std(dim=1).mean().item())
