@@ -7,12 +7,13 @@
 #   3. scripts/bench_step.py at the WikiText-103 shape, fp32 and bf16 (Memoria GPT-2, eager and with the memory
 #      step graphed, against plain GPT-2), with torch.profiler tables of where the time goes (profile_step.txt),
 #      then the same with every transformer block compiled (compile=true), fp32 then bf16;
-#   5. the training step with every block compiled as CUDA graphs (mode=reduce-overhead; Memoria's step graphed,
-#      its memory reader and Abstractor compiled with the blocks and, as the control, left eager; the memory step
-#      compiled + graphed; the LM loss compiled, as compile=true does; fp32) against the eager step with fused Adam
-#      (fp32 and bf16), two rounds in turn; each timed per phase (memory read, blocks, memory write, head + loss,
-#      backward, optimizer; CUDA events), and also back to back with one sync at the end (--pipelined); profiles
-#      of both (what is left between the graphs); then the LM loss alone, eager and compiled (bench_loss.py);
+#   5. the eager step with fused Adam (fp32 and bf16; the ratios' baseline), then the training step with every block
+#      compiled as CUDA graphs (mode=reduce-overhead; Memoria's step graphed, its memory reader and Abstractor
+#      compiled with the blocks; the LM loss compiled, as compile=true does; fp32), two rounds in turn; each timed
+#      per phase (memory read, blocks, memory write, head + loss, backward, optimizer; CUDA events), and also back
+#      to back with one sync at the end (--pipelined); profiles of both (what is left between the graphs); the
+#      ratios; then the LM loss alone, eager and compiled (bench_loss.py); then the controls (the companions left
+#      eager; the memory step compiled + graphed);
 #   6. profiles of the graphed memory step (LM, the models' path: add and remind as one call, compiled + graphed
 #      and graphed; then compiled + graphed scoring the gathered candidates instead of every slot, and with add
 #      and remind as two calls): kernels and device time per step;
@@ -137,24 +138,32 @@ timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-
 # ---------------------------------------------------------------- 5. training step: eager against graphed blocks
 # The step is bound by the host's kernel launches (about 7 us each on the lent machines), so: the eager step
 # (fused Adam, the task's optimizer on a GPU) against every block compiled with mode=reduce-overhead (each
-# block's forward and backward replayed as CUDA graphs), two rounds each in turn, with profiles: fp32 (the
-# issue's target) with graphed blocks, then both precisions eager; bf16 with graphed blocks is part 10.
+# block's forward and backward replayed as CUDA graphs), two rounds each in turn, with profiles: both precisions
+# eager, then fp32 (the issue's target) with graphed blocks; bf16 with graphed blocks is part 10.
 part5() {
-say "5. bench_step fp32: compiled blocks as CUDA graphs (reduce-overhead)"
-# shellcheck disable=SC2086
-timeout $(limit 300) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 ${STEP_ARGS:-} \
-  --compile-blocks --compile-mode reduce-overhead --phases \
-  --models memoria_gpt2_graphed memoria_gpt2_eager_reader memoria_gpt2_compiled gpt2 \
-  --pipelined --precisions fp32 --json "$OUT/bench_step_reduce_overhead.json" \
-  --profile "$OUT/profile_step_reduce_overhead.txt" 2>&1 | grep -v Warning | tail -26 | tee -a "$LOG"
-say "5b. bench_step: eager, fused Adam"
+# the eager baseline first (cheap), then the decisive pair, then the controls: a run stopped at its time limit
+# writes no JSON, so each run is kept short enough to finish
+say "5b. bench_step: eager, fused Adam (the ratios' baseline)"
 # shellcheck disable=SC2086
 timeout $(limit 100) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 ${STEP_ARGS:-} \
-  --models memoria_gpt2_graphed gpt2 --phases --pipelined --json "$OUT/bench_step_fused.json" --profile "$OUT/profile_step_fused.txt" \
-  2>&1 | tail -24 | tee -a "$LOG"
+  --models memoria_gpt2_graphed gpt2 --phases --pipelined --json "$OUT/bench_step_fused.json" \
+  --profile "$OUT/profile_step_fused.txt" 2>&1 | tail -24 | tee -a "$LOG"
+say "5. bench_step fp32: compiled blocks as CUDA graphs (reduce-overhead)"
+# shellcheck disable=SC2086
+timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 ${STEP_ARGS:-} \
+  --compile-blocks --compile-mode reduce-overhead --phases --models memoria_gpt2_graphed gpt2 \
+  --pipelined --precisions fp32 --json "$OUT/bench_step_reduce_overhead.json" \
+  --profile "$OUT/profile_step_reduce_overhead.txt" 2>&1 | grep -v Warning | tail -14 | tee -a "$LOG"
 step_ratios
 say "5c. bench_loss: the LM loss forward + backward, sliced / shifted labels / the task's, eager and compiled (fp32)"
 timeout $(limit 90) $PY scripts/bench_loss.py --compiled --json "$OUT/bench_loss.json" 2>&1 | tail -6 | tee -a "$LOG"
+say "5d. bench_step fp32, CUDA graphs: the controls (companions eager; memory step compiled)"
+# shellcheck disable=SC2086
+timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 ${STEP_ARGS:-} \
+  --compile-blocks --compile-mode reduce-overhead --models memoria_gpt2_eager_reader memoria_gpt2_compiled \
+  --pipelined --precisions fp32 --json "$OUT/bench_step_reduce_overhead_controls.json" 2>&1 | grep -v Warning \
+  | tail -10 | tee -a "$LOG"
+step_ratios
 }
 
 # Memoria's step against the eager plain step (the issue's target) over every bench_step run of this call so far
