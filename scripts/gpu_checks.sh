@@ -12,8 +12,7 @@
 #      compiled with the blocks; the LM loss compiled, as compile=true does; fp32), two rounds in turn; each timed
 #      per phase (memory read, blocks, memory write, head + loss, backward, optimizer; CUDA events), and also back
 #      to back with one sync at the end (--pipelined); profiles of both (what is left between the graphs); the
-#      ratios; then the LM loss alone, eager and compiled (bench_loss.py); then the controls (the companions left
-#      eager; the memory step compiled + graphed);
+#      ratios; then the LM loss alone, eager and compiled (bench_loss.py); part 14 runs its controls;
 #   6. profiles of the graphed memory step (LM, the models' path: add and remind as one call, compiled + graphed
 #      and graphed; then compiled + graphed scoring the gathered candidates instead of every slot, and with add
 #      and remind as two calls): kernels and device time per step;
@@ -33,7 +32,9 @@
 #      templates (exact fp32, no TF32) shape by shape and keeps the faster; compiling takes minutes;
 #  13. part 5's fp32 graphed Memoria GPT-2 with its memory attentions' query projections computed transposed
 #      (qᵀ = Wᵀ hᵀ; an experiment, see part 11) against the model as it is, two rounds in turn;
-#   9, 12, 13: each also times the eager plain baseline when the call has not (part 5b), and prints the ratios;
+#  14. part 5's controls: Memoria GPT-2 with its memory reader and Abstractor left eager (what compiling them with
+#      the blocks gains), and with the memory step compiled + graphed (memory.compile=true, a fixed store);
+#   9, 12, 13, 14: each also times the eager plain baseline when the call has not (part 5b), and prints the ratios;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -43,7 +44,7 @@
 # them). Through the device tool:
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
-# PARTS (which of 1-13 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
+# PARTS (which of 1-14 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
 # SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the sorting runs, see part 4), STEP_ARGS (more
 # options for part 5's bench_step runs, e.g. "--blas-library cublaslt").
 set -u
@@ -157,12 +158,17 @@ timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2
 step_ratios
 say "5c. bench_loss: the LM loss forward + backward, sliced / shifted labels / the task's, eager and compiled (fp32)"
 timeout $(limit 90) $PY scripts/bench_loss.py --compiled --json "$OUT/bench_loss.json" 2>&1 | tail -6 | tee -a "$LOG"
-say "5d. bench_step fp32, CUDA graphs: the controls (companions eager; memory step compiled)"
+}
+
+# ---------------------------------------------------------------- 14. part 5's controls
+part14() {
+say "14. bench_step fp32, CUDA graphs: part 5's controls (companions eager; memory step compiled)"
 # shellcheck disable=SC2086
-timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 ${STEP_ARGS:-} \
+timeout $(limit 240) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 ${STEP_ARGS:-} \
   --compile-blocks --compile-mode reduce-overhead --models memoria_gpt2_eager_reader memoria_gpt2_compiled \
   --pipelined --precisions fp32 --json "$OUT/bench_step_reduce_overhead_controls.json" 2>&1 | grep -v Warning \
   | tail -10 | tee -a "$LOG"
+plain_eager_baseline
 step_ratios
 }
 
@@ -320,7 +326,7 @@ fi
 
 # ---------------------------------------------------------------- run the parts asked for, in that order
 for part in ${PARTS:-1 2 3}; do
-  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-13)"; fi
+  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-14)"; fi
 done
 say "done"
 # The device tool brings back at most 8 files: keep the log and the pytest output loose, pack the rest.
