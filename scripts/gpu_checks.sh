@@ -142,8 +142,8 @@ timeout $(limit 200) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-
 # block's forward and backward replayed as CUDA graphs), two rounds each in turn, with profiles: both precisions
 # eager, then fp32 (the issue's target) with graphed blocks; bf16 with graphed blocks is part 10.
 part5() {
-# the eager baseline first (cheap), then the decisive pair, then the controls: a run stopped at its time limit
-# writes no JSON, so each run is kept short enough to finish
+# the eager baseline first (cheap), then the decisive pair (the controls are part 14): a run stopped at its time
+# limit writes no JSON, so each run is kept short enough to finish
 say "5b. bench_step: eager, fused Adam (the ratios' baseline)"
 # shellcheck disable=SC2086
 timeout $(limit 100) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 ${STEP_ARGS:-} \
