@@ -14,12 +14,14 @@ that take the most time with their rates.
 (under the first setting; an addmm's bias left out): the same products, but the BLAS library sees the problem with
 M and N swapped and may pick other tiles (cuBLAS covers a 1,200 x 768 fp32 output with 30 tiles of 128 x 256 on a
 132-SM H100). A model can compute a product that way for free where its consumer copies the result anyway (a query
-projection laid out heads-major) or where it owns the weight's layout.
+projection laid out heads-major) or where it owns the weight's layout. `--split-k 2 4` times each such product
+as 2 (4) products over slices of its reduction, one batched GEMM summed: more output tiles per launch.
 
 Examples:
     python scripts/bench_gemm.py                                   # GPU: both models, cuBLAS against cuBLASLt
     python scripts/bench_gemm.py --tf32 --json bench_gemm.json
-    python scripts/bench_gemm.py --transposed                      # ... and every 2-D product the other way round
+    python scripts/bench_gemm.py --transposed --split-k 2 4        # ... and every 2-D product the other way round,
+                                                                   # and split over its reduction
     python scripts/bench_gemm.py --tiny --device cpu               # CPU smoke run (one library)
 Record results in docs/benchmarks.md.
 """
@@ -114,26 +116,48 @@ def transposed_call(signature, inputs: list[torch.Tensor]):
     return ("mm", tuple((tuple(t.shape), tuple(t.stride())) for t in args), dtype, ()), args
 
 
-def time_call(signature, inputs, device: torch.device, reps: int, rounds: int) -> float:
-    """Median microseconds of one call (CUDA events around `reps` calls, `rounds` times; wall time on a CPU)."""
+def split_k_call(signature, inputs: list[torch.Tensor], parts: int):
+    """The same 2-D product C = A @ B as `parts` products over slices of the reduction, one batched GEMM, summed
+    (a manual split-K: `parts` times the output tiles per launch, for a GPU that a small output leaves mostly idle;
+    the sum is a kernel of its own here, fused into the consumer in compiled code). A callable, or None (batched
+    products, a reduction `parts` does not divide)."""
+    if signature[0] not in ("mm", "addmm"):
+        return None
+    a, b = inputs[-2:]
+    (M, K), N = a.shape, b.shape[1]
+    if K % parts:
+        return None
+    k = K // parts
+    a_parts = a.as_strided((parts, M, k), (k * a.stride(1), a.stride(0), a.stride(1)))  # (parts, M, K/parts) views
+    b_parts = b.as_strided((parts, k, N), (k * b.stride(0), b.stride(0), b.stride(1)))  # (parts, K/parts, N)
+    return lambda: torch.bmm(a_parts, b_parts).sum(0)
+
+
+def time_fn(fn, device: torch.device, reps: int, rounds: int) -> float:
+    """Median microseconds of one `fn()` (CUDA events around `reps` calls, `rounds` times; wall time on a CPU)."""
     for _ in range(3):
-        run_call(signature, inputs)
+        fn()
     samples = []
     for _ in range(rounds):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(reps):
-                run_call(signature, inputs)
+                fn()
             end.record()
             end.synchronize()
             samples.append(start.elapsed_time(end) * 1e3 / reps)
         else:
             t0 = time.perf_counter()
             for _ in range(reps):
-                run_call(signature, inputs)
+                fn()
             samples.append((time.perf_counter() - t0) * 1e6 / reps)
     return statistics.median(samples)
+
+
+def time_call(signature, inputs, device: torch.device, reps: int, rounds: int) -> float:
+    """Median microseconds of one recorded call (`time_fn`)."""
+    return time_fn(lambda: run_call(signature, inputs), device, reps, rounds)
 
 
 @contextlib.contextmanager
@@ -186,6 +210,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--tf32", action="store_true", help="also time with TF32 on (reference only)")
     parser.add_argument("--transposed", action="store_true",
                         help="also time every 2-D product the other way round, Cᵀ = Bᵀ @ Aᵀ (first setting only)")
+    parser.add_argument("--split-k", type=int, nargs="+", default=[], metavar="PARTS",
+                        help="also time every 2-D product as PARTS products over slices of its reduction, one "
+                             "batched GEMM summed (first setting only)")
     parser.add_argument("--reps", type=int, default=20, help="calls per timing")
     parser.add_argument("--rounds", type=int, default=5, help="timings per call and setting (median)")
     parser.add_argument("--top", type=int, default=12, help="shapes listed per model")
@@ -208,15 +235,22 @@ def main(argv=None) -> dict:
                 times[signature][f"{library}{'+tf32' if tf32 else ''}"] = time_call(
                     signature, inputs, device, args.reps, args.rounds)
     names = list(next(iter(times.values())).keys()) if times else []
-    if args.transposed:  # the other way round under the first setting; "best" = the faster of the two per call
-        library, tf32 = settings[0]
+    variants = (["transposed"] if args.transposed else []) + [f"split-K {parts}" for parts in args.split_k]
+    if variants:  # each variant under the first setting (the call as recorded where one does not apply); then
+        library, tf32 = settings[0]  # "best" = the fastest of them and the recorded call, per call
         for signature in times:
-            flipped = transposed_call(signature, make_inputs(signature, device, generator))
-            with blas_setting(device, library, tf32):
-                other = time_call(*flipped, device, args.reps, args.rounds) if flipped else times[signature][names[0]]
-            times[signature]["transposed"] = other
-            times[signature]["best of both"] = min(other, times[signature][names[0]])
-        names += ["transposed", "best of both"]
+            inputs = make_inputs(signature, device, generator)
+            for variant in variants:
+                if variant == "transposed":
+                    flipped = transposed_call(signature, inputs)
+                    fn = flipped and (lambda flipped=flipped: run_call(*flipped))
+                else:
+                    fn = split_k_call(signature, inputs, int(variant.split()[-1]))
+                with blas_setting(device, library, tf32):
+                    us = time_fn(fn, device, args.reps, args.rounds) if fn else times[signature][names[0]]
+                times[signature][variant] = us
+            times[signature]["best"] = min(times[signature][n] for n in [names[0], *variants])
+        names += [*variants, "best"]
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"GEMMs of one training step, each timed alone ({where}, {args.precision}; median us of {args.rounds} x "

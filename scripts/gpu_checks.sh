@@ -26,8 +26,9 @@
 #      paths' same-shape weight-gradient GEMMs of a block's backward as one batched GEMM), to set beside part 5;
 #  10. part 5's graphed blocks in bf16 (both models);
 #  11. scripts/bench_gemm.py: every GEMM of one fp32 training step of each model, timed alone shape by shape under
-#      cuBLAS and cuBLASLt (and TF32, for reference), and each 2-D product computed the other way round (Cᵀ = Bᵀ Aᵀ):
-#      which shapes lose efficiency, and whether a library or the orientation helps;
+#      cuBLAS and cuBLASLt (and TF32, for reference), and each 2-D product computed the other way round (Cᵀ = Bᵀ Aᵀ)
+#      and split over its reduction (2 and 4 parts, one batched GEMM summed): which shapes lose efficiency, and
+#      whether a library, the orientation or more output tiles help;
 #  12. part 5's fp32 graphed Memoria GPT-2 with max_autotune_gemm: inductor times cuBLAS against its own Triton GEMM
 #      templates (exact fp32, no TF32) shape by shape and keeps the faster; compiling takes minutes;
 #  13. part 5's fp32 graphed Memoria GPT-2 with its memory attentions' query projections computed transposed
@@ -239,8 +240,8 @@ step_ratios
 
 # ---------------------------------------------------------------- 11. the step's GEMMs, shape by shape, per BLAS library
 part11() {
-say "11. bench_gemm (fp32 step GEMMs: cuBLAS vs cuBLASLt, the other way round, TF32 for reference)"
-timeout $(limit 150) $PY scripts/bench_gemm.py --tf32 --transposed --json "$OUT/bench_gemm.json" 2>&1 \
+say "11. bench_gemm (fp32 step GEMMs: cuBLAS vs cuBLASLt, the other way round, split-K, TF32 for reference)"
+timeout $(limit 150) $PY scripts/bench_gemm.py --tf32 --transposed --split-k 2 4 --json "$OUT/bench_gemm.json" 2>&1 \
   | grep -v "^\[transformers\]" | tee "$OUT/bench_gemm.txt" | sed -n 1,20p | tee -a "$LOG"
 }
 

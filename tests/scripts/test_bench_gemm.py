@@ -41,8 +41,13 @@ def test_products_are_also_timed_the_other_way_round():
     assert signature[0] == "mm" and bench.flops_of(signature) == bench.flops_of(addmm)
     torch.testing.assert_close(bench.run_call(signature, args).t() + bias, torch.addmm(bias, a, b))
     assert bench.transposed_call(bmm, bench.make_inputs(bmm, torch.device("cpu"), torch.Generator())) is None
+    split = bench.split_k_call(addmm, [bias, a, b], 2)
+    torch.testing.assert_close(split() + bias, torch.addmm(bias, a, b))
+    b_t = torch.randn(5, 4).t()  # a transposed operand: the slices follow its strides
+    torch.testing.assert_close(bench.split_k_call(addmm, [bias, a, b_t], 4)(), a @ b_t)
+    assert bench.split_k_call(addmm, [bias, a, b], 3) is None  # 3 does not divide K = 4
     result = bench.main(["--tiny", "--device", "cpu", "--reps", "1", "--rounds", "1", "--models", "gpt2",
-                         "--transposed"])
-    assert result["settings"] == ["default", "transposed", "best of both"]
+                         "--transposed", "--split-k", "2"])
+    assert result["settings"] == ["default", "transposed", "split-K 2", "best"]
     step = result["models"]["gpt2"]["ms_per_step"]
-    assert step["best of both"] <= min(step["default"], step["transposed"]) + 1e-9
+    assert step["best"] <= min(step["default"], step["transposed"], step["split-K 2"]) + 1e-9
