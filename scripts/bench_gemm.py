@@ -12,7 +12,7 @@ that take the most time with their rates.
 
 `--transposed` also times each 2-D product C = A @ B (mm, addmm) the other way round, Cᵀ = Bᵀ @ Aᵀ as an mm
 (under the first setting; an addmm's bias left out): the same products, but the BLAS library sees the problem with
-M and N swapped and may pick other tiles (cuBLAS covers a 1,200 x 768 fp32 output with 30 tiles of 128 x 256 on a
+M and N swapped and may pick other kernels and tiles (a 1,200 x 768 output is only a few dozen large tiles for a
 132-SM H100). A model can compute a product that way for free where its consumer copies the result anyway (a query
 projection laid out heads-major) or where it owns the weight's layout. `--split-k 2 4` times each such product
 as 2 (4) products over slices of its reduction, one batched GEMM summed: more output tiles per launch.
