@@ -45,17 +45,13 @@ def sliced_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shift.reshape(-1, shift.shape[-1]).float(), labels[:, 1:].reshape(-1))
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    nll_sum, tokens = token_nll(logits, labels)
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, nll=token_nll) -> torch.Tensor:
+    nll_sum, tokens = nll(logits, labels)
     return nll_sum / tokens.clamp(min=1)
 
 
-def compiled_task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    nll_sum, tokens = compiled_token_nll()(logits, labels)
-    return nll_sum / tokens.clamp(min=1)
-
-
-FORMULATIONS = {"sliced": sliced_loss, "shifted": causal_lm_loss, "task": task_loss, "compiled": compiled_task_loss}
+FORMULATIONS = {"sliced": sliced_loss, "shifted": causal_lm_loss, "task": task_loss,
+                "compiled": lambda logits, labels: task_loss(logits, labels, compiled_token_nll())}
 
 
 def synchronize(device: torch.device) -> None:

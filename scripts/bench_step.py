@@ -45,6 +45,8 @@ sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402  (after the sys.path insert above)
 
+from experiment.tasks.language_modeling import compiled_token_nll, token_nll  # noqa: E402
+
 MODELS = {  # label -> (model config, memory config, more overrides) at full and tiny size
     "memoria_gpt2": ("memoria_gpt2", "lm", []),
     # the same model with the memory step replayed as CUDA graphs (memoria.Memoria(cuda_graph=True)): same math
@@ -177,14 +179,11 @@ def make_batches(count: int, batch_size: int, seq_len: int, vocab_size: int, see
 
 
 def train_step(model, optimizer, batch: tuple[torch.Tensor, torch.Tensor], autocast, mark=lambda: None,
-               loss_fn=None) -> torch.Tensor:
+               loss_fn=token_nll) -> torch.Tensor:
     """One training step (forward, loss, backward, clip, Adam, zero grad) on `batch` = (input_ids, labels); returns
     the loss, not read back. The loss is the LM task's: mean NLL over the scored tokens (+ the model's aux loss),
-    through `loss_fn` (the task's `token_nll`, or its compiled form; None = `token_nll`)."""
-    from experiment.tasks.language_modeling import token_nll
-
+    through `loss_fn` (the task's `token_nll`, or its compiled form)."""
     input_ids, labels = batch
-    loss_fn = loss_fn or token_nll
     torch.compiler.cudagraph_mark_step_begin()  # a new iteration for compiled blocks' CUDA graphs (if any)
     with autocast:
         output = model(input_ids)
@@ -207,7 +206,7 @@ def autocast_for(device: torch.device, dtype: str):
 
 
 def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: bool = True,
-               losses: list | None = None, clock: PhaseClock | None = None, loss_fn=None) -> list[float]:
+               losses: list | None = None, clock: PhaseClock | None = None, loss_fn=token_nll) -> list[float]:
     """Seconds per training step for each batch after the first `warmup` ones (memory reset first if `reset`);
     each step's loss is appended to `losses` when given (read after the step's synchronisation); `clock` times
     the step's phases."""
@@ -233,7 +232,7 @@ def time_steps(model, optimizer, batches, device, dtype, warmup: int, reset: boo
     return times
 
 
-def time_pipelined(model, optimizer, batches, device, dtype, loss_fn=None) -> tuple[float, list[float]]:
+def time_pipelined(model, optimizer, batches, device, dtype, loss_fn=token_nll) -> tuple[float, list[float]]:
     """Seconds per step of `batches` run back to back, one synchronisation at the end (the memory goes on from
     where it is): what a training loop that does not read the loss every step sees, where the host queues the
     next step while the GPU runs this one (a step with a host sync inside it waits there). Returns the mean and
@@ -247,7 +246,7 @@ def time_pipelined(model, optimizer, batches, device, dtype, loss_fn=None) -> tu
     return (time.perf_counter() - start) / len(batches), [loss.item() for loss in losses]
 
 
-def count_flops(model, optimizer, batches, device, dtype, loss_fn=None) -> int:
+def count_flops(model, optimizer, batches, device, dtype, loss_fn=token_nll) -> int:
     """FLOPs of one more training step (the memory warm, as timed), by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -291,7 +290,7 @@ def gemm_table(prof, device: torch.device, steps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def profile_steps(model, optimizer, batches, device, dtype, title: str, path: str, loss_fn=None) -> None:
+def profile_steps(model, optimizer, batches, device, dtype, title: str, path: str, loss_fn=token_nll) -> None:
     """Append torch.profiler op tables of a few more steps (where the step's time goes) to `path`, and the GEMMs
     by shape."""
     from torch.profiler import ProfilerActivity, profile
@@ -385,7 +384,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.inductor_options is not None and (not args.compile_blocks or not isinstance(args.inductor_options, dict)):
         parser.error("--inductor-options takes a JSON object and needs --compile-blocks")
     from experiment.models import compile_blocks, compile_settings
-    from experiment.tasks.language_modeling import compiled_token_nll, token_nll
 
     compile_kwargs = compile_settings(args.compile_mode, args.inductor_options)
     compile_loss = args.loss == "compiled" or args.loss == "task" and args.compile_blocks

@@ -200,9 +200,9 @@ def is_stock_conv1d(module: nn.Module) -> bool:
 
 def stackable_memory_projections(blocks: nn.ModuleList, device: torch.device) -> bool:
     """Whether `stack_memory_projections` may stand in for the blocks' memory key/value projections: not when a
-    c_attn is not a stock Conv1D, has hooks or a forward of its own (an adapter, a probe, accelerate's device
-    hooks), the blocks' weights are not all on `device` (the memories' device) in one dtype (blocks spread over
-    devices), or the blocks' attentions differ in heads: each block then projects through its own module."""
+    c_attn is not `is_stock_conv1d`, the blocks' weights are not all on `device` (the memories' device) in one
+    dtype (blocks spread over devices), or the blocks' attentions differ in heads: each block then projects
+    through its own module."""
     projections = [block.memory_attn.c_attn for block in blocks]
     if not all(map(is_stock_conv1d, projections)):
         return False
@@ -442,8 +442,8 @@ class GPT2WithMemoriaBlock(GPT2Block):
             if memory_kv is None:  # both memories in one projection (the shared module's c_attn), in source order
                 joint_kv = self.memory_attn.c_attn(joint_memory_values(working_memory, reminded))
                 memory_kv = memory_keys_values(self.memory_attn, joint_kv, [src.values.shape[1] for src in sources])
+            transposed = self.transposed_queries
             for source, keys_values in zip(sources, memory_kv):
-                transposed = self.transposed_queries
                 if source is working_memory:
                     wm_out, _ = memory_attention(self.memory_attn, self.ln_wm(h), source, keys_values,
                                                  transposed=transposed)
