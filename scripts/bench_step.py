@@ -60,16 +60,11 @@ MODELS = {  # label -> (model config, memory config, more overrides) at full and
     # what compiling them with the blocks saves (under CUDA graphs, the blocks' copies of their memory inputs, the
     # Abstractor's launches one by one)
     "memoria_gpt2_eager_reader": ("memoria_gpt2", "lm", ["memory.cuda_graph=true"]),
-    # ... with its memory attentions' query projections computed transposed (GPT2WithMemoriaBlock.transposed_queries,
-    # an experiment: the same numbers, the GEMMs seen by cuBLAS with M and N swapped)
-    "memoria_gpt2_transposed_queries": ("memoria_gpt2", "lm", ["memory.cuda_graph=true"]),
     "gpt2": ("gpt2", "lm", []),
 }
 # not in the default set off a GPU (and on one, only memoria_gpt2_graphed of them is)
-GPU_ONLY = ("memoria_gpt2_graphed", "memoria_gpt2_compiled", "memoria_gpt2_eager_reader",
-            "memoria_gpt2_transposed_queries")
+GPU_ONLY = ("memoria_gpt2_graphed", "memoria_gpt2_compiled", "memoria_gpt2_eager_reader")
 BLOCKS_ONLY = ("memoria_gpt2_eager_reader",)  # compiled without the modules compiled with the blocks
-TRANSPOSED_QUERIES = ("memoria_gpt2_transposed_queries",)
 
 
 def build(model_name: str, memory_name: str, overrides: list[str], vocab_size: int, device: torch.device):
@@ -415,9 +410,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             torch.manual_seed(args.seed)
             model = build(model_name, memory_name, overrides, vocab_size, device)
-            if label in TRANSPOSED_QUERIES:
-                for block in model.transformer.h:
-                    block.transposed_queries = True
             if args.compile_blocks:
                 compile_blocks(model, companions=label not in BLOCKS_ONLY, **compile_kwargs)
             optimizer = make_optimizer(model, args.optimizer)
@@ -430,7 +422,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30 if device.type == "cuda" else None
             config = " ".join([model_name, *overrides,
                                *(["(companions eager)"] if args.compile_blocks and label in BLOCKS_ONLY else []),
-                               *(["(transposed queries)"] if label in TRANSPOSED_QUERIES else []),
                                *(["compile=true"] if args.compile_blocks else []),
                                *([f"mode={args.compile_mode}"] if args.compile_blocks and args.compile_mode else []),
                                *([f"options={json.dumps(args.inductor_options)}"] if args.inductor_options else []),

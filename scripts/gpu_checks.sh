@@ -26,16 +26,14 @@
 #      paths' same-shape weight-gradient GEMMs of a block's backward as one batched GEMM), to set beside part 5;
 #  10. part 5's graphed blocks in bf16 (both models);
 #  11. scripts/bench_gemm.py: every GEMM of one fp32 training step of each model, timed alone shape by shape under
-#      cuBLAS and cuBLASLt (and TF32, for reference), and each 2-D product computed the other way round (Cᵀ = Bᵀ Aᵀ)
-#      and split over its reduction (2 and 4 parts, one batched GEMM summed): which shapes lose efficiency, and
-#      whether a library, the orientation or more output tiles help;
+#      cuBLAS and cuBLASLt (and TF32, for reference), and each 2-D product computed the other way round (Cᵀ = Bᵀ Aᵀ):
+#      which shapes lose efficiency, and whether a library or the orientation helps (bench_gemm.py --split-k adds
+#      the products split over their reduction: slower for every shape on an H100, docs/benchmarks.md);
 #  12. part 5's fp32 graphed Memoria GPT-2 with max_autotune_gemm: inductor times cuBLAS against its own Triton GEMM
 #      templates (exact fp32, no TF32) shape by shape and keeps the faster; compiling takes minutes;
-#  13. part 5's fp32 graphed Memoria GPT-2 with its memory attentions' query projections computed transposed
-#      (qᵀ = Wᵀ hᵀ; an experiment, see part 11) against the model as it is, two rounds in turn;
 #  14. part 5's controls: Memoria GPT-2 with its memory reader and Abstractor left eager (what compiling them with
 #      the blocks gains), and with the memory step compiled + graphed (memory.compile=true, a fixed store);
-#   9, 12, 13, 14: each also times the eager plain baseline when the call has not (part 5b), and prints the ratios;
+#   9, 12, 14: each also times the eager plain baseline when the call has not (part 5b), and prints the ratios;
 #   4. short sorting runs of the five models side by side on the one GPU, plus Memoria GPT-2 with its memory
 #      output starting at zero (experiment=sort_quick: L 1000, segments of 256, the paper's lr 2e-4 and fp32,
 #      6,400 examples x 2 epochs), stopped by Lightning's max_time if the budget runs out, then tested.
@@ -45,7 +43,7 @@
 # them). Through the device tool:
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 # Environment: BUDGET (seconds for everything, default 540), OUT (where logs and JSON go, default ./gpu_out),
-# PARTS (which of 1-14 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
+# PARTS (which of 1-12 and 14 to run, in the order given; default "1 2 3"; add 4 when the budget allows the sorting runs),
 # SORT_RUNS / SORT_MODELS / SORT_BASE / SORT_ARGS / SORT_EXTRA (the sorting runs, see part 4), STEP_ARGS (more
 # options for part 5's bench_step runs, e.g. "--blas-library cublaslt").
 set -u
@@ -240,8 +238,8 @@ step_ratios
 
 # ---------------------------------------------------------------- 11. the step's GEMMs, shape by shape, per BLAS library
 part11() {
-say "11. bench_gemm (fp32 step GEMMs: cuBLAS vs cuBLASLt, the other way round, split-K, TF32 for reference)"
-timeout $(limit 150) $PY scripts/bench_gemm.py --tf32 --transposed --split-k 2 4 --json "$OUT/bench_gemm.json" 2>&1 \
+say "11. bench_gemm (fp32 step GEMMs: cuBLAS vs cuBLASLt, the other way round, TF32 for reference)"
+timeout $(limit 150) $PY scripts/bench_gemm.py --tf32 --transposed --json "$OUT/bench_gemm.json" 2>&1 \
   | grep -v "^\[transformers\]" | tee "$OUT/bench_gemm.txt" | sed -n 1,20p | tee -a "$LOG"
 }
 
@@ -256,18 +254,6 @@ timeout $(limit 360) $PY scripts/bench_step.py --warmup 20 --steps 30 --compile-
   --inductor-options '{"max_autotune_gemm": true}' --precisions fp32 --models memoria_gpt2_graphed --phases \
   --pipelined --json "$OUT/bench_step_autotuned_gemm.json" 2>&1 | grep -v Warning | grep -v "^  triton_\|AUTOTUNE" \
   | tail -10 | tee -a "$LOG"
-plain_eager_baseline
-step_ratios
-}
-
-# ---------------------------------------------------------------- 13. graphed blocks, queries projected transposed
-# The memory attentions' query projections computed as qᵀ = Wᵀ hᵀ (the same numbers; cuBLAS sees the 1,200 x 768 x 768
-# GEMMs with M and N swapped: part 11 times that shape by shape), against the model as it is, in turn.
-part13() {
-say "13. bench_step fp32: blocks as CUDA graphs, memory queries projected transposed (against as they are)"
-timeout $(limit 240) $PY scripts/bench_step.py --warmup 20 --steps 30 --rounds 2 --compile-blocks \
-  --compile-mode reduce-overhead --precisions fp32 --models memoria_gpt2_transposed_queries memoria_gpt2_graphed \
-  --pipelined --json "$OUT/bench_step_transposed_queries.json" 2>&1 | grep -v Warning | tail -8 | tee -a "$LOG"
 plain_eager_baseline
 step_ratios
 }
@@ -327,7 +313,7 @@ fi
 
 # ---------------------------------------------------------------- run the parts asked for, in that order
 for part in ${PARTS:-1 2 3}; do
-  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-14)"; fi
+  if declare -F "part$part" >/dev/null; then "part$part"; else say "no part $part (1-12, 14)"; fi
 done
 say "done"
 # The device tool brings back at most 8 files: keep the log and the pytest output loose, pack the rest.

@@ -321,26 +321,12 @@ class MemoryReader(nn.Module):
                                                           present)
 
 
-def transposed_queries(q_attn: Conv1D, hidden: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """`q_attn(hidden)` laid out heads-major, (B, nh, T, hd), computed the other way round: qᵀ = Wᵀ hiddenᵀ
-    (H, B*T), a view of which is the heads-major layout the attention's batched matmuls copy q into anyway. The
-    same numbers; the BLAS library sees the product with M and N swapped (scripts/bench_gemm.py --transposed)."""
-    B, T, H = hidden.shape
-    hd = H // num_heads
-    q_t = torch.mm(q_attn.weight.t(), hidden.reshape(B * T, H).t())  # (H, B*T)
-    q = q_t.view(num_heads, hd, B, T).permute(2, 0, 3, 1)  # (B, nh, T, hd), a view
-    # The bias after the layout, so that inductor does not fold it back into the product as a column-broadcast
-    # addmm (which ATen runs as a copy of the bias into the output and a GEMM that reads it back).
-    return q + q_attn.bias.view(num_heads, hd)[None, :, None, :].to(q.dtype)  # (a no-op cast unless autocast)
-
-
 def memory_attention(
     attn: GPT2Attention,
     hidden: torch.Tensor,
     source: MemorySource,
     keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
     fused: bool | None = None,
-    transposed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-attention of `hidden` (B, T, H) over `source.values` (B, M, H) with a GPT-2 cross-attention module.
 
@@ -353,17 +339,13 @@ def memory_attention(
     slower than the written-out attention at a few dozen memory slots (on an H100, backward 0.7 ms less per
     training step), while in bf16 it has flash kernels (and the written-out path measured no better there;
     docs/benchmarks.md).
-    transposed: compute the queries as `transposed_queries` does (a stock Conv1D q_attn only): an experiment.
     Returns the output (B, T, H), and when `source.prob_weights` is set the attention probabilities taken before
     attention dropout and outside autograd, averaged over heads and weighted queries: (B, M), zero for rows
     without memory.
     """
     B, T, H = hidden.shape
     nh, hd = attn.num_heads, attn.head_dim
-    if transposed and is_stock_conv1d(attn.q_attn):
-        q = transposed_queries(attn.q_attn, hidden, nh)  # (B, nh, T, hd)
-    else:
-        q = attn.q_attn(hidden).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+    q = attn.q_attn(hidden).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
     if keys_values is None:
         [keys_values] = memory_keys_values(attn, attn.c_attn(source.values), [source.values.shape[1]])
     k, v = keys_values  # (B, nh, M, hd) each
@@ -403,10 +385,6 @@ class GPT2WithMemoriaBlock(GPT2Block):
     """A stock GPT2Block (ln_1, attn, ln_2, mlp) plus one shared memory cross-attention with its own two
     LayerNorms."""
 
-    # An experiment, off: the memory attentions' query projections computed transposed (`transposed_queries`);
-    # scripts/bench_step.py's memoria_gpt2_transposed_queries turns it on to time it.
-    transposed_queries = False
-
     def __init__(self, config: GPT2WithMemoriaConfig, layer_idx: int | None = None):
         super().__init__(config, layer_idx=layer_idx)
         self.ln_wm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -442,15 +420,12 @@ class GPT2WithMemoriaBlock(GPT2Block):
             if memory_kv is None:  # both memories in one projection (the shared module's c_attn), in source order
                 joint_kv = self.memory_attn.c_attn(joint_memory_values(working_memory, reminded))
                 memory_kv = memory_keys_values(self.memory_attn, joint_kv, [src.values.shape[1] for src in sources])
-            transposed = self.transposed_queries
             for source, keys_values in zip(sources, memory_kv):
                 if source is working_memory:
-                    wm_out, _ = memory_attention(self.memory_attn, self.ln_wm(h), source, keys_values,
-                                                 transposed=transposed)
+                    wm_out, _ = memory_attention(self.memory_attn, self.ln_wm(h), source, keys_values)
                     h = h + wm_out
                 else:
-                    mem_out, reminded_probs = memory_attention(self.memory_attn, self.ln_mem(h), source, keys_values,
-                                                               transposed=transposed)
+                    mem_out, reminded_probs = memory_attention(self.memory_attn, self.ln_mem(h), source, keys_values)
                     h = h + mem_out  # reminded_probs (B, M): mean over heads and (weighted) queries
 
         h = h + self.mlp(self.ln_2(h))

@@ -146,13 +146,3 @@ def test_the_loss_is_compiled_with_the_blocks_as_the_cli_does(monkeypatch):
     finally:
         lm.compiled_token_nll.cache_clear()
         torch._dynamo.reset()
-
-
-def test_the_transposed_queries_experiment_trains_as_the_model_does():
-    """memoria_gpt2_transposed_queries: every block projects its memory queries transposed; the same numbers, so
-    the warm-up losses match the model as it is."""
-    rows = load_bench().main(["--tiny", "--device", "cpu", "--warmup", "3", "--steps", "1", "--precisions", "fp32",
-                              "--models", "memoria_gpt2_transposed_queries", "memoria_gpt2"])
-    transposed, plain = rows
-    assert "(transposed queries)" in transposed["config"] and "(transposed queries)" not in plain["config"]
-    assert transposed["warmup_losses"] == pytest.approx(plain["warmup_losses"], rel=1e-5)

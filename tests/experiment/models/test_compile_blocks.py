@@ -154,12 +154,14 @@ def test_compiled_blocks_read_the_memories_from_the_compiled_readers_outputs(com
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphed_blocks_copy_no_memory_input_with_the_reader_compiled():
     """mode=reduce-overhead on a GPU: with the memory reader compiled too, CUDA graph trees record at least
-    8 x n_layer - 5 fewer inputs to copy (the blocks' memory inputs, less the reader's own five), and training
-    starts with the same losses."""
+    8 x n_layer - 5 fewer inputs to copy (the blocks' memory inputs, less the reader's own five); with the Abstractor
+    compiled as well (the default companions) its graph copies its own input, the previous segment's hidden states,
+    which no graph of this step made, so the saving is smaller but stays (H100, n_layer 2: 18 copied inputs with no
+    companions, 11 with both). Training starts with the same losses in all three."""
     from torch._dynamo.utils import counters
 
     results = {}
-    for companions in (False, True):
+    for companions in ("none", "reader", "all"):
         torch._dynamo.reset()
         counters.clear()
         torch.manual_seed(0)
@@ -167,8 +169,10 @@ def test_cuda_graphed_blocks_copy_no_memory_input_with_the_reader_compiled():
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0  # before compiling: the traced graphs keep it
+        if companions == "reader":
+            model._compile_with_blocks = ("MemoryReader",)  # this instance only
         model = model.cuda().train()
-        compile_blocks(model, companions=companions, mode="reduce-overhead")
+        compile_blocks(model, companions=companions != "none", mode="reduce-overhead")
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(1)
         losses = []
@@ -183,12 +187,15 @@ def test_cuda_graphed_blocks_copy_no_memory_input_with_the_reader_compiled():
         results[companions] = (counters["inductor"]["cudagraph_recorded_non_static_inputs"],
                                torch.stack(losses).cpu())
     torch._dynamo.reset()
-    if results[False][0] == 0:
+    if results["none"][0] == 0:
         pytest.skip("this torch does not count CUDA graph trees' copied inputs")
-    assert results[False][0] - results[True][0] >= 8 * model.config.n_layer - 5, results
+    copied = {name: count for name, (count, _) in results.items()}
+    assert copied["none"] - copied["reader"] >= 8 * model.config.n_layer - 5, copied
+    assert copied["all"] < copied["none"], copied
     # the first steps alike (later ones may recall other engrams once rounding has moved the parameters apart)
-    assert torch.isfinite(results[True][1]).all()
-    torch.testing.assert_close(results[False][1][:3], results[True][1][:3], rtol=1e-4, atol=1e-5)
+    for name in ("reader", "all"):
+        assert torch.isfinite(results[name][1]).all(), name
+        torch.testing.assert_close(results["none"][1][:3], results[name][1][:3], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_memory_reader_compiled_with_its_options_computes_what_it_computes_eagerly():

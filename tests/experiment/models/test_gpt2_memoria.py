@@ -991,32 +991,3 @@ def test_gradient_checkpointing_gives_the_same_gradients_to_the_memory_parts():
     assert any("abstractor" in n for n in grads[1]) and any("memory_attn.c_attn" in n for n in grads[1])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-def test_transposed_queries_give_the_same_block_with_gradients(autocast):
-    """The experiment `transposed_queries` (each memory attention's query projection computed as qᵀ = Wᵀ hᵀ): the
-    same block output, probabilities and gradients; under autocast the same dtype; a q_attn with a hook is
-    called as a module instead."""
-    block, hidden, _, _, working, reminded = block_with_memories()
-    results = []
-    for transposed in (False, True):
-        block.transposed_queries = transposed
-        x = hidden.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out, probs = block(x, None, working, reminded)
-        out.float().pow(2).sum().backward()
-        results.append((out, probs, x.grad, block.memory_attn.q_attn.weight.grad.clone(),
-                        block.memory_attn.q_attn.bias.grad.clone()))
-        block.zero_grad(set_to_none=True)
-    for expect, got in zip(*results):
-        assert got.dtype == expect.dtype
-        if autocast:
-            torch.testing.assert_close(got.float(), expect.float(), atol=5e-2, rtol=5e-2)
-        else:
-            torch.testing.assert_close(got, expect)
-    calls = []
-    block.memory_attn.q_attn.register_forward_hook(lambda mod, args, out: calls.append(1))
-    block.transposed_queries = True
-    block(hidden, None, working, reminded)
-    assert len(calls) == 2  # both memories' queries through the module, its hook seeing them
