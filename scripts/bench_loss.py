@@ -32,9 +32,11 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_step import make_batches  # noqa: E402
 
 from experiment.models.gpt2 import causal_lm_loss  # noqa: E402
 from experiment.tasks.language_modeling import compiled_token_nll, token_nll  # noqa: E402
@@ -99,10 +101,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     shape = (args.batch_size, args.seq_len, args.vocab_size)
     logits = torch.randn(shape, generator=generator).to(device=device, dtype=dtype).requires_grad_()
-    tokens = torch.randint(args.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator).to(device)
-    inputs_labels = tokens[:, :-1].contiguous()  # the labels the model's own loss shifts (input ids)
-    aligned_labels = tokens[:, 1:].clone()  # the task's: the next token of every position ...
-    aligned_labels[:, -1] = -100  # ... but the last (the reference's T - 1 targets a segment)
+    # the input ids (the labels the model's own loss shifts) and the task's labels: the next token of every
+    # position but the last (the reference's T - 1 targets a segment)
+    [(inputs_labels, aligned_labels)] = make_batches(1, args.batch_size, args.seq_len, args.vocab_size, args.seed,
+                                                     device)
 
     rows = []
     for name, fn in FORMULATIONS.items():

@@ -45,7 +45,7 @@ sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402  (after the sys.path insert above)
 
-from experiment.tasks.language_modeling import compiled_token_nll, token_nll  # noqa: E402
+from experiment.tasks.language_modeling import IGNORE_INDEX, compiled_token_nll, token_nll  # noqa: E402
 
 MODELS = {  # label -> (model config, memory config, more overrides) at full and tiny size
     "memoria_gpt2": ("memoria_gpt2", "lm", []),
@@ -161,8 +161,6 @@ def make_batches(count: int, batch_size: int, seq_len: int, vocab_size: int, see
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`count` (input_ids, labels) pairs, each (B, T) of random tokens, labelled as the LM task's data labels them
     by default (the reference's protocol): labels[:, t] = input_ids[:, t + 1], the last position unscored (-100)."""
-    from experiment.data.lanes import IGNORE_INDEX
-
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
@@ -305,10 +303,10 @@ def profile_steps(model, optimizer, batches, device, dtype, title: str, path: st
         handle.write(gemm_table(prof, device, len(batches)))
 
 
-def finish_pair(pair: dict, args: argparse.Namespace, batches: list, device: torch.device) -> None:
+def finish_pair(pair: dict, args: argparse.Namespace, batches: list, device: torch.device, loss_fn) -> None:
     """Pipelined steps, FLOPs and profile of a pair after its timings (if asked), then free its model."""
     model, optimizer, precision = pair.pop("model"), pair.pop("optimizer"), pair["precision"]
-    clock, loss_fn = pair.pop("clock"), pair.pop("loss_fn")
+    clock = pair.pop("clock")
     if clock is not None:  # off before the FLOP count and the profile: they are not timed steps
         pair["phases"] = clock.medians()
         clock.remove()
@@ -429,21 +427,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                *([f"blas={args.blas_library}"] if args.blas_library != "default" else [])])
             pairs.append({"label": label, "precision": precision, "config": config, "model": model,
                           "optimizer": optimizer, "times": times, "peak": peak, "losses": losses[:args.warmup],
-                          "clock": clock, "loss_fn": loss_fn})
+                          "clock": clock})
             # one line per pair as it is measured, so a run stopped at its time limit still reports something
             print(f"{label} {precision}: round 1 median {1e3 * statistics.median(times):.2f} ms/step", flush=True)
             if args.rounds == 1:
-                finish_pair(pairs[-1], args, batches, device)
+                finish_pair(pairs[-1], args, batches, device, loss_fn)
     for round_index in range(2, args.rounds + 1):
         for pair in pairs:
             pair["times"] += time_steps(pair["model"], pair["optimizer"], batches[args.warmup:], device,
                                         pair["precision"], warmup=0, reset=False, clock=pair["clock"],
-                                        loss_fn=pair["loss_fn"])
+                                        loss_fn=loss_fn)
             print(f"{pair['label']} {pair['precision']}: round {round_index} median "
                   f"{1e3 * statistics.median(pair['times'][-args.steps:]):.2f} ms/step", flush=True)
     if args.rounds > 1:
         for pair in pairs:
-            finish_pair(pair, args, batches, device)
+            finish_pair(pair, args, batches, device, loss_fn)
 
     rows = []
     for pair in pairs:

@@ -251,7 +251,7 @@ def block_census(model_name: str, batch_size: int, tiny: bool = False) -> list[d
     (`_compile_with_blocks`: Memoria GPT-2's memory reader and Abstractor), compiled alone on a fresh model."""
     from bench_step import MODELS, build, make_batches
 
-    from experiment.models import compile_blocks, with_inductor_options
+    from experiment.models import compile_blocks, compile_module
     from experiment.tasks.language_modeling import token_nll
 
     model_cfg, memory_cfg, overrides = MODELS[model_name]
@@ -285,7 +285,7 @@ def block_census(model_name: str, batch_size: int, tiny: bool = False) -> list[d
         def compile_companion(model, companion=companion):
             for module in model.modules():
                 if type(module).__name__ == companion:
-                    module.compile(**with_inductor_options({}, getattr(module, "inductor_options", None)))
+                    compile_module(module)
         rows += compiled_rows(companion, compile_companion)
     return rows
 

@@ -52,18 +52,18 @@ def compile_blocks(model: Any, companions: bool = True, **compile_kwargs: Any) -
     companion_names = set(getattr(model, "_compile_with_blocks", ())) if companions else set()
     for module in model.modules():
         if type(module).__name__ in names | companion_names:
-            module.compile(**with_inductor_options(compile_kwargs, getattr(module, "inductor_options", None)))
+            compile_module(module, **compile_kwargs)
     return len(blocks)
 
 
-def with_inductor_options(compile_kwargs: dict[str, Any], options: dict | None) -> dict[str, Any]:
-    """`compile_kwargs` (of `torch.compile`) with inductor `options` of a module's own added under them (the
-    given ones win); unchanged for another backend."""
-    if not options or compile_kwargs.get("backend", "inductor") != "inductor":
-        return compile_kwargs
-    kwargs = dict(compile_kwargs)
-    mode, given = kwargs.pop("mode", None), kwargs.pop("options", None) or {}
-    return {**kwargs, **compile_settings(mode, {**options, **given})}
+def compile_module(module: Any, **compile_kwargs: Any) -> None:
+    """`module.compile(**compile_kwargs)` in place, with the module class's own inductor options (`inductor_options`,
+    a dict) added under the given ones (the given ones win) when the backend is inductor."""
+    options = getattr(module, "inductor_options", None)
+    if options and compile_kwargs.get("backend", "inductor") == "inductor":
+        mode, given = compile_kwargs.pop("mode", None), compile_kwargs.pop("options", None) or {}
+        compile_kwargs.update(compile_settings(mode, {**options, **given}))
+    module.compile(**compile_kwargs)
 
 
 def compile_settings(mode: str | None = None, options: dict | None = None) -> dict[str, Any]:

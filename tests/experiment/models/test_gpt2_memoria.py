@@ -815,27 +815,19 @@ def test_cuda_training_step_makes_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
-def block_with_memories(no_memory_row: bool = False):
-    """A tiny eval-mode block with perturbed biases, hidden states (3, 5, 32), and its working memory (4 engrams)
-    and reminded memory (6 slots, some invalid; row 2 without any if `no_memory_row`): (block, hidden, wm,
-    remembered, working source, reminded source)."""
+def test_block_projects_both_memories_in_one_gemm_with_the_same_result():
+    """Keys and values of the working and the reminded memory come from one c_attn call on the two side by
+    side; the block's output and probabilities equal those of projecting each memory on its own."""
     torch.manual_seed(0)
     config = tiny_config()
     block = GPT2WithMemoriaBlock(config, layer_idx=0).eval()
     perturb_biases(block)
     hidden, wm, remembered = torch.randn(3, 5, 32), torch.randn(3, 4, 32), torch.randn(3, 6, 32)
     valid = torch.rand(3, 6) < 0.6
-    if no_memory_row:
-        valid[2] = False  # a row with nothing reminded
-    working = memory_source(wm, None, torch.ones(3, dtype=torch.bool))
+    valid[2] = False  # a row with nothing reminded
+    rows = torch.ones(3, dtype=torch.bool)
+    working = memory_source(wm, None, rows)
     reminded = memory_source(remembered, valid, valid.any(1), torch.rand(3, 5).softmax(-1), config.n_head)
-    return block, hidden, wm, remembered, working, reminded
-
-
-def test_block_projects_both_memories_in_one_gemm_with_the_same_result():
-    """Keys and values of the working and the reminded memory come from one c_attn call on the two side by
-    side; the block's output and probabilities equal those of projecting each memory on its own."""
-    block, hidden, wm, remembered, working, reminded = block_with_memories(no_memory_row=True)
     calls = []
     block.memory_attn.c_attn.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
     out, probs = block(hidden, None, working, reminded)
