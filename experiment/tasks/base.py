@@ -6,8 +6,10 @@ memory protocol (`experiment/models/protocol.py`). What the base gives it:
 
 - `configure_optimizers`: Adam (torch defaults, `weight_decay` 0 by default; torch's fused kernel when every
   parameter is on a GPU) at `learning_rate`, with
-  `schedule="linear"` (linear warm-up over `warmup_ratio` of all optimizer steps, then linear decay to 0) or
-  `schedule="constant"`; the scheduler is stepped once per *optimizer* step. Total steps come from
+  `schedule="linear"` (linear warm-up, then linear decay to 0) or `schedule="constant"`; the scheduler is
+  stepped once per *optimizer* step. The warm-up lasts `warmup_steps` optimizer steps when that is set (an
+  absolute count: the paper's sorting run warms up for 750 steps, and a short run needs about as many for
+  Memoria's memory path, docs/results.md), else `warmup_ratio` of all optimizer steps. Total steps come from
   `trainer.estimated_stepping_batches` (devices and gradient accumulation accounted for).
   A task with `automatic_optimization = False` must call `self.step_optimizer()` after its backward passes: it
   steps the optimizer (clipping happens in the hook below), steps the scheduler and always zeroes the gradients.
@@ -69,7 +71,8 @@ class MemoryTask(L.LightningModule):
     """Base of every task. Subclasses call `super().__init__(model, ...)` with the optimizer settings."""
 
     def __init__(self, model: torch.nn.Module, learning_rate: float = 2e-4, weight_decay: float = 0.0,
-                 schedule: str = "linear", warmup_ratio: float = 0.06, max_grad_norm: float | None = 1.0):
+                 schedule: str = "linear", warmup_ratio: float = 0.06, max_grad_norm: float | None = 1.0,
+                 warmup_steps: int | None = None):
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}; set task.module.learning_rate.")
@@ -77,6 +80,10 @@ class MemoryTask(L.LightningModule):
             raise ValueError(f"schedule must be 'linear' or 'constant', got {schedule!r}; set task.module.schedule.")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}; set task.module.warmup_ratio.")
+        if warmup_steps is not None and (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int)
+                                         or warmup_steps < 0):
+            raise ValueError(f"warmup_steps must be an integer >= 0 or null, got {warmup_steps!r}; set "
+                             "task.module.warmup_steps (null: warm up over warmup_ratio of the steps).")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or null, got {max_grad_norm}; set task.module.max_grad_norm.")
         self.model = model
@@ -84,6 +91,7 @@ class MemoryTask(L.LightningModule):
         self.weight_decay = weight_decay
         self.schedule = schedule
         self.warmup_ratio = warmup_ratio
+        self.warmup_steps = warmup_steps
         self.max_grad_norm = max_grad_norm
         self._train_memory_snapshot: dict[str, Any] | None = None
         self._memory_restored = False  # on_train_start keeps memory restored from a checkpoint
@@ -120,10 +128,16 @@ class MemoryTask(L.LightningModule):
             multiplier = constant_multiplier
         else:
             total_steps = int(self.trainer.estimated_stepping_batches)
-            warmup_steps = int(total_steps * self.warmup_ratio)
-            multiplier = linear_warmup_decay(warmup_steps, total_steps)
+            multiplier = linear_warmup_decay(self.num_warmup_steps(total_steps), total_steps)
         scheduler = LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def num_warmup_steps(self, total_steps: int) -> int:
+        """Optimizer steps of linear warm-up: `warmup_steps` when set (it wins over the ratio), else
+        `warmup_ratio` of `total_steps`. A warm-up longer than the run is allowed (the lr then never peaks)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(total_steps * self.warmup_ratio)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.max_grad_norm is None:

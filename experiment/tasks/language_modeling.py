@@ -108,9 +108,9 @@ class LanguageModelingTask(MemoryTask):
                  reset_period: int | None = 500, reset_on_document_end: bool = False,
                  bits_per_character: bool = False, compile_loss: bool = False, learning_rate: float = 2e-4,
                  weight_decay: float = 0.0, schedule: str = "linear", warmup_ratio: float = 0.06,
-                 max_grad_norm: float | None = 1.0):
+                 max_grad_norm: float | None = 1.0, warmup_steps: int | None = None):
         super().__init__(model, learning_rate=learning_rate, weight_decay=weight_decay, schedule=schedule,
-                         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm)
+                         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, warmup_steps=warmup_steps)
         self.check_segment_length(segment_length, "task.data.segment_length")
         if eval_segment_length is not None:
             self.check_segment_length(eval_segment_length, "task.data.eval_segment_length")

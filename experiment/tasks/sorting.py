@@ -9,6 +9,9 @@ Per batch (one optimizer step):
 
 Metrics: top-1 accuracy over the 20 target positions with teacher forcing. `train/acc` is per step;
 `val/acc-final` and `test/acc-final` accumulate over the epoch (exact counts, summed across ranks).
+`test/memoryless-acc` is the memory-less line of the same examples (`memoryless_correct`):
+what a perfect counter scores when it sees only the segment a target sits in. Everything above it is what memory
+contributed (experiments.md §e.2).
 The checkpoint monitors `val/acc-final` (max); the run tests the last checkpoint.
 """
 
@@ -21,6 +24,50 @@ from torchmetrics import Metric
 from .base import MemoryTask
 
 IGNORE_INDEX = -100
+
+
+def memoryless_correct(input_ids: torch.Tensor, labels: torch.Tensor, segment_size: int,
+                       num_symbols: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, counted) of the memory-less line on a batch of sorting examples.
+
+    The line is the best a model without memory can do: a perfect counter that, for each target position p, sees
+    only the chunk that holds p (positions from the chunk's start up to p, as the model does with teacher forcing
+    and without memory). It counts the sequence symbols it sees, leaves out the symbols already answered in that
+    chunk, and predicts the most frequent remaining symbol (ties: first appearance in the chunk, as the target
+    orders them), or, when it saw none of them, the smallest unanswered symbol (the target lists unseen symbols
+    ascending).
+
+    input_ids, labels: (B, L+20) as `SortingDataset` gives them (labels -100 before the separator).
+    """
+    batch_size, total = input_ids.shape
+    correct = torch.zeros((), dtype=torch.long)
+    counted = torch.zeros((), dtype=torch.long)
+    ids = input_ids.detach().cpu()
+    lab = labels.detach().cpu()
+    positions = torch.arange(total)
+    symbols = torch.arange(num_symbols)
+    for row in range(batch_size):
+        target_pos = (lab[row] != IGNORE_INDEX).nonzero().flatten()  # (20,) positions L .. L+19
+        if target_pos.numel() == 0:
+            continue
+        sep = int(target_pos[0])  # L: the separator's position, which predicts target[0]
+        seq = ids[row, :sep]  # (L,) the sequence symbols
+        for p in target_pos.tolist():
+            start = (p // segment_size) * segment_size  # the chunk holding p
+            window = seq[start:]  # sequence symbols the chunk shows (empty when it starts after the separator)
+            seen = window[:, None] == symbols  # (w, V)
+            count = seen.sum(0)  # (V,)
+            first = torch.where(seen, positions[:window.shape[0], None], total).min(0).values if window.numel() \
+                else torch.full((num_symbols,), total)  # (V,) first appearance in the chunk, `total` if none
+            answered = torch.zeros(num_symbols, dtype=torch.bool)  # answers visible in the chunk: inputs sep+1 .. p
+            shown = ids[row, max(start, sep + 1):p + 1]
+            answered[shown[shown < num_symbols]] = True
+            # rank: most counted, then first seen, then smallest symbol; answered symbols never
+            key = count * (total + 1) * num_symbols - first * num_symbols - symbols  # (V,) larger is better
+            key = torch.where(answered, torch.iinfo(torch.long).min, key)
+            correct += int(key.argmax() == lab[row, p])
+            counted += 1
+    return correct, counted
 
 
 class TokenAccuracy(Metric):
@@ -53,9 +100,9 @@ class SortingTask(MemoryTask):
 
     def __init__(self, model: torch.nn.Module, segment_size: int = 256, num_targets: int = 20,
                  learning_rate: float = 2e-4, weight_decay: float = 0.0, schedule: str = "linear",
-                 warmup_ratio: float = 0.06, max_grad_norm: float | None = 1.0):
+                 warmup_ratio: float = 0.06, max_grad_norm: float | None = 1.0, warmup_steps: int | None = None):
         super().__init__(model, learning_rate=learning_rate, weight_decay=weight_decay, schedule=schedule,
-                         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm)
+                         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, warmup_steps=warmup_steps)
         self.check_segment_length(segment_size)
         if num_targets < 1:
             raise ValueError(f"num_targets must be >= 1, got {num_targets}; the sorting task has 20 targets.")
@@ -65,6 +112,7 @@ class SortingTask(MemoryTask):
         self.save_hyperparameters(ignore=["model"])
         self.val_accuracy = TokenAccuracy()
         self.test_accuracy = TokenAccuracy()
+        self.test_memoryless = TokenAccuracy()  # the memory-less line of the test examples (a property of the data)
 
     def _chunk_loss(
         self, logits: torch.Tensor, labels: torch.Tensor
@@ -129,4 +177,8 @@ class SortingTask(MemoryTask):
         return self._eval_step(batch, "val", self.val_accuracy)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        correct, counted = memoryless_correct(batch["input_ids"], batch["labels"], self.segment_size)
+        self.test_memoryless.update(correct.to(self.device), counted.to(self.device))
+        self.log("test/memoryless-acc", self.test_memoryless, on_step=False, on_epoch=True,
+                 batch_size=batch["input_ids"].shape[0])
         return self._eval_step(batch, "test", self.test_accuracy)

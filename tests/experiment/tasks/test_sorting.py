@@ -270,3 +270,54 @@ def test_blocks_replayed_as_cuda_graphs_train_like_eager_on_gpu(datamodule, tmp_
     torch._dynamo.reset()
     assert torch.isfinite(torch.tensor(results[True]["test/loss"]))
     torch.testing.assert_close(results[True]["test/loss"], results[False]["test/loss"], rtol=1e-3, atol=1e-4)
+
+
+def brute_force_memoryless(sequence: list[int], target: list[int], segment_size: int) -> int:
+    """Correct predictions of a perfect counter that sees only the chunk of each target position (plain Python)."""
+    from collections import Counter
+
+    length = len(sequence)
+    inputs = sequence + [20] + target[:-1]
+    correct = 0
+    for k, answer in enumerate(target):
+        p = length + k  # this position predicts target[k]
+        start = p // segment_size * segment_size
+        window = sequence[start:] if start < length else []
+        answered = {tok for pos, tok in enumerate(inputs) if length < pos <= p and pos >= start}
+        counts = Counter(window)
+        first = {}
+        for pos, tok in enumerate(window):
+            first.setdefault(tok, pos)
+        candidates = [s for s in range(20) if s not in answered]
+        best = sorted(candidates, key=lambda s: (-counts[s], first.get(s, len(inputs)), s))[0]
+        correct += best == answer
+    return correct
+
+
+@pytest.mark.parametrize("length,segment_size", [(12, 8), (30, 16), (44, 32), (60, 16), (25, 64), (40, 7)])
+def test_memoryless_line_against_brute_force(length, segment_size):
+    from experiment.data.sorting import generate_sorting_splits
+    from experiment.tasks.sorting import memoryless_correct
+
+    split = generate_sorting_splits(length, 1, 1, 24, seed=length)["test"]
+    sequences = [example["prompt_ids"][:-1] for example in split]
+    targets = [example["target_ids"] for example in split]
+    input_ids = torch.tensor([s + [20] + t[:-1] for s, t in zip(sequences, targets)])
+    labels = torch.tensor([[-100] * length + t for t in targets])
+    correct, counted = memoryless_correct(input_ids, labels, segment_size)
+    assert counted.item() == 24 * 20
+    assert correct.item() == sum(brute_force_memoryless(s, t, segment_size) for s, t in zip(sequences, targets))
+
+
+def test_memoryless_line_hand_case():
+    # L = 4: sequence 3 3 5 1, target 3 5 1 then 0 2 4 ... (unseen, ascending). Seeing everything (one chunk),
+    # the counter is always right; with chunks of 4 the targets' chunks ([4, 8), [8, 12), ...) show no symbol, so
+    # it predicts the smallest unanswered symbol it can see: right only where the target lists unseen symbols.
+    sequence = [3, 3, 5, 1]
+    target = [3, 5, 1] + [s for s in range(20) if s not in (3, 5, 1)]
+    input_ids = torch.tensor([sequence + [20] + target[:-1]])
+    labels = torch.tensor([[-100] * 4 + target])
+    from experiment.tasks.sorting import memoryless_correct
+
+    assert memoryless_correct(input_ids, labels, 32)[0].item() == 20
+    assert memoryless_correct(input_ids, labels, 4)[0].item() == brute_force_memoryless(sequence, target, 4)
