@@ -253,6 +253,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
     from experiment.callbacks import CudaGraphStepMarker
+    from experiment.cluster import REQUEUE_CHECKPOINT, RequeueCheckpoint, requeue_checkpoint, submitit_signal
     from experiment.loggers import build_logger, finish_logger
     from experiment.models import build_model, compile_blocks, compile_settings, graphs_replayed
 
@@ -279,6 +280,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     # Model and task first when possible: their checks (segment vs positions) fail before data is generated.
     model = build_model(cfg.model, early_vocab or datamodule.vocab_size)
     callbacks = []
+    # A requeued SLURM job (hydra/launcher=slurm) resumes from the checkpoint it saved before its time limit.
+    resume_path = cfg.ckpt_path
+    if mode is Mode.train and not resume_path and requeue_checkpoint(run_dir) is not None:
+        resume_path = str(requeue_checkpoint(run_dir))
+        log.info("resuming the requeued job from %s", resume_path)
+    if mode is Mode.train and submitit_signal() is not None:
+        callbacks.append(RequeueCheckpoint(run_dir / "checkpoints" / REQUEUE_CHECKPOINT, submitit_signal()))
     if cfg.trainer.get("enable_progress_bar", True):
         # Each update of the bar reads the logged values back from the device (a host sync): on a GPU, updating
         # every few dozen steps lets the host queue the next steps while the GPU runs.
@@ -315,7 +323,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     last_checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="last", monitor=None,
                                       save_top_k=1, enable_version_counter=False)
     logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved,
-                          resume_from=cfg.ckpt_path if mode is Mode.train else None)
+                          resume_from=resume_path if mode is Mode.train else None)
     trainer = instantiate(cfg.trainer, callbacks=[checkpoint, last_checkpoint, *callbacks], logger=logger,
                           default_root_dir=str(run_dir))
 
@@ -330,7 +338,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     }
     try:
         if mode is Mode.train:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
             results["train"] = {k: v for k, v in _plain(dict(trainer.callback_metrics)).items()
                                 if k.startswith("train/")}
             results["val"] = {k: v for k, v in _plain(dict(trainer.callback_metrics)).items() if k.startswith("val/")}
@@ -362,6 +370,15 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if cfg.print_summary:
             print(format_summary(results), flush=True)
     return results
+
+
+def objective(results: dict[str, Any]) -> float | None:
+    """The run's monitored metric (task.monitor): the best checkpoint's score after training, the validation score
+    in mode=eval; None when there was no validation. What an Optuna sweep optimises."""
+    score = results.get("best_score")
+    if score is None:
+        score = (results.get("val") or {}).get(results.get("monitor"))
+    return None if score is None else float(score)
 
 
 def checkpoint_facts(path: Path, monitor: str | None) -> dict[str, Any]:
@@ -404,9 +421,9 @@ def format_summary(results: dict[str, Any]) -> str:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     try:
-        run(cfg)
+        return objective(run(cfg))  # a sweeper (hparams_search=...) reads the job's return value
     except ConfigError as error:
         log.error("memoria-exp: error: %s", error)
         sys.exit(2)
