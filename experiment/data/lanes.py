@@ -6,7 +6,8 @@
    lane, so each batch row is one contiguous stream and consecutive steps continue it. The last n mod B segments
    are dropped.
 4. Under DDP, rank r always takes lanes [r * B/D, (r + 1) * B/D): every rank runs the same number of steps, nothing
-   is padded or replayed, and per-lane memory never moves between ranks.
+   is padded or replayed, and per-lane memory never moves between ranks. With N nodes x G GPUs, D = N * G and r is
+   the global rank (node * G + local rank): node n holds the contiguous lanes [n * B/N, (n + 1) * B/N).
 
 Scoring (labels are returned already aligned: labels[:, t] is the target of position t, -100 = not scored):
 - reference (default): predictions stay inside the segment, so its first token is never scored: T - 1 targets.
@@ -71,8 +72,9 @@ def rank_lanes(num_lanes: int, world_size: int, rank: int) -> range:
     """The fixed lanes rank `rank` of `world_size` owns."""
     if num_lanes % world_size != 0:
         raise ValueError(
-            f"{num_lanes} lanes cannot be split evenly over {world_size} devices; set task.data.lanes (training) "
-            f"and task.data.eval_lanes (evaluation) to multiples of the number of devices, or run on fewer devices."
+            f"{num_lanes} lanes cannot be split evenly over {world_size} processes (nodes x GPUs per node); set "
+            f"task.data.lanes (training) and task.data.eval_lanes (evaluation) to multiples of the number of devices "
+            f"({world_size}), or run on fewer devices."
         )
     per_rank = num_lanes // world_size
     return range(rank * per_rank, (rank + 1) * per_rank)

@@ -143,3 +143,44 @@ def test_every_target_is_scored_at_most_once_and_stays_in_its_document(lengths, 
         assert len(scored) == expected
     if not keep and not score_all:
         assert len(scored) == sum((n // segment_length) * (segment_length - 1) for n in lengths)
+
+
+# N nodes x G GPUs: Lightning numbers ranks globally, global rank = node * G + local rank, world size = N * G.
+MULTI_NODE = [(2, 1), (2, 2), (2, 4), (3, 2), (3, 4), (4, 2), (2, 6), (3, 8)]
+
+
+@pytest.mark.parametrize("nodes, gpus", MULTI_NODE)
+def test_lanes_partition_over_nodes_times_gpus(nodes, gpus):
+    num_lanes = 48  # divisible by every world size above
+    world = nodes * gpus
+    owned = {(node, local): rank_lanes(num_lanes, world, node * gpus + local)
+             for node in range(nodes) for local in range(gpus)}
+    every = sorted(lane for lanes in owned.values() for lane in lanes)
+    assert every == list(range(num_lanes))  # each lane on exactly one process of the whole job
+    assert {len(lanes) for lanes in owned.values()} == {num_lanes // world}
+    # Node n holds a contiguous block of lanes: its GPUs' blocks follow each other.
+    for node in range(nodes):
+        block = [lane for local in range(gpus) for lane in owned[(node, local)]]
+        assert block == list(range(node * gpus * num_lanes // world, (node + 1) * gpus * num_lanes // world))
+
+
+@pytest.mark.parametrize("nodes, gpus", [(2, 2), (3, 2), (2, 4)])
+def test_multi_node_ranks_together_replay_the_single_process_stream(nodes, gpus):
+    tokens = np.arange(4800, dtype=np.int64)
+    table = build_segments(offsets_of([1200, 2400, 1200]), 10)  # 480 segments
+    num_lanes = 24
+    whole = list(LaneStream(tokens, table, num_lanes))
+    world = nodes * gpus
+    per_rank = [list(LaneStream(tokens, table, num_lanes, rank_lanes(num_lanes, world, rank)))
+                for rank in range(world)]
+    assert {len(stream) for stream in per_rank} == {len(whole)}  # every rank runs the same number of steps
+    for step in (0, 7, len(whole) - 1):
+        for key in ("input_ids", "labels", "doc_start"):
+            joined = torch.cat([per_rank[rank][step][key] for rank in range(world)])  # in global-rank order
+            assert torch.equal(joined, whole[step][key])
+
+
+def test_lanes_that_do_not_divide_over_nodes_times_gpus_name_the_fix():
+    with pytest.raises(ValueError, match=r"8 lanes cannot be split evenly over 12 processes \(nodes x GPUs per "
+                                         r"node\).*task\.data\.lanes"):
+        rank_lanes(8, 12, 0)
