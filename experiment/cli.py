@@ -254,7 +254,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     from experiment.callbacks import CudaGraphStepMarker
     from experiment.cluster import REQUEUE_CHECKPOINT, RequeueCheckpoint, requeue_checkpoint, submitit_signal
-    from experiment.loggers import build_logger, finish_logger
+    from experiment.loggers import build_logger, finish_logger, record_summary
     from experiment.models import build_model, compile_blocks, compile_settings, graphs_replayed
 
     started = time.time()
@@ -361,6 +361,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             if limit_val != 0:
                 results["val"] = _plain(trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)[0])
             results["test"] = _plain(trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)[0])
+        if trainer.is_global_zero:
+            record_summary(logger, results)  # W&B: summary metrics and the checkpoints' paths
     finally:
         finish_logger(logger)
     results["monitor"] = cfg.task.monitor

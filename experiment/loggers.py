@@ -1,4 +1,5 @@
-"""Metric loggers for a run, chosen by `conf/logger/*.yaml` (`kind`: csv, tensorboard, wandb, none).
+"""Metric loggers for a run, chosen by `conf/logger/*.yaml` (`kind`: csv, tensorboard, wandb, none, or a list of
+them: the GPU presets use `logger=wandb_csv`, i.e. `kind: [wandb, csv]`).
 
 wandb is imported only when `kind: wandb` is chosen. With `offline: auto` the run goes offline by itself, with one
 line saying so, when there is no API key or the W&B server cannot be reached.
@@ -23,13 +24,17 @@ WANDB_RUN_ID_FILE = "wandb_run_id.txt"
 
 def build_logger(logger_cfg: Any, save_dir: str | Path, run_name: str, config: dict[str, Any] | None = None,
                  resume_from: str | Path | None = None):
-    """The Lightning logger for this run, or False for `kind: none`.
+    """The Lightning logger for this run, a list of them (`kind` a list), or False for `kind: none`.
 
     save_dir: the run directory. config: the resolved run config (sent to W&B). resume_from: a checkpoint being
     resumed; a W&B run id saved next to its run is reused so the resumed run continues the same W&B run.
     """
     cfg = dict(logger_cfg or {})
     kind = cfg.pop("kind", None)
+    if isinstance(kind, (list, tuple)) or type(kind).__name__ == "ListConfig":
+        loggers = [build_logger({**cfg, "kind": one}, save_dir, run_name, config, resume_from) for one in kind]
+        loggers = [logger for logger in loggers if logger is not False]
+        return loggers or False
     save_dir = Path(save_dir)
     if kind == "none":
         return False
@@ -104,6 +109,9 @@ def _build_wandb(cfg: dict[str, Any], save_dir: Path, run_name: str, config: dic
     save_dir.mkdir(parents=True, exist_ok=True)
     (save_dir / WANDB_RUN_ID_FILE).write_text(run_id)
     tags = list(cfg.pop("tags", None) or [])
+    tags += [tag for tag in run_tags(config) if tag not in tags]
+    if cfg.get("group") is None:
+        cfg["group"] = sweep_group()
     return WandbLogger(
         name=run_name,
         save_dir=str(save_dir),
@@ -116,6 +124,60 @@ def _build_wandb(cfg: dict[str, Any], save_dir: Path, run_name: str, config: dic
     )
 
 
+def run_tags(config: dict[str, Any] | None) -> list[str]:
+    """W&B tags naming the run: its task, its model and its setting (the experiment preset, when one was chosen)."""
+    config = config or {}
+    names = [(config.get(key) or {}).get("name") for key in ("task", "model")]
+    tags = [str(name) for name in names if name]
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            setting = HydraConfig.get().runtime.choices.get("experiment")
+            if setting:
+                tags.append(str(setting))
+    except (ImportError, ValueError):
+        pass
+    return tags
+
+
+def sweep_group() -> str | None:
+    """In a Hydra multirun, the W&B group shared by all its jobs (the sweep directory's name, its start time), so a
+    sweep reads as one in the W&B UI; None for a single run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return None
+        return f"sweep-{Path(str(HydraConfig.get().sweep.dir)).name}"
+    except (ImportError, ValueError):
+        return None
+
+
+def _loggers(logger: Any) -> list:
+    if logger is False or logger is None:
+        return []
+    return list(logger) if isinstance(logger, (list, tuple)) else [logger]
+
+
+def record_summary(logger: Any, results: dict[str, Any]) -> None:
+    """Put the run's outcome into the W&B run summary: the test and validation metrics, the best score, the step
+    count and the checkpoints' paths (other loggers already hold the metrics)."""
+    for one in _loggers(logger):
+        if type(one).__name__ != "WandbLogger":
+            continue
+        summary: dict[str, Any] = {}
+        for section in ("val", "test"):
+            summary.update({key: value for key, value in (results.get(section) or {}).items()
+                            if isinstance(value, (int, float))})
+        for key in ("best_score", "global_step", "num_parameters", "best_checkpoint", "last_checkpoint",
+                    "tested_checkpoint", "run_dir"):
+            if results.get(key) is not None:
+                summary[key] = results[key]
+        one.experiment.summary.update(summary)
+
+
 def _previous_wandb_run_id(resume_from: str | Path | None) -> str | None:
     """The W&B run id recorded in the run directory of a checkpoint being resumed (<run>/checkpoints/x.ckpt)."""
     if not resume_from:
@@ -126,10 +188,9 @@ def _previous_wandb_run_id(resume_from: str | Path | None) -> str | None:
 
 def finish_logger(logger: Any) -> None:
     """Close the logger; for W&B this calls wandb.finish() so every multirun job gets its own W&B run."""
-    if logger is False or logger is None:
-        return
-    logger.finalize("success")
-    if type(logger).__name__ == "WandbLogger":
-        import wandb
+    for one in _loggers(logger):
+        one.finalize("success")
+        if type(one).__name__ == "WandbLogger":
+            import wandb
 
-        wandb.finish()
+            wandb.finish()
