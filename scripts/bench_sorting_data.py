@@ -63,12 +63,12 @@ def measure(module, length: int, examples: int, folder: str) -> dict[str, float]
             "read_ms": read / examples * 1e3}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1000, 4000, 32000])
     parser.add_argument("--examples", type=int, default=600, help="training examples per length (+1 dev, +1 test)")
     parser.add_argument("--old-commit", default=None, help="also measure the sorting module of this git commit")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     versions = [(f"v{sorting.GENERATOR_VERSION} (this)", sorting)]
     if args.old_commit:
         versions.append((f"{args.old_commit}", old_module(args.old_commit)))
