@@ -269,7 +269,8 @@ def write_cache(cache_dir: Path, generator: dict[str, int], progress: bool | Non
             json.dump(meta, handle, indent=1)
             handle.flush()
             os.fsync(handle.fileno())
-        meta_path.unlink(missing_ok=True)  # a crash between the two renames leaves no metadata: rebuilt next time
+        # Data first, then the metadata that marks the entry complete. Both are determined by the key, so a
+        # process that rebuilds an entry while another reads it (ranks on several nodes) swaps in identical files.
         os.replace(tmp_name, data_path)
         os.replace(meta_tmp, meta_path)
         _fsync_dir(cache_dir)
