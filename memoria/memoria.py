@@ -33,10 +33,13 @@ from .history import EngramHistory
 from .store import _RANK_BY_COMPARE, LONGTERM, NULL, SHORTTERM, WORKING, SlotStore, first_true, write_slots
 
 WEIGHT_FORMS = ("exp", "neg_sq")
+LTM_SEARCHES = ("hebbian", "random", "exhaustive")
 _STATE_VERSION = 2  # 2: the device id counter in the store, no generator state
 _CHUNK = 1 << 24  # elements per temporary in the graph walk (bounds peak memory at large B, C)
 _MASK32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2**31, so a 32-bit value times it stays below 2**63: no int64 overflow
+_RANDOM_SEARCH_SALT = 0x9E3779B9  # set apart the random search's draws from the tie-breaks of the same step
+_ABLATION_DEFAULTS = {"use_short_term": True, "use_long_term": True, "ltm_search": "hebbian"}  # absent in old states
 
 
 def _packed_key(value: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -147,6 +150,28 @@ class Memoria:
                          each store size compiles, which takes a while); combines with cuda_graph. Needs
                          the same settings as cuda_graph
 
+    Ablations (keyword-only; the defaults are the paper's Memoria, bit for bit):
+        use_short_term   False: remind returns no short-term engrams. The STM recall still runs and its recalled
+                         STMs still seed the LTM search, but they are not handed out and do not fire (no co-fire
+                         counts, no lifespan gain): what fires is what the model attends to, WM + returned LTMs
+        use_long_term    False: remind returns no long-term engrams (no search runs); the fired set is WM +
+                         returned STMs. Either way engrams still enter memory and move WM -> STM -> LTM as before
+        ltm_search       how the final LTMs' candidates F are found, before the top num_final_ltms of F by
+                         similarity are taken as always:
+                         "hebbian"    the greedy walk over co-fire counts (algorithm.md §c.4-c.5; the default)
+                         "random"     one chain per recalled STM (whatever its counts), each visiting depth + 1
+                                      distinct LTMs drawn uniformly at random among the not yet visited ones (its
+                                      seed included), chains taking turns hop by hop, so no two visit the same LTM;
+                                      stops when none is left. |F| = min(recalled STMs x (depth + 1), live LTMs),
+                                      the most the walk can visit. Drawn from a hash of (seed, engram id, step),
+                                      like the tie-breaks (also with deterministic=True): same on every device,
+                                      never the global RNG
+                         "exhaustive" every live LTM is a candidate (no walk)
+                         The Triton walk kernel (fused_walk) serves "hebbian" only.
+
+    Output width with static_shape: k_stm + k_ltm, where k_stm = num_reminded_stm (0 without use_short_term) and
+    k_ltm = num_final_ltms (0 without use_long_term), each at most what the store's size allows; -1 padding.
+
     Random tie-breaks come from a hash of (seed, engram id, step), not from a generator: the same on every device
     and for a row whether it runs alone or in a batch, and with no generator state to carry.
     """
@@ -183,6 +208,9 @@ class Memoria:
         cuda_graph: bool = False,
         compile: bool = False,
         fused_walk: bool = True,
+        use_short_term: bool = True,
+        use_long_term: bool = True,
+        ltm_search: str = "hebbian",
     ) -> None:
         self.num_reminded_stm = _check_count("num_reminded_stm", num_reminded_stm)
         self.stm_capacity = _check_count("stm_capacity", stm_capacity)
@@ -196,6 +224,14 @@ class Memoria:
         if weight_form not in WEIGHT_FORMS:
             raise ValueError(f"weight_form must be one of {WEIGHT_FORMS}, got {weight_form!r}")
         self.weight_form = weight_form
+        for name, value in (("use_short_term", use_short_term), ("use_long_term", use_long_term)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        self.use_short_term = use_short_term
+        self.use_long_term = use_long_term
+        if ltm_search not in LTM_SEARCHES:
+            raise ValueError(f"ltm_search must be one of {LTM_SEARCHES}, got {ltm_search!r}")
+        self.ltm_search = ltm_search
         if ltm_capacity is not None:
             ltm_capacity = _check_count("ltm_capacity", ltm_capacity, minimum=1)
         self.ltm_capacity = ltm_capacity
@@ -420,29 +456,46 @@ class Memoria:
         stm_score = score(stm_slots)  # (B, S)
         rs_slots, rs_ok = self._top(stm_score, stm_ok, torch.gather(tie, 1, stm_slots), stm_slots, k_s)
 
-        # --- initial LTMs, then the walk. `open_` (B, C + 1): the tie fraction of every LTM not yet visited,
-        # -inf elsewhere; column C is a sink for "no node". A count plus it is >= 1 exactly when the count is
-        # positive and the target open, so one max finds the strongest edge or shows there is none.
-        open_ = torch.full((B, C + 1), -math.inf, dtype=torch.float64, device=dev)
-        open_[:, :C] = torch.where(is_ltm, frac, -math.inf)
-        # The walk reads only LTM columns. On the CPU (where a sync is free) gather just those; on a GPU read
-        # whole count rows, which keeps every shape static.
-        cols = None
-        if not self._sync_free:
-            cols = torch.topk(is_ltm.to(torch.uint8), int(is_ltm.sum(1).max()), dim=1, sorted=False).indices
-        # each recalled STM seeds its most co-fired LTM, if it has any positive count. A chain that found no edge
-        # continues from C, the count matrix's all-zero sink row, so it finds none again: stopped for good.
-        seeds = torch.where(rs_ok, rs_slots, C)  # (B, k_s)
-        if cols is not None or not self._walk_in_one_kernel(counts, seeds, open_):  # else done: one kernel
-            # (on the CPU a sync is free: stop once every chain has; on a GPU all hops run, sync-free)
-            self._torch_walk(counts, seeds, open_, self.ltm_search_depth + 1, cols, stop_early=not self._sync_free)
-        found = is_ltm & torch.isneginf(open_[:, :C])  # (B, C) F = seeds + every node reached
+        # --- the LTM candidates F (`found` (B, C)): the walk, or an ablation's search (none without long-term
+        # memory)
+        search = self.ltm_search if self.use_long_term else None
+        if search == "hebbian":
+            # --- initial LTMs, then the walk. `open_` (B, C + 1): the tie fraction of every LTM not yet visited,
+            # -inf elsewhere; column C is a sink for "no node". A count plus it is >= 1 exactly when the count is
+            # positive and the target open, so one max finds the strongest edge or shows there is none.
+            open_ = torch.full((B, C + 1), -math.inf, dtype=torch.float64, device=dev)
+            open_[:, :C] = torch.where(is_ltm, frac, -math.inf)
+            # The walk reads only LTM columns. On the CPU (where a sync is free) gather just those; on a GPU read
+            # whole count rows, which keeps every shape static.
+            cols = None
+            if not self._sync_free:
+                cols = torch.topk(is_ltm.to(torch.uint8), int(is_ltm.sum(1).max()), dim=1, sorted=False).indices
+            # each recalled STM seeds its most co-fired LTM, if it has any positive count. A chain that found no
+            # edge continues from C, the count matrix's all-zero sink row, so it finds none again: stopped for good.
+            seeds = torch.where(rs_ok, rs_slots, C)  # (B, k_s)
+            if cols is not None or not self._walk_in_one_kernel(counts, seeds, open_):  # else done: one kernel
+                # (on the CPU a sync is free: stop once every chain has; on a GPU all hops run, sync-free)
+                self._torch_walk(counts, seeds, open_, self.ltm_search_depth + 1, cols,
+                                 stop_early=not self._sync_free)
+            found = is_ltm & torch.isneginf(open_[:, :C])  # (B, C) F = seeds + every node reached
+        elif search == "random":  # one random chain per recalled STM, depth + 1 distinct LTMs each
+            found = self._random_candidates(store, is_ltm, rs_ok, k_f_cap)
+        elif search == "exhaustive":  # every live LTM of a row with working memory
+            found = is_ltm & row_has_wm[:, None]
 
         # --- final LTMs: top r_ltm of F by similarity to the WM
         k_l = min(self.num_final_ltms, k_f_cap)
-        f_slots, f_ok = first_true(found, k_f_cap)  # (B, F) each
-        f_score = score(f_slots)
-        rl_slots, rl_ok = self._top(f_score, f_ok, torch.gather(tie, 1, f_slots), f_slots, k_l)
+        if search is None:
+            rl_slots, rl_ok = rs_slots[:, :0], rs_ok[:, :0]  # (B, 0): no long-term memory is returned
+        else:
+            if search == "exhaustive":  # F is every LTM: rank the slots as they lie (k_f_cap = C)
+                f_slots, f_ok = torch.arange(C, device=dev).expand(B, C), found  # (B, C) each
+            else:
+                f_slots, f_ok = first_true(found, k_f_cap)  # (B, F) each
+            f_score = score(f_slots)
+            rl_slots, rl_ok = self._top(f_score, f_ok, torch.gather(tie, 1, f_slots), f_slots, k_l)
+        if not self.use_short_term:  # recalled (they seeded the search) but neither returned nor fired
+            rs_slots, rs_ok = rs_slots[:, :0], rs_ok[:, :0]  # (B, 0)
 
         # --- fire together, wire together: +1 on every ordered pair of the fired set, diagonal included
         fired = torch.cat([wm_slots, rs_slots, rl_slots], 1)  # (B, K)
@@ -549,6 +602,8 @@ class Memoria:
             oldest = torch.topk(key, k, dim=1, largest=True, sorted=True).indices  # (B, k) oldest first
             promote = torch.arange(k, device=dev)[None, :] < excess[:, None]
             write_slots(types, 1, oldest, torch.where(promote, LONGTERM, torch.gather(types, 1, oldest)))
+            if self.history is not None:
+                self.history.on_promote(self.timestep, store, oldest, promote)
         dead = live & (store.lifespan <= 0)  # 6. delete: the slot is freed (its counts are zeroed on reuse)
         if self.history is not None:
             self.history.on_adjust(self.timestep, store, dead)
@@ -621,7 +676,7 @@ class Memoria:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION or "store" not in state:
             raise ValueError("not a Memoria state: pass what Memoria.state_dict() returned")
-        mine, theirs = self._config(), state["config"]
+        mine, theirs = self._config(), {**_ABLATION_DEFAULTS, **state["config"]}  # older states: the defaults
         if mine != theirs:
             diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
             raise ValueError(f"Memoria state was saved with other settings (saved, here): {diff}; build the Memoria "
@@ -656,6 +711,8 @@ class Memoria:
             "num_final_ltms": self.num_final_ltms, "weight_form": self.weight_form,
             "deterministic": self.deterministic, "ltm_capacity": self.ltm_capacity,
             "count_dtype": str(self.count_dtype).replace("torch.", ""),
+            "use_short_term": self.use_short_term, "use_long_term": self.use_long_term,
+            "ltm_search": self.ltm_search,
         }
 
     def _clear_step_state(self) -> None:
@@ -732,7 +789,7 @@ class Memoria:
         if self.compile:
             compiled = self._compiled.get(name)
             if compiled is None:
-                if name in ("remind", "add_remind"):
+                if name in ("remind", "add_remind") and self.use_long_term and self.ltm_search == "hebbian":
                     self._check_walk_kernel(store)
                 compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
             fn = compiled
@@ -764,10 +821,34 @@ class Memoria:
 
     def _caps(self, C: int) -> tuple[int, int, int]:
         """For a store of C slots a row: the most STM candidates, the STMs recalled (the walk's chains), and the
-        most LTMs the walk can find."""
+        most LTM candidates the search can find (the walk's or "random"'s k_s x (depth + 1), "exhaustive"'s C,
+        none without long-term memory)."""
         k_stm_cap = min(C, self.stm_capacity)
         k_s = min(self.num_reminded_stm, k_stm_cap)
+        if not self.use_long_term:
+            return k_stm_cap, k_s, 0
+        if self.ltm_search == "exhaustive":
+            return k_stm_cap, k_s, C
         return k_stm_cap, k_s, min(C, k_s * (self.ltm_search_depth + 1))
+
+    def _random_candidates(self, store: SlotStore, is_ltm: torch.Tensor, chains: torch.Tensor,
+                           k_f_cap: int) -> torch.Tensor:
+        """ltm_search="random": F (B, C) bool, min(chains x (depth + 1), live LTMs) distinct LTMs of each row drawn
+        uniformly at random, one chain per valid entry of `chains` (B, k_s) (the recalled STMs).
+
+        Chains that each hop to a uniformly random unvisited LTM, taking turns, deal out the start of a uniformly
+        random order of the LTMs; so F = the LTMs with the largest random keys, one 32-bit draw per engram hashed
+        from (seed, engram id, step) with a salt of its own (independent of the step's tie-breaks). Keys of
+        distinct ids differ (the hash is a bijection of 32 bits), so F is exact, on every device alike."""
+        B, C = is_ltm.shape
+        if k_f_cap == 0:
+            return torch.zeros_like(is_ltm)
+        budget = chains.sum(1, keepdim=True) * (self.ltm_search_depth + 1)  # (B, 1) the chains' visits
+        salt = _mix32((store.next_id & _MASK32) ^ self._seed32 ^ _RANDOM_SEARCH_SALT)  # () this step's
+        key = torch.where(is_ltm, _mix32((store.created & _MASK32) ^ salt), -1)  # (B, C) int64, -1 = not an LTM
+        pick = torch.topk(key, k_f_cap, dim=1).indices  # (B, k_f_cap) distinct slots, largest keys first
+        take = (torch.arange(k_f_cap, device=key.device)[None, :] < budget) & torch.gather(is_ltm, 1, pick)
+        return torch.zeros_like(is_ltm).scatter_(1, pick, take)  # (B, C)
 
     def _cue(self, wm: torch.Tensor, wm_valid: torch.Tensor, wm_slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The working memory wm (B, W, H) (rows `wm_valid` (B, W), stored in `wm_slots` (B, W)) as _similarity
@@ -932,5 +1013,7 @@ class Memoria:
             by_life = torch.sort(torch.gather(life, 1, by_age), dim=1, stable=True).indices
             order = torch.gather(by_age, 1, by_life[:, :k])  # (B, k)
         evict = torch.arange(k, device=store.device)[None, :] < excess[:, None]
+        if self.history is not None:
+            self.history.on_evict(self.timestep, store, order, evict)
         write_slots(types, 1, order, torch.where(evict, NULL, torch.gather(types, 1, order)))
         return excess

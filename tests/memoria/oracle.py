@@ -28,6 +28,9 @@ class OracleRow:
     life0: float
     r_ltm: int
     form: str = "exp"
+    use_short_term: bool = True  # the ablations of Memoria(use_short_term=, use_long_term=, ltm_search=)
+    use_long_term: bool = True
+    search: str = "hebbian"
     engrams: list[Engram] = field(default_factory=list)
     counts: dict = field(default_factory=dict)  # (id_i, id_j) -> int
 
@@ -44,8 +47,9 @@ class OracleRow:
             return -float((e.x - centroid).pow(2).sum())
         return float(torch.logsumexp(torch.tensor([-float((w.x - e.x).pow(2).sum()) for w in wm]), 0))
 
-    def remind(self) -> list[int]:
-        """Returns the ids of the reminded engrams: STMs by descending score, then LTMs."""
+    def remind(self, random_key=None) -> list[int]:
+        """Returns the ids of the reminded engrams: STMs by descending score, then LTMs. `random_key(id)`: the
+        random search's draw of an engram this step (search="random")."""
         wm = [e for e in self.engrams if e.type == WORKING]
         if not wm:
             return []
@@ -53,6 +57,25 @@ class OracleRow:
         ltm_ids = {e.id for e in self.engrams if e.type == LONGTERM}
         by_id = {e.id: e for e in self.engrams}
         r_s = sorted(stms, key=lambda e: (-self._score(wm, e), e.id))[: self.r_stm]
+        if not self.use_long_term:
+            visited = set()
+        elif self.search == "exhaustive":
+            visited = set(ltm_ids)
+        elif self.search == "random":  # len(r_s) chains of depth + 1 distinct draws: the largest keys
+            visited = set(sorted(ltm_ids, key=lambda i: -random_key(i))[: len(r_s) * (self.depth + 1)])
+        else:
+            visited = self._walk(r_s, ltm_ids)
+        r_l = sorted((by_id[i] for i in visited), key=lambda e: (-self._score(wm, e), e.id))[: self.r_ltm]
+        if not self.use_short_term:
+            r_s = []  # recalled to seed the search, neither returned nor fired
+        fired = [e.id for e in wm] + [e.id for e in r_s] + [e.id for e in r_l]
+        for i in fired:
+            for j in fired:
+                self.counts[(i, j)] = self.c(i, j) + 1
+        return [e.id for e in r_s] + [e.id for e in r_l]
+
+    def _walk(self, r_s: list[Engram], ltm_ids: set[int]) -> set[int]:
+        """The greedy lock-step walk (§c.4-c.5): the visited set F."""
 
         def strongest(u: int, allowed: set[int]) -> int | None:
             cands = [v for v in allowed if self.c(u, v) > 0]
@@ -77,12 +100,7 @@ class OracleRow:
             visited |= set(moved)
             if not chains:
                 break
-        r_l = sorted((by_id[i] for i in visited), key=lambda e: (-self._score(wm, e), e.id))[: self.r_ltm]
-        fired = [e.id for e in wm] + [e.id for e in r_s] + [e.id for e in r_l]
-        for i in fired:
-            for j in fired:
-                self.counts[(i, j)] = self.c(i, j) + 1
-        return [e.id for e in r_s] + [e.id for e in r_l]
+        return visited
 
     def adjust(self, gains: dict[int, float]) -> None:
         for e in self.engrams:
