@@ -66,20 +66,43 @@ def encode_bytes(data: np.ndarray, vocabulary: np.ndarray, protocol: str) -> np.
     return ids.astype(np.uint8)
 
 
+TEXT_CHECK_BYTES = 1 << 20  # the leading bytes of a raw file that must read as UTF-8 text
+MAX_NON_TEXT = 0.01  # the share of them that may fail to decode (real dumps hold a few odd bytes)
+
+
 def read_enwik8(path: Path) -> bytes:
-    """The raw bytes from `enwik8`, `enwik8.zip`, or a directory holding one of them."""
+    """The raw bytes from `enwik8`, `enwik8.zip`, or a directory holding one of them. A damaged zip, or a file that
+    is not text (enwik8 is the start of an XML dump of English Wikipedia, UTF-8), is a DataUnavailableError naming
+    the file."""
     if path.is_dir():
         for name in ("enwik8", "enwik8.zip"):
             if (path / name).is_file():
                 return read_enwik8(path / name)
         raise FileNotFoundError(path / "enwik8")
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if not n.endswith("/")]
-            if len(names) != 1:
-                raise ValueError(f"{path} should hold exactly one file (enwik8), found {names}")
-            return archive.read(names[0])
-    return path.read_bytes()
+    with open(path, "rb") as handle:
+        looks_zipped = handle.read(4) == b"PK\x03\x04"
+    if looks_zipped or path.suffix == ".zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if not n.endswith("/")]
+                if len(names) != 1:
+                    raise ValueError(f"{path} should hold exactly one file (enwik8), found {names}")
+                data = archive.read(names[0])  # checks the CRC
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as error:
+            raise DataUnavailableError(
+                f"enwik8: task.data.path={path} is a damaged zip ({type(error).__name__}: {error}); download "
+                f"enwik8.zip again ({ENWIK8_URL}) or point task.data.path at the unpacked enwik8 file."
+            ) from None
+    else:
+        data = path.read_bytes()
+    head = data[:TEXT_CHECK_BYTES]
+    bad = head.decode("utf-8", errors="replace").count("\ufffd")
+    if head and bad > MAX_NON_TEXT * len(head):
+        raise DataUnavailableError(
+            f"enwik8: {path} is not enwik8: {bad} of its first {len(head)} bytes are not UTF-8 text (random or "
+            f"damaged data); point task.data.path at enwik8 or enwik8.zip ({ENWIK8_URL})."
+        )
+    return data
 
 
 class Enwik8DataModule(LMDataModule):

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from .errors import DataUnavailableError
 from .lanes import LaneStream, SegmentTable, build_segments, rank_lanes
-from .tokenized_cache import TokenizedSplit, TokenWriter, load_or_build, token_dtype
+from .tokenized_cache import TokenizedSplit, TokenWriter, discard_entry, load_or_build, token_dtype
 from .transfer import pin_memory_for
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,22 @@ class LMDataModule(L.LightningDataModule):
             self.splits[split] = entry
         return self.splits[split]
 
+    def _checked_split(self, split: str) -> TokenizedSplit:
+        """The split, its largest token id checked against the vocabulary (an id beyond it would be an IndexError
+        in the embedding, steps into training): an entry that fails is removed and built again."""
+        entry = self.load_split(split)
+        largest = int(entry.meta.get("token_max", -1))
+        if largest >= self.vocab_size:
+            log.warning("the token cache entry %s holds id %d, outside the %d-symbol vocabulary; removing it and "
+                        "building it again", entry.path, largest, self.vocab_size)
+            discard_entry(entry.path)
+            del self.splits[split]
+            entry = self.load_split(split)
+            if int(entry.meta.get("token_max", -1)) >= self.vocab_size:
+                raise ValueError(f"{self.dataset_name} {split}: the tokens reach id {entry.meta['token_max']} but "
+                                 f"the vocabulary has {self.vocab_size} symbols; check task.data.tokenizer.")
+        return entry
+
     def _stage_splits(self, stage: str | None) -> tuple[str, ...]:
         return {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",), "predict": ("test",)}.get(
             stage or "", SPLITS
@@ -138,7 +154,7 @@ class LMDataModule(L.LightningDataModule):
         world_size = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
         for split in self._stage_splits(stage):
-            entry = self.load_split(split)
+            entry = self._checked_split(split)
             training = split == "train"
             num_lanes = self.lanes if training else self.eval_lanes
             length = self.segment_length if training else self.eval_segment_length
@@ -280,12 +296,24 @@ class TextLMDataModule(LMDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_name, self.dataset_name)
+            self.check_source()  # a wrong data path is named first, without waiting on the Hub for the tokenizer
+            try:
+                self._tokenizer = load_tokenizer(self.tokenizer_name, self.dataset_name)
+            except DataUnavailableError as error:
+                if getattr(self, "path", None) is None:  # the Hub copy of the data is out of reach as well
+                    raise DataUnavailableError(
+                        f"{error} Without the Hub the data needs a local copy too: task.data.path=<local copy> "
+                        f"(conf/task/{self.dataset_name}.yaml says what it holds)."
+                    ) from None
+                raise
         return self._tokenizer
 
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
+
+    def check_source(self) -> None:
+        """Raise DataUnavailableError if a configured local copy of the data is missing (no network use)."""
 
     def _source_key(self, split: str) -> dict[str, Any]:
         raise NotImplementedError

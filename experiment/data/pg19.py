@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataUnavailableError
-from .lm import TextLMDataModule, load_hub_split, path_fingerprint, resolve_hub_commit
+from .lm import SPLITS, TextLMDataModule, load_hub_split, path_fingerprint, resolve_hub_commit
 
 FOLDERS = {"train": "train", "valid": "validation", "test": "test"}
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
@@ -94,6 +94,12 @@ class PG19DataModule(TextLMDataModule):
         if self.book_order == "id":
             order.sort(key=lambda i: ids[i])
         return order, len(ids)
+
+    def check_source(self) -> None:
+        """A local copy (path=) must hold every split: checked before the tokenizer is loaded (no network call)."""
+        if self.path is not None:
+            for split in SPLITS:
+                self._book_files(split)
 
     def _source_key(self, split: str) -> dict[str, Any]:
         key: dict[str, Any] = {"percent": self._percent(split), "book_order": self.book_order}

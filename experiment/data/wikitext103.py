@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataUnavailableError
-from .lm import TextLMDataModule, load_hub_split, path_fingerprint, resolve_hub_commit
+from .lm import SPLITS, TextLMDataModule, load_hub_split, path_fingerprint, resolve_hub_commit
 
 # A newline, an optional space, "= Title =" with single equals signs, an optional space, a newline. The title
 # neither starts nor ends with "=", which excludes "= = Section = =".
@@ -72,6 +72,12 @@ class WikiText103DataModule(TextLMDataModule):
                 f"download the Parquet copy from the Hugging Face Hub."
             )
         return file
+
+    def check_source(self) -> None:
+        """A local copy (path=) must hold every split: checked before the tokenizer is loaded (no network call)."""
+        if self.path is not None:
+            for split in SPLITS:
+                self._raw_file(split)
 
     def _source_key(self, split: str) -> dict[str, Any]:
         if self.path is not None:
