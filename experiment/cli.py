@@ -308,6 +308,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                               "announced; check task.data.data_file.")
 
     write_text_atomic(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    if hasattr(datamodule, "write_run_files"):  # e.g. the classification split's id lists (splits.json)
+        datamodule.write_run_files(run_dir)
 
     limit_val = cfg.trainer.get("limit_val_batches")
     monitor = None if limit_val == 0 else cfg.task.monitor

@@ -6,7 +6,15 @@ import importlib
 from typing import Any
 
 # Importing each model file registers its model type with the Auto classes.
-from . import compressive, gpt2, gpt2_memoria, infinity_former, transformer_xl  # noqa: F401
+from . import (  # noqa: F401
+    bert_memoria,
+    compressive,
+    gpt2,
+    gpt2_memoria,
+    infinity_former,
+    long_document,
+    transformer_xl,
+)
 from .protocol import MemoryModelOutput, MemoryProtocol
 
 __all__ = [
@@ -31,8 +39,16 @@ def build_model(model_cfg: Any, vocab_size: int):
     kwargs["vocab_size"] = vocab_size
     pretrained = cfg.get("pretrained")
     if pretrained:
-        config = cls.config_class.from_pretrained(pretrained, **kwargs)
-        return cls.from_pretrained(pretrained, config=config)
+        try:
+            config = cls.config_class.from_pretrained(pretrained, **kwargs)
+            return cls.from_pretrained(pretrained, config=config)
+        except OSError as error:  # offline, unknown name, missing folder: one line naming the option
+            from experiment.data.errors import DataUnavailableError
+
+            raise DataUnavailableError(
+                f"cannot load the checkpoint model.pretrained={pretrained} ({type(error).__name__}); point "
+                "model.pretrained at a local checkpoint folder, or set model.pretrained=null to train from scratch."
+            ) from None
     return cls(cls.config_class(**kwargs))
 
 

@@ -58,7 +58,7 @@ from transformers.pytorch_utils import apply_chunking_to_forward
 
 from memoria import Abstractor, EngramType, Memoria
 
-from .gpt2_memoria import MemorySource, check_memoria_config, lifespan_delta, memory_source
+from .gpt2_memoria import WEIGHT_FORMS, MemorySource, lifespan_delta, memory_source
 from .protocol import MemoryModelOutput, MemoryProtocol
 
 log = logging.getLogger(__name__)
@@ -84,18 +84,38 @@ MEMORIA_FIELDS_DOC = """The Memoria fields both configs add (defaults: experimen
 
 
 def check_encoder_memoria_config(config: MemoriaBertConfig | MemoriaRobertaConfig) -> None:
-    check_memoria_config(config)
+    """Raise ValueError naming the bad Memoria setting and what it must be."""
+    name_of = type(config).__name__
+    for name, allow_zero, allow_none, integer in (
+        ("memoria_lifespan_extend_scale", True, False, False), ("memoria_num_reminded_stm", True, False, True),
+        ("memoria_num_reminded_ltm", True, False, True), ("memoria_stm_capacity", False, False, True),
+        ("memoria_ltm_search_depth", True, False, True), ("memoria_initial_lifespan", False, False, False),
+        ("memoria_reset_period", False, False, True), ("memoria_ltm_capacity", False, True, True),
+    ):
+        value = getattr(config, name)
+        if value is None and allow_none:
+            continue
+        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type or not math.isfinite(value) or value < 0 or (
+                value == 0 and not allow_zero):
+            raise ValueError(f"{name_of}.{name} must be {'an integer' if integer else 'a number'} "
+                             f"{'>= 0' if allow_zero else '> 0'}{' or null' if allow_none else ''}, got {value!r}")
+    if config.memoria_weight_form not in WEIGHT_FORMS:
+        raise ValueError(f"{name_of}.memoria_weight_form must be one of {WEIGHT_FORMS}, got "
+                         f"{config.memoria_weight_form!r}")
+    if config.add_cross_attention:
+        raise ValueError(f"{name_of}.add_cross_attention must be False: the memory attention is the model's own")
     index = config.memory_layer_index
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < config.num_hidden_layers - 1:
         raise ValueError(
-            f"{type(config).__name__}.memory_layer_index must be an integer in [0, {config.num_hidden_layers - 2}] "
+            f"{name_of}.memory_layer_index must be an integer in [0, {config.num_hidden_layers - 2}] "
             f"(some layer must lie above it), got {index!r}"
         )
-    if not config.memoria_num_memories:
-        raise ValueError(f"{type(config).__name__}.memoria_num_memories must be > 0 (the Abstractor's slots), got "
-                         f"{config.memoria_num_memories!r}")
+    W = config.memoria_num_memories
+    if isinstance(W, bool) or not isinstance(W, int) or W < 1:
+        raise ValueError(f"{name_of}.memoria_num_memories must be an integer > 0 (the Abstractor's slots), got {W!r}")
     if config.is_decoder:
-        raise ValueError(f"{type(config).__name__}.is_decoder must be False: the model is an encoder")
+        raise ValueError(f"{name_of}.is_decoder must be False: the model is an encoder")
 
 
 @strict
@@ -105,7 +125,7 @@ class MemoriaBertConfig(BertConfig):
     model_type = BERT_KIND
 
     memory_layer_index: int = 9
-    memoria_num_memories: int | None = 64
+    memoria_num_memories: int = 64
     memoria_lifespan_extend_scale: float | int = 8.0
     memoria_num_reminded_stm: int = 64
     memoria_num_reminded_ltm: int = 64
@@ -135,7 +155,7 @@ class MemoriaRobertaConfig(RobertaConfig):
     model_type = ROBERTA_KIND
 
     memory_layer_index: int = 9
-    memoria_num_memories: int | None = 64
+    memoria_num_memories: int = 64
     memoria_lifespan_extend_scale: float | int = 8.0
     memoria_num_reminded_stm: int = 64
     memoria_num_reminded_ltm: int = 64
