@@ -151,9 +151,12 @@ class Memoria:
                          the same settings as cuda_graph
 
     Ablations (keyword-only; the defaults are the paper's Memoria, bit for bit):
-        use_short_term   False: remind returns no short-term engrams. The STM recall still runs and its recalled
-                         STMs still seed the LTM search, but they are not handed out and do not fire (no co-fire
-                         counts, no lifespan gain): what fires is what the model attends to, WM + returned LTMs
+        use_short_term   False: remind returns no short-term engrams. The STM recall still runs: its recalled
+                         STMs seed the LTM search and fire with the WM and the LTMs as before (the memory's own
+                         associations are unchanged), but they are not handed out, so the model does not attend
+                         to them and they gain no lifespan. (Not firing them would leave the walk without seeds
+                         for good: an STM gains edges to LTMs only by firing with them, so the LTM would never be
+                         reached and this would equal turning off both levels.)
         use_long_term    False: remind returns no long-term engrams (no search runs); the fired set is WM +
                          returned STMs. Either way engrams still enter memory and move WM -> STM -> LTM as before
         ltm_search       how the final LTMs' candidates F are found, before the top num_final_ltms of F by
@@ -494,13 +497,13 @@ class Memoria:
                 f_slots, f_ok = first_true(found, k_f_cap)  # (B, F) each
             f_score = score(f_slots)
             rl_slots, rl_ok = self._top(f_score, f_ok, torch.gather(tie, 1, f_slots), f_slots, k_l)
-        if not self.use_short_term:  # recalled (they seeded the search) but neither returned nor fired
-            rs_slots, rs_ok = rs_slots[:, :0], rs_ok[:, :0]  # (B, 0)
 
         # --- fire together, wire together: +1 on every ordered pair of the fired set, diagonal included
         fired = torch.cat([wm_slots, rs_slots, rl_slots], 1)  # (B, K)
         fired_ok = torch.cat([wm_valid, rs_ok, rl_ok], 1)  # (B, K)
         store.count_pairs(fired, fired_ok)
+        if not self.use_short_term:  # recalled, seeded the search and fired, but not handed out
+            rs_slots, rs_ok = rs_slots[:, :0], rs_ok[:, :0]  # (B, 0)
 
         # --- output: recalled STMs, then recalled LTMs (each by descending score), -1 padding at the end
         out_slots = torch.cat([rs_slots, rl_slots], 1)  # (B, k_s + k_l)

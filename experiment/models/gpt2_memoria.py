@@ -36,6 +36,7 @@ from .protocol import MemoryModelOutput, MemoryProtocol
 
 MEMORY_KIND = "gpt2_with_memoria"
 WEIGHT_FORMS = ("exp", "neg_sq")
+LTM_SEARCHES = ("hebbian", "random", "exhaustive")
 
 
 @strict
@@ -64,6 +65,13 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_zero_init_memory_output  start the memory cross-attention's output projection at zero, so the memory
                                   paths add nothing at initialisation (not the paper's model: an option for the
                                   sorting stall of docs/results.md)
+
+    Ablations (experiments.md §e.5; the defaults are the paper's model):
+    memoria_use_working_memory    False: no block attends to the working memory (its cross-attention path and
+                                  ln_wm go unused); the WM is still written to Memoria, so STM and LTM still fill
+    memoria_use_short_term        False: Memoria returns no short-term engrams (they still seed the LTM search)
+    memoria_use_long_term         False: Memoria returns no long-term engrams
+    memoria_ltm_search            how Memoria finds LTM candidates: "hebbian" (the walk), "random" or "exhaustive"
     """
 
     model_type = MEMORY_KIND
@@ -85,6 +93,10 @@ class GPT2WithMemoriaConfig(GPT2Config):
     memoria_compile: bool = False
     memoria_fused_walk: bool = True
     memoria_zero_init_memory_output: bool = False
+    memoria_use_working_memory: bool = True
+    memoria_use_short_term: bool = True
+    memoria_use_long_term: bool = True
+    memoria_ltm_search: str = "hebbian"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -125,6 +137,14 @@ def check_memoria_config(config: GPT2WithMemoriaConfig) -> None:
         raise ValueError(
             f"{type(config).__name__}.memoria_weight_form must be one of {WEIGHT_FORMS}, "
             f"got {config.memoria_weight_form!r}"
+        )
+    for name in ("memoria_use_working_memory", "memoria_use_short_term", "memoria_use_long_term"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{type(config).__name__}.{name} must be true or false, got {getattr(config, name)!r}")
+    if config.memoria_ltm_search not in LTM_SEARCHES:
+        raise ValueError(
+            f"{type(config).__name__}.memoria_ltm_search must be one of {LTM_SEARCHES}, "
+            f"got {config.memoria_ltm_search!r}"
         )
     if config.add_cross_attention:
         raise ValueError(
@@ -289,9 +309,10 @@ class MemoryReader(nn.Module):
     # ConcatKernel past 8 inputs): 72 launches a step where this makes 6.
     inductor_options = {"force_pointwise_cat": True}  # noqa: RUF012  (read by compile_blocks)
 
-    def __init__(self, num_heads: int):
+    def __init__(self, num_heads: int, use_working_memory: bool = True):
         super().__init__()
         self.num_heads = num_heads
+        self.use_working_memory = use_working_memory  # False: the blocks get no working memory (the ablation)
 
     def forward(
         self,
@@ -308,10 +329,11 @@ class MemoryReader(nn.Module):
         projection_weights / _biases: the blocks' memory c_attn parameters (`memory_projection_parameters`),
         None = each block projects the memories itself.
 
-        Returns the working memory's and the reminded memory's `MemorySource`, and [block][memory] (keys, values)
-        (B, nh, M_i, hd) for the memories with slots, working memory first (`present_memories`' order), or None.
+        Returns the working memory's (None without `use_working_memory`) and the reminded memory's `MemorySource`,
+        and [block][memory] (keys, values) (B, nh, M_i, hd) for the memories with slots, working memory first
+        (`present_memories`' order), or None.
         """
-        working_memory = memory_source(wm, None, wm_rows)
+        working_memory = memory_source(wm, None, wm_rows) if self.use_working_memory else None
         reminded = memory_source(remembered, reminded_valid, reminded_valid.any(dim=1), query_weights,
                                  self.num_heads)
         present = [src.values for src in present_memories(working_memory, reminded)]
@@ -507,7 +529,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             [GPT2WithMemoriaBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)]
         )
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
-        self.memory_reader = MemoryReader(config.num_attention_heads)
+        self.memory_reader = MemoryReader(config.num_attention_heads, config.memoria_use_working_memory)
         if config.memoria_num_memories:
             self.abstractor = Abstractor(config.memoria_num_memories, self.embed_dim, 4 * self.embed_dim)
         else:
@@ -560,6 +582,9 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
             cuda_graph=cfg.memoria_cuda_graph,
             compile=cfg.memoria_compile,
             fused_walk=cfg.memoria_fused_walk,
+            use_short_term=cfg.memoria_use_short_term,
+            use_long_term=cfg.memoria_use_long_term,
+            ltm_search=cfg.memoria_ltm_search,
         )
 
     def reset_memory(self, rows: torch.Tensor | None = None) -> None:
@@ -700,7 +725,8 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         working_memory = reminded = reminded_idx = reminded_valid = memory_kv = None
         if self.prev_hidden is not None:
             wm_rows = self.prev_hidden_rows  # (B,)
-            # WM carries gradient into the Abstractor through the working-memory attention of this segment.
+            # WM carries gradient into the Abstractor through the working-memory attention of this segment (none
+            # with memoria_use_working_memory=False: the WM is then only written to Memoria, detached).
             if self.abstractor is not None:
                 wm = self.abstractor(self.prev_hidden)  # (B, W, H)
             else:

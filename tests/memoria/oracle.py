@@ -66,12 +66,12 @@ class OracleRow:
         else:
             visited = self._walk(r_s, ltm_ids)
         r_l = sorted((by_id[i] for i in visited), key=lambda e: (-self._score(wm, e), e.id))[: self.r_ltm]
-        if not self.use_short_term:
-            r_s = []  # recalled to seed the search, neither returned nor fired
         fired = [e.id for e in wm] + [e.id for e in r_s] + [e.id for e in r_l]
         for i in fired:
             for j in fired:
                 self.counts[(i, j)] = self.c(i, j) + 1
+        if not self.use_short_term:
+            r_s = []  # recalled, seeded the search and fired, but not returned
         return [e.id for e in r_s] + [e.id for e in r_l]
 
     def _walk(self, r_s: list[Engram], ltm_ids: set[int]) -> set[int]:

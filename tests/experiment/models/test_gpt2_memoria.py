@@ -120,6 +120,10 @@ def test_config_defaults_are_the_papers_lm_settings():
         ("memoria_ltm_capacity", 0),
         ("memoria_num_memories", -2),
         ("memoria_weight_form", "cosine"),
+        ("memoria_ltm_search", "dfs"),
+        ("memoria_use_working_memory", "no"),
+        ("memoria_use_short_term", 0),
+        ("memoria_use_long_term", None),
     ],
 )
 def test_config_rejects_bad_memory_settings(field, value):
@@ -153,6 +157,94 @@ def test_forward_backward_reaches_every_parameter():
     out.loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
+
+
+ABLATIONS = [
+    {"memoria_use_working_memory": False},
+    {"memoria_use_short_term": False},
+    {"memoria_use_long_term": False},
+    {"memoria_ltm_search": "random"},
+    {"memoria_ltm_search": "exhaustive"},
+]
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()))
+def test_ablations_reach_memoria_and_train(ablation):
+    """Each ablation: Memoria gets the option, and a forward + backward with working and reminded memory runs
+    (after enough segments that long-term memory exists, with a long lifespan so engrams survive)."""
+    model = tiny_model(memoria_initial_lifespan=6, **ablation).train()
+    mem_options = {"memoria_use_short_term": "use_short_term", "memoria_use_long_term": "use_long_term",
+                   "memoria_ltm_search": "ltm_search"}
+    segs = segments(9)
+    for x in segs[:8]:
+        model(x, labels=x).loss.backward()
+    memoria = model.transformer.memoria
+    for field, name in mem_options.items():
+        assert getattr(memoria, name) == getattr(model.config, field)
+    assert int((memoria.store.types == 3).sum()) > 0  # long-term memory exists
+    model.zero_grad()
+    out = model(segs[8], labels=segs[8])
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    idx = model.transformer.last_reminded_indices
+    width = (4 if model.config.memoria_use_short_term else 0) + (4 if model.config.memoria_use_long_term else 0)
+    assert idx.shape == (3, width) and bool((idx >= 0).any())  # something was reminded
+    block = model.transformer.h[0]
+    assert block.ln_mem.weight.grad is not None and block.ln_mem.weight.grad.abs().sum() > 0  # reminded path
+
+
+def test_without_working_memory_the_wm_attention_path_is_unused():
+    """memoria_use_working_memory=False: ln_wm (and the Abstractor, whose WM only the memory path reads, detached)
+    get no gradient and do not change the output, while the working memory is still written to Memoria and the
+    reminded path still works; with it on, both do (so the checks can fail)."""
+    segs = segments(5)
+    for use_wm in (True, False):
+        model = tiny_model(memoria_use_working_memory=use_wm).train()
+        for x in segs[:4]:
+            model.zero_grad()
+            model(x, labels=x).loss.backward()
+        state = copy.deepcopy(model.get_memory_state())
+        blocks = model.transformer.h
+        wm_grads = [b.ln_wm.weight.grad for b in blocks] + [p.grad for p in model.transformer.abstractor.parameters()]
+        assert all(g is not None for g in wm_grads) == use_wm and any(g is not None for g in wm_grads) == use_wm
+        assert all(b.ln_mem.weight.grad is not None and b.ln_mem.weight.grad.abs().sum() > 0 for b in blocks)
+        assert int(model.transformer.memoria.type_counts()[:, 2:].sum()) > 0  # WM moved on into STM / LTM
+        model.eval()  # (no dropout: the two calls below differ only by ln_wm)
+        with torch.no_grad():
+            before = model(segs[4]).logits
+            model.set_memory_state(state)
+            for b in blocks:
+                b.ln_wm.weight.mul_(3.0)
+            after = model(segs[4]).logits
+        assert torch.equal(before, after) != use_wm
+
+
+@pytest.mark.parametrize("override, field, value", [
+    ("memory.use_working_memory=false", "memoria_use_working_memory", False),
+    ("memory.use_short_term=false", "memoria_use_short_term", False),
+    ("memory.use_long_term=false", "memoria_use_long_term", False),
+    ("memory.ltm_search=random", "memoria_ltm_search", "random"),
+    ("memory.ltm_search=exhaustive", "memoria_ltm_search", "exhaustive"),
+])
+def test_ablation_overrides_reach_the_model(override, field, value):
+    """`memoria-exp memory.<option>=...` sets the model's field in every memoria_gpt2* model config (each reads
+    it from the memory group; every memory group has the option, at the paper's default)."""
+    from omegaconf import OmegaConf
+
+    from experiment.models import build_model
+    from tests.conftest import REPO_ROOT, compose_config
+
+    defaults = {"use_working_memory": True, "use_short_term": True, "use_long_term": True, "ltm_search": "hebbian"}
+    for name in ("lm", "enwik8", "sort", "sort_cpu", "tiny"):  # the memory groups of the GPT-2 models
+        memory = OmegaConf.load(REPO_ROOT / "conf" / "memory" / f"{name}.yaml")
+        assert {k: memory.get(k) for k in defaults} == defaults, name
+    models = sorted(p.stem for p in (REPO_ROOT / "conf" / "model").glob("memoria_gpt2*.yaml"))
+    assert "memoria_gpt2_tiny" in models
+    for name in models:
+        cfg = compose_config([f"model={name}", override])
+        assert cfg.model.config[field] == value, name
+    model = build_model(compose_config(["model=memoria_gpt2_tiny", "memory=tiny", override]).model, VOCAB)
+    assert getattr(model.config, field) == value
 
 
 def test_loss_is_shifted_mean_cross_entropy_with_ignored_labels():
