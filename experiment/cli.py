@@ -51,6 +51,7 @@ log = logging.getLogger("memoria-exp")
 class Mode(Enum):
     train = "train"
     eval = "eval"
+    analyze = "analyze"  # the engram analysis of a checkpoint (experiment/analysis.py)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class RunSchema:
     memory: Any = MISSING
     trainer: Any = MISSING
     logger: Any = MISSING
+    analysis: Any = None
 
 
 def register_configs() -> None:
@@ -115,6 +117,8 @@ def validate_config(cfg: DictConfig) -> None:
     mode = Mode(cfg.mode)
     if mode is Mode.eval and not cfg.ckpt_path:
         raise ConfigError("mode=eval evaluates a checkpoint: add ckpt_path=<path to a .ckpt file>.")
+    if mode is Mode.analyze and not cfg.ckpt_path:
+        raise ConfigError("mode=analyze analyses a trained model: add ckpt_path=<run dir>/checkpoints/last.ckpt.")
     if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a file; point it at a checkpoint such as "
                           "<run dir>/checkpoints/last.ckpt.")
@@ -427,6 +431,12 @@ def format_summary(results: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
+        if Mode(cfg.mode) is Mode.analyze:  # the engram analysis: no training, no results.json
+            from experiment.analysis import analyze
+
+            validate_config(cfg)
+            analyze(cfg)
+            return None
         return objective(run(cfg))  # a sweeper (hparams_search=...) reads the job's return value
     except ConfigError as error:
         log.error("memoria-exp: error: %s", error)

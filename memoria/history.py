@@ -1,9 +1,14 @@
 """Opt-in engram history for the paper's engram studies (keep_history=True).
 
 Records, per row, when each engram was created, every time it fired (was reminded) with its type and age, the
-lifespan it gained, and when it was deleted. Bounded: at most `limit` events of each kind are kept, the oldest
-dropped first and counted. Saved as JSON (no pickle). Recording costs a device-to-host copy per step, so it is off by
-default.
+lifespan it gained, when it moved from short-term to long-term memory, when it was deleted (its lifespan ran out)
+or evicted (by `ltm_capacity`), and how many engrams of each type the memory held at each remind. Bounded: at most
+`limit` events of each kind are kept, the oldest dropped first and counted. Saved as JSON (no pickle). Recording
+costs a device-to-host copy per step, so it is off by default.
+
+Timesteps: the add of step t creates its engrams at `timestep` t (the WM of step t); remind, extend, promotion,
+deletion and eviction of that step carry the same t. The fired set of step t (what gains a co-fire count) is the
+WM of step t (the engrams created at t) plus the engrams reminded at t.
 
 Edge weights E(i->j) = count(i, j) / count(i, i) of the live engrams come from `edge_weights(memoria, row)`.
 """
@@ -17,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .store import LONGTERM, SHORTTERM, WORKING
+
 if TYPE_CHECKING:  # pragma: no cover
     from .memoria import Memoria
     from .store import SlotStore
@@ -26,6 +33,9 @@ EVENT_FIELDS = {
     "fired": ("row", "engram_id", "timestep", "type", "age"),
     "extended": ("row", "engram_id", "timestep", "gain"),
     "deleted": ("row", "engram_id", "timestep", "age"),
+    "promoted": ("row", "engram_id", "timestep"),  # short-term -> long-term
+    "evicted": ("row", "engram_id", "timestep", "age"),  # removed by ltm_capacity (not by its lifespan)
+    "counts": ("row", "timestep", "working", "short_term", "long_term"),  # engrams of each type at the remind
 }
 
 
@@ -52,12 +62,40 @@ class EngramHistory:
         s = slots[b, m]
         cols = [b, store.created[b, s], torch.full_like(b, timestep), store.types[b, s].long(), store.age[b, s].long()]
         self._push("fired", torch.stack(cols, 1).tolist())
+        types = store.types.long()  # (B, C)
+        per_type = torch.stack([(types == t).sum(1) for t in (WORKING, SHORTTERM, LONGTERM)], 1)  # (B, 3)
+        rows = torch.arange(types.shape[0], device=types.device)
+        self._push("counts", torch.cat([rows[:, None], torch.full_like(rows, timestep)[:, None], per_type],
+                                       1).tolist())
 
     def on_extend(self, timestep: int, store: SlotStore, slots: torch.Tensor, hit: torch.Tensor,
                   gain: torch.Tensor) -> None:
         b, m = hit.nonzero(as_tuple=True)
         ids = store.created[b, slots[b, m]].tolist()
         self._push("extended", [[r, i, timestep, g] for r, i, g in zip(b.tolist(), ids, gain[b, m].tolist())])
+
+    def on_promote(self, timestep: int, store: SlotStore, slots: torch.Tensor, promote: torch.Tensor) -> None:
+        """`slots` (B, k) whose `promote` (B, k) entries just became long-term."""
+        b, m = promote.nonzero(as_tuple=True)
+        cols = [b, store.created[b, slots[b, m]], torch.full_like(b, timestep)]
+        self._push("promoted", torch.stack(cols, 1).tolist())
+
+    def on_evict(self, timestep: int, store: SlotStore, slots: torch.Tensor, evict: torch.Tensor) -> None:
+        """`slots` (B, k) whose `evict` (B, k) entries are being evicted (called before they are freed)."""
+        b, m = evict.nonzero(as_tuple=True)
+        s = slots[b, m]
+        cols = [b, store.created[b, s], torch.full_like(b, timestep), store.age[b, s].long()]
+        self._push("evicted", torch.stack(cols, 1).tolist())
+
+    def extend(self, other: EngramHistory, row_offset: int = 0) -> None:
+        """Append every event of `other` with its rows shifted by `row_offset` (so streams recorded one after
+        another, each from row 0, become rows of one history); its dropped counts add to this one's."""
+        for kind in EVENT_FIELDS:
+            self._push(kind, [[e[0] + row_offset, *e[1:]] for e in other.events[kind]])
+            self.dropped[kind] += other.dropped[kind]
+
+    def num_events(self) -> dict[str, int]:
+        return {kind: len(events) for kind, events in self.events.items()}
 
     def on_adjust(self, timestep: int, store: SlotStore, dead: torch.Tensor) -> None:
         b, s = dead.nonzero(as_tuple=True)
@@ -78,9 +116,9 @@ class EngramHistory:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> EngramHistory:
         h = cls(state["limit"])
-        for k in EVENT_FIELDS:
-            h.events[k].extend(state["events"][k])
-            h.dropped[k] = int(state["dropped"][k])
+        for k in EVENT_FIELDS:  # kinds added later are absent from older files: empty
+            h.events[k].extend(state["events"].get(k, []))
+            h.dropped[k] = int(state["dropped"].get(k, 0))
         return h
 
     def save(self, path: str | Path) -> None:
