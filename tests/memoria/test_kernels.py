@@ -49,15 +49,14 @@ def random_walk_inputs(B, C, R, seed, dtype=torch.int32, ties=False):
     ],
 )
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("mode", kernels.MODES)
-def test_walk_kernel_equals_the_torch_walk(interpret, monkeypatch, B, C, R, hops, tile, ties, mode):
-    monkeypatch.setattr(kernels, "_TILE", tile)
-    monkeypatch.setattr(kernels, "_HOP_CHAINS", 3)  # "hops": several programs a row, the last one partial
+def test_walk_kernel_equals_the_torch_walk(interpret, monkeypatch, B, C, R, hops, tile, ties):
+    monkeypatch.setattr(kernels, "TILE", tile)
+    monkeypatch.setattr(kernels, "CHAINS_PER_PROGRAM", 3)  # several programs a row, the last one partial
     counts, src, open_ = random_walk_inputs(B, C, R, seed=C + R + hops, ties=ties)
     want = open_.clone()
     Memoria._torch_walk(counts, src, want, hops)
     got = open_.clone()
-    kernels.walk(counts, src, got, hops, mode=mode)
+    kernels.walk(counts, src, got, hops)
     assert torch.equal(got[:, :C], want[:, :C])
     assert int(torch.isneginf(want[:, :C]).sum()) > int(torch.isneginf(open_[:, :C]).sum())  # it went somewhere
 
@@ -80,26 +79,10 @@ def test_walk_kernel_leaves_src_and_counts_alone(interpret):
 
 def test_walk_kernel_refuses_what_it_cannot_read(interpret):
     counts, src, open_ = random_walk_inputs(2, 16, 4, seed=2)
-    with pytest.raises(ValueError, match="mode must be one of"):
-        kernels.walk(counts, src, open_, 3, mode="columns")
     with pytest.raises(ValueError, match=r"open_ \(B, C \+ 1\) float64"):
         kernels.walk(counts, src, open_[:, :16].contiguous(), 3)
     with pytest.raises(ValueError, match=r"open_ \(B, C \+ 1\) float64"):
         kernels.walk(counts, src, open_.float(), 3)
-
-
-def test_memoria_walk_environment_replaces_the_defaults(interpret, monkeypatch):
-    for name in ("_MODE", "_TILE", "_NUM_WARPS", "_HOP_CHAINS"):
-        monkeypatch.setattr(kernels, name, getattr(kernels, name))  # restored after the test
-    kernels._settings_from_environment("mode=rows, tile=1024,num_warps=4")
-    assert (kernels._MODE, kernels._TILE, kernels._NUM_WARPS) == ("rows", 1024, 4)
-    kernels._settings_from_environment("hop_chains=8")
-    assert kernels._HOP_CHAINS == 8 and kernels._MODE == "rows"
-    for bad, message in [("mode=columns", "mode must be one of"), ("tiles=4096", "unknown setting 'tiles'"),
-                         ("tile=3000", "power of 2"), ("num_warps=0", "positive integer"),
-                         ("hop_chains=four", "positive integer")]:
-        with pytest.raises(ValueError, match=message):
-            kernels._settings_from_environment(bad)
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -201,7 +184,6 @@ def test_cuda_walk_kernel_equals_the_torch_walk(deterministic):
     counts, src, open_ = random_walk_inputs(8, 1100, 50, seed=6)
     want = open_.clone()
     Memoria._torch_walk(counts, src, want, 11)
-    for mode in kernels.MODES:
-        got = open_.cuda()
-        kernels.walk(counts.cuda(), src.cuda(), got, 11, mode=mode)
-        assert torch.equal(got.cpu()[:, :1100], want[:, :1100]), mode
+    got = open_.cuda()
+    kernels.walk(counts.cuda(), src.cuda(), got, 11)
+    assert torch.equal(got.cpu()[:, :1100], want[:, :1100])
