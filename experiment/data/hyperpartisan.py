@@ -239,7 +239,8 @@ def build_tokenizer(kind: str, texts: list[str], directory: str | Path):
         backend.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
         cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
         backend.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
         backend.decoder = decoders.WordPiece()
         names = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                  "mask_token": "[MASK]"}
@@ -315,7 +316,8 @@ class HyperpartisanDataModule(L.LightningDataModule):
                  generate_seed: int = 0):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"task.data.batch_size ({batch_size}) and eval_batch_size ({eval_batch_size}) must be >= 1")
+            raise ValueError(f"task.data.batch_size ({batch_size}) and eval_batch_size ({eval_batch_size}) must be "
+                             ">= 1")
         if generate < 0:
             raise ValueError(f"task.data.generate must be >= 0 (articles to generate; 0 = real data), got {generate}")
         if str(tokenizer) in GENERATED_TOKENIZERS and not generate:

@@ -68,7 +68,7 @@ ROBERTA_KIND = "memoria_roberta"
 
 
 # ------------------------------------------------------------------------------------------------------------ config
-MEMORIA_FIELDS_DOC = """The Memoria fields both configs add (defaults: experiments.md §b.1, row memoria_bert / memoria_roberta).
+MEMORIA_FIELDS_DOC = """The Memoria fields both configs add (defaults: experiments.md §b.1, memoria_bert/_roberta).
 
     memory_layer_index            layers with a larger index get the memory attention; the Abstractor reads the
                                   output of this layer (9 of 0..11: layers 10 and 11 read memory)
@@ -105,17 +105,22 @@ def check_encoder_memoria_config(config: MemoriaBertConfig | MemoriaRobertaConfi
                          f"{config.memoria_weight_form!r}")
     if config.add_cross_attention:
         raise ValueError(f"{name_of}.add_cross_attention must be False: the memory attention is the model's own")
-    index = config.memory_layer_index
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < config.num_hidden_layers - 1:
-        raise ValueError(
-            f"{name_of}.memory_layer_index must be an integer in [0, {config.num_hidden_layers - 2}] "
-            f"(some layer must lie above it), got {index!r}"
-        )
     W = config.memoria_num_memories
     if isinstance(W, bool) or not isinstance(W, int) or W < 1:
         raise ValueError(f"{name_of}.memoria_num_memories must be an integer > 0 (the Abstractor's slots), got {W!r}")
     if config.is_decoder:
         raise ValueError(f"{name_of}.is_decoder must be False: the model is an encoder")
+
+
+def check_memory_layer_index(config) -> None:
+    """The index must leave a layer above it (checked when the model is built: a config loaded from a checkpoint
+    with fewer layers gets its index only after construction)."""
+    index = config.memory_layer_index
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < config.num_hidden_layers - 1:
+        raise ValueError(
+            f"{type(config).__name__}.memory_layer_index must be an integer in [0, {config.num_hidden_layers - 2}] "
+            f"(some layer must lie above it), got {index!r}"
+        )
 
 
 @strict
@@ -256,6 +261,7 @@ class MemoriaEncoder(nn.Module):
 
     def __init__(self, config, stock_layer: type[nn.Module], memory_layer: type[nn.Module]):
         super().__init__()
+        check_memory_layer_index(config)
         self.config = config
         self.layer = nn.ModuleList([
             (memory_layer if i > config.memory_layer_index else stock_layer)(config, layer_idx=i)

@@ -68,8 +68,9 @@ class ClassificationTask(MemoryTask):
         data_pad = getattr(datamodule, "pad_token_id", None)
         model_pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
         if data_pad is not None and model_pad is not None and data_pad != model_pad:
-            raise ValueError(f"the tokenizer pads with id {data_pad} but the model's pad_token_id is {model_pad}; use "
-                             f"the model's tokenizer (task.data.tokenizer) or set model.config.pad_token_id={data_pad}.")
+            raise ValueError(f"the tokenizer pads with id {data_pad} but the model's pad_token_id is {model_pad}; "
+                             "use the model's tokenizer (task.data.tokenizer) or set "
+                             f"model.config.pad_token_id={data_pad}.")
 
     # ------------------------------------------------------------------------------------------------ segments
     def segments(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
