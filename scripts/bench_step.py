@@ -15,7 +15,7 @@ has filled its STM and started an LTM (the LM task resets every 500 steps). Each
 this process one after the other; CUDA timings synchronise around every step.
 
 Examples:
-    python scripts/bench_step.py                          # GPU: fp32 and bf16, both models (+ graphed memory)
+    python scripts/bench_step.py                          # GPU: fp32 and bf16, both models
     python scripts/bench_step.py --tiny --device cpu --precisions fp32
     python scripts/bench_step.py --warmup 50 --steps 100 --json bench_step.json
     python scripts/bench_step.py --profile profile.txt    # also where the time goes (torch.profiler tables)
@@ -26,8 +26,13 @@ Examples:
                                                           # ... replayed as CUDA graphs; two rounds in turn
                                                           # (with --compile-blocks the loss is compiled too, as
                                                           # compile=true does in the LM task; --loss eager: not)
-The target (issue 5): Memoria GPT-2 <= 1.3x the plain step on one H100 (plain is about 34 ms fp32 there).
-Record results in docs/benchmarks.md.
+    python scripts/bench_step.py --precisions fp32 --json eager.json
+    python scripts/bench_step.py --precisions fp32 --compile-blocks --compile-mode reduce-overhead \
+        --baseline eager.json                             # Memoria against the eager plain step of eager.json
+
+The target (issue 5): Memoria GPT-2 <= 1.3x the eager plain step, fp32, on one H100 (plain is about 34 ms there).
+Every run prints each Memoria row against the eager plain step of its precision (from this run or --baseline) and
+against the plain model run alike, with the verdict. Record results in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -48,23 +53,11 @@ import torch  # noqa: E402  (after the sys.path insert above)
 from experiment.tasks.language_modeling import IGNORE_INDEX, compiled_token_nll, token_nll  # noqa: E402
 
 MODELS = {  # label -> (model config, memory config, more overrides) at full and tiny size
+    # on a GPU the memory step is replayed as CUDA graphs (memory.cuda_graph, on by default as in training runs)
     "memoria_gpt2": ("memoria_gpt2", "lm", []),
-    # the same model with the memory step replayed as CUDA graphs (memoria.Memoria(cuda_graph=True)): same math
-    "memoria_gpt2_graphed": ("memoria_gpt2", "lm", ["memory.cuda_graph=true"]),
-    # ... also compiled (memoria.Memoria(compile=True)), with the store the task sizes (950 slots at the LM
-    # configuration; ~830 live engrams a row after 20 steps, so it does not grow, which would compile the step
-    # again). Until 2026-11-26 this row capped the LTM at 1,024 instead: a 1,474-slot store, 55% more slots to score
-    # than the graphed row's.
-    "memoria_gpt2_compiled": ("memoria_gpt2", "lm", ["memory.cuda_graph=true", "memory.compile=true"]),
-    # ... with --compile-blocks, its memory reader and Abstractor left eager (compile_blocks(companions=False)):
-    # what compiling them with the blocks saves (under CUDA graphs, the blocks' copies of their memory inputs, the
-    # Abstractor's launches one by one)
-    "memoria_gpt2_eager_reader": ("memoria_gpt2", "lm", ["memory.cuda_graph=true"]),
     "gpt2": ("gpt2", "lm", []),
 }
-# not in the default set off a GPU (and on one, only memoria_gpt2_graphed of them is)
-GPU_ONLY = ("memoria_gpt2_graphed", "memoria_gpt2_compiled", "memoria_gpt2_eager_reader")
-BLOCKS_ONLY = ("memoria_gpt2_eager_reader",)  # compiled without the modules compiled with the blocks
+TARGET = 1.3  # Memoria GPT-2's step at most 1.3x the eager plain step (issue 5), fp32
 
 
 def build(model_name: str, memory_name: str, overrides: list[str], vocab_size: int, device: torch.device):
@@ -330,7 +323,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
-                        help="default: memoria_gpt2 and gpt2, plus memoria_gpt2_graphed on CUDA")
+                        help="default: both")
     parser.add_argument("--batch-size", type=int, default=None, help="default 8 (tiny: 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="default 150 (tiny: 16)")
     parser.add_argument("--warmup", type=int, default=20)
@@ -353,11 +346,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--phases", action="store_true",
                         help="also time the step's phases (memory read, blocks, memory write, head + loss, "
                              "backward, optimizer): CUDA events on a GPU, wall time on the CPU")
-    parser.add_argument("--inductor-options", default=None, type=json.loads, metavar="JSON",
-                        help="with --compile-blocks: inductor config for the blocks (torch.compile options=), "
-                             "merged with --compile-mode's, e.g. '{\"post_grad_fusion_options\": "
-                             "{\"batch_linear_post_grad\": {\"min_fuse_set_size\": 2}}}' (same-shape independent "
-                             "GEMMs of a block's backward as one batched GEMM)")
     parser.add_argument("--pipelined", action="store_true",
                         help="also time --steps steps of each pair back to back with one synchronisation at the "
                              "end (the host queues the next step while the GPU runs one; a host sync inside the "
@@ -368,30 +356,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--loss", default="task", choices=["task", "eager", "compiled"],
                         help="the LM loss (the task's token_nll): task = as the CLI runs it (compiled with "
                              "--compile-blocks, like compile=true; eager without); eager / compiled force one")
-    parser.add_argument("--blas-library", default="default", choices=["default", "cublas", "cublaslt"],
-                        help="the BLAS library of every GEMM of both models (torch.backends.cuda."
-                             "preferred_blas_library; GPUs): scripts/bench_gemm.py says which shapes each wins")
+    parser.add_argument("--baseline", nargs="*", default=[], metavar="JSON",
+                        help="files an earlier run wrote with --json (same machine): their eager plain GPT-2 rows "
+                             "are the baseline of this run's ratios when this run has none (e.g. it compiles)")
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup must be >= 0, --steps and --rounds >= 1")
-    if args.inductor_options is not None and (not args.compile_blocks or not isinstance(args.inductor_options, dict)):
-        parser.error("--inductor-options takes a JSON object and needs --compile-blocks")
+    baseline_rows = []
+    for path in args.baseline:
+        try:
+            with open(path) as handle:
+                baseline_rows += json.load(handle)
+        except (OSError, ValueError) as error:
+            parser.error(f"--baseline {path}: {error} (give a file that bench_step.py --json wrote)")
     from experiment.models import compile_blocks, compile_settings
 
-    compile_kwargs = compile_settings(args.compile_mode, args.inductor_options)
+    compile_kwargs = compile_settings(args.compile_mode)
     compile_loss = args.loss == "compiled" or args.loss == "task" and args.compile_blocks
     loss_fn = compiled_token_nll() if compile_loss else token_nll
 
     device = torch.device(args.device)
     if args.models is None:
-        args.models = [m for m in MODELS if device.type == "cuda" and m in ("memoria_gpt2_graphed", "gpt2")
-                       or m not in GPU_ONLY]
+        args.models = list(MODELS)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible; use --device cpu (with --tiny)")
-    if args.blas_library != "default":
-        if device.type != "cuda":
-            parser.error("--blas-library picks a CUDA BLAS library; leave it at default on the CPU")
-        torch.backends.cuda.preferred_blas_library(args.blas_library)
     batch_size = args.batch_size or (2 if args.tiny else 8)
     seq_len = args.seq_len or (16 if args.tiny else 150)
     vocab_size = 1000 if args.tiny else 50257
@@ -409,7 +397,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.manual_seed(args.seed)
             model = build(model_name, memory_name, overrides, vocab_size, device)
             if args.compile_blocks:
-                compile_blocks(model, companions=label not in BLOCKS_ONLY, **compile_kwargs)
+                compile_blocks(model, **compile_kwargs)
             optimizer = make_optimizer(model, args.optimizer)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -419,12 +407,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                losses=losses, clock=clock, loss_fn=loss_fn)
             peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**30 if device.type == "cuda" else None
             config = " ".join([model_name, *overrides,
-                               *(["(companions eager)"] if args.compile_blocks and label in BLOCKS_ONLY else []),
                                *(["compile=true"] if args.compile_blocks else []),
                                *([f"mode={args.compile_mode}"] if args.compile_blocks and args.compile_mode else []),
-                               *([f"options={json.dumps(args.inductor_options)}"] if args.inductor_options else []),
-                               *(["loss=compiled"] if compile_loss else []),
-                               *([f"blas={args.blas_library}"] if args.blas_library != "default" else [])])
+                               *(["loss=compiled"] if compile_loss else [])])
             pairs.append({"label": label, "precision": precision, "config": config, "model": model,
                           "optimizer": optimizer, "times": times, "peak": peak, "losses": losses[:args.warmup],
                           "clock": clock})
@@ -450,7 +435,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "model": pair["label"], "precision": pair["precision"], "config": pair["config"],
             "optimizer": args.optimizer,
             "loss": "compiled" if compile_loss else "eager",
-            "blas_library": args.blas_library,
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "batch_size": batch_size, "seq_len": seq_len, "warmup": args.warmup, "steps": args.steps,
@@ -476,6 +460,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(format_table(rows, device, batch_size, seq_len))
     if args.phases:
         print(format_phases(rows, device))
+    print(format_ratios(ratios(rows + baseline_rows)))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)
@@ -504,6 +489,72 @@ def format_table(rows: list[dict], device: torch.device, batch_size: int, seq_le
              "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in body]
+    return "\n".join(lines)
+
+
+def _settings(config: str) -> str:
+    """The compile settings of a row's config string (what follows the model and its overrides: "compile=true
+    mode=... loss=compiled"), "" for an eager step."""
+    words = config.split()
+    starts = [i for i, word in enumerate(words) if word.startswith(("compile=", "loss="))]
+    return " ".join(words[starts[0]:]) if starts else ""
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """One entry per Memoria row: its median against the eager plain median of its precision (the first such row:
+    this run's before any --baseline file's) and against the plain row with the same compile settings."""
+    eager_plain, eager_plain_pipelined, plain_alike = {}, {}, {}
+    for row in rows:
+        if row["model"] != "gpt2":
+            continue
+        settings = _settings(row["config"])
+        if not settings:  # nothing compiled, not even the loss
+            eager_plain.setdefault(row["precision"], row["median_ms"])
+            if row.get("pipelined_ms"):
+                eager_plain_pipelined.setdefault(row["precision"], row["pipelined_ms"])
+        plain_alike.setdefault((row["precision"], settings), row["median_ms"])
+    out = []
+    for row in rows:
+        if row["model"] == "gpt2":
+            continue
+        settings = _settings(row["config"])
+        eager = eager_plain.get(row["precision"])
+        alike = plain_alike.get((row["precision"], settings))
+        pipelined, eager_pipelined = row.get("pipelined_ms"), eager_plain_pipelined.get(row["precision"])
+        out.append({
+            "model": row["model"], "precision": row["precision"], "settings": settings or "eager",
+            "median_ms": row["median_ms"],
+            "plain_eager_ms": eager, "x_plain_eager": row["median_ms"] / eager if eager else None,
+            "plain_alike_ms": alike, "x_plain_alike": row["median_ms"] / alike if alike else None,
+            "pipelined_ms": pipelined,  # back to back, against the eager plain step run so
+            "x_plain_eager_pipelined": pipelined / eager_pipelined if pipelined and eager_pipelined else None,
+        })
+    return out
+
+
+def format_ratios(entries: list[dict]) -> str:
+    def ms(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    def times(value):
+        return "-" if value is None else f"{value:.3f}x"
+
+    lines = ["Memoria GPT-2 against plain GPT-2",
+             "| Memoria GPT-2 | precision | settings | ms/step | plain eager ms | x plain eager | plain alike ms "
+             f"| x plain alike | target <= {TARGET}x (fp32) | pipelined: ms/step, x plain eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        verdict = ""
+        if e["precision"] == "fp32" and e["x_plain_eager"] is not None:
+            needs = TARGET * e["plain_eager_ms"]
+            verdict = "met" if e["x_plain_eager"] <= TARGET else f"not met (needs <= {needs:.2f} ms)"
+        lines.append(f"| {e['model']} | {e['precision']} | {e['settings']} | {ms(e['median_ms'])} | "
+                     f"{ms(e['plain_eager_ms'])} | {times(e['x_plain_eager'])} | {ms(e['plain_alike_ms'])} | "
+                     f"{times(e['x_plain_alike'])} | {verdict} | "
+                     f"{ms(e['pipelined_ms'])}, {times(e['x_plain_eager_pipelined'])} |")
+    if not any(e["plain_eager_ms"] for e in entries):
+        lines.append("(no eager plain GPT-2 row: run with --models ... gpt2 without --compile-blocks, or give that "
+                     "run's JSON as --baseline)")
     return "\n".join(lines)
 
 

@@ -1,5 +1,7 @@
 """scripts/bench_step.py: tiny CPU runs of the training-step benchmark (rounds, FLOPs, phases, profile, options)."""
 
+import json
+
 import pytest
 
 from tests.scripts import load_script
@@ -75,20 +77,6 @@ def test_profile_lists_the_gemms_by_shape(tmp_path):
     assert "aten::baddbmm" in text  # the blocks' memory projections, batched over the blocks
 
 
-def test_inductor_options_reach_the_compiled_blocks():
-    """--inductor-options: here the batched-GEMM fusion of a block's backward, which must fire on Memoria's
-    blocks (their memory paths' weight gradients share a shape)."""
-    from torch._dynamo.utils import counters
-
-    bench = load_bench()
-    counters.clear()
-    options = '{"post_grad_fusion_options": {"batch_linear_post_grad": {"min_fuse_set_size": 2}}}'
-    rows = bench.main(["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--precisions", "fp32",
-                       "--models", "memoria_gpt2", "--compile-blocks", "--inductor-options", options])
-    assert "options=" in rows[0]["config"]
-    assert counters["inductor"]["batch_linear_post_grad"] > 0
-
-
 def test_pipelined_steps_are_the_same_steps_back_to_back(capsys):
     import torch
 
@@ -113,9 +101,44 @@ def test_pipelined_steps_are_the_same_steps_back_to_back(capsys):
     assert losses[True] == losses[False]
 
 
-def test_a_blas_library_needs_a_gpu():
+def row(model, config, ms, precision="fp32", pipelined=None):
+    return {"model": model, "precision": precision, "config": config, "median_ms": ms, "pipelined_ms": pipelined}
+
+
+def test_ratios_against_the_eager_plain_step_and_the_plain_model_run_alike():
+    graphed = "compile=true mode=reduce-overhead loss=compiled"
+    rows = [row("memoria_gpt2", f"memoria_gpt2 {graphed}", 45.0, pipelined=44.0), row("gpt2", f"gpt2 {graphed}", 30.0),
+            row("memoria_gpt2", "memoria_gpt2", 52.0), row("gpt2", "gpt2", 36.0, pipelined=35.2),
+            row("gpt2", "gpt2", 20.0, "bf16"), row("memoria_gpt2", "memoria_gpt2", 18.0, "bf16"),
+            row("gpt2", "gpt2 loss=compiled", 31.0)]  # compiled something: never the eager baseline
+    by = {(e["settings"], e["precision"]): e for e in load_bench().ratios(rows)}
+    assert set(by) == {(graphed, "fp32"), ("eager", "fp32"), ("eager", "bf16")}
+    assert by[graphed, "fp32"]["x_plain_eager"] == 45.0 / 36.0 and by[graphed, "fp32"]["x_plain_alike"] == 1.5
+    assert by[graphed, "fp32"]["x_plain_eager_pipelined"] == 44.0 / 35.2  # pipelined against pipelined
+    assert by["eager", "fp32"]["x_plain_eager_pipelined"] is None  # no pipelined time in that row
+    assert by["eager", "fp32"]["x_plain_alike"] == 52.0 / 36.0
+    assert by["eager", "bf16"]["x_plain_eager"] == 18.0 / 20.0
+    table = load_bench().format_ratios(list(by.values()))
+    assert "| met |" in table and "not met (needs <= 46.80 ms)" in table  # 1.25x met; 1.44x not
+
+
+def test_a_compiled_run_takes_its_baseline_from_an_earlier_runs_json(tmp_path, capsys):
+    """The eager plain step of --baseline's file is the ratios' baseline for a run that has none of its own."""
+    bench = load_bench()
+    eager = tmp_path / "eager.json"
+    bench.main(["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--precisions", "fp32",
+                "--json", str(eager)])
+    plain_ms = next(r["median_ms"] for r in json.loads(eager.read_text()) if r["model"] == "gpt2")
+    capsys.readouterr()
+    rows = bench.main(["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--precisions", "fp32",
+                       "--models", "memoria_gpt2", "--loss", "compiled", "--baseline", str(eager)])
+    entries = bench.ratios(rows)
+    assert entries[0]["plain_eager_ms"] is None  # this run alone has no plain row
+    out = capsys.readouterr().out
+    assert f"| memoria_gpt2 | fp32 | loss=compiled | {rows[0]['median_ms']:.2f} | {plain_ms:.2f} |" in out
     with pytest.raises(SystemExit):
-        load_bench().main(["--tiny", "--device", "cpu", "--blas-library", "cublaslt"])
+        bench.main(["--tiny", "--device", "cpu", "--baseline", str(tmp_path / "missing.json")])
+    assert "missing.json" in capsys.readouterr().err
 
 
 def test_the_loss_is_compiled_with_the_blocks_as_the_cli_does(monkeypatch):
