@@ -56,7 +56,7 @@ reproduce: install
 	done
 	$(BIN)/python scripts/collect_results.py
 
-results: install  # one Markdown table of every finished run under outputs/ and multirun/
+results: install  # results/report.md and results/figures/: every run under outputs/ and multirun/, seeds averaged
 	$(BIN)/python scripts/collect_results.py
 
 lint: install

@@ -283,7 +283,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         datamodule.setup("fit")
     # Model and task first when possible: their checks (segment vs positions) fail before data is generated.
     model = build_model(cfg.model, early_vocab or datamodule.vocab_size)
-    callbacks = []
+    from experiment.figures import figure_callbacks
+
+    callbacks = figure_callbacks(cfg, run_dir, resolved)  # logger=wandb: the run's figures as W&B images at its end
     # A requeued SLURM job (hydra/launcher=slurm) resumes from the checkpoint it saved before its time limit.
     resume_path = cfg.ckpt_path
     if mode is Mode.train and not resume_path and requeue_checkpoint(run_dir) is not None:

@@ -44,8 +44,9 @@ PAPER = {
 
 
 def base_model(name: str) -> str:
-    """A model config's family: `memoria_gpt2_sort` -> `memoria_gpt2` (the suffixes _sort, _enwik8, _tiny)."""
-    for suffix in ("_sort", "_enwik8", "_tiny"):
+    """A model config's family: `memoria_gpt2_sort` -> `memoria_gpt2` (the suffixes _sort_cpu, _sort, _enwik8,
+    _tiny)."""
+    for suffix in ("_sort_cpu", "_sort", "_enwik8", "_tiny"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -99,28 +100,40 @@ def save_figure(fig: Any, path: str | Path) -> Path:
 
 # --------------------------------------------------------------------------------------------------------------
 # report figures
+MODEL_COLORS = {"memoria_gpt2": "C0", "gpt2": "C1", "transformer_xl": "C2", "compressive": "C3",
+                "infinity_former": "C4"}
+
+
+def model_color(model: str, k: int = 0) -> str:
+    """One colour per model family, the same in every figure (others take the colours after them)."""
+    return MODEL_COLORS.get(base_model(model.split(" ")[0]), f"C{5 + k % 5}")
+
+
 def sorting_figure(groups: list[dict[str, Any]], segment: Any, title: str = ""):
     """Accuracy against length for one segment size. groups: dicts with `model`, `length`, `mean`, `std`, `n` and
     optionally `memoryless` (the memory-less line of that setting). One line per model (error bars: std over
-    seeds), the memory-less line dashed per model, the paper's points (same segment) as hollow markers."""
+    seeds), the memory-less line dashed (a property of the test examples, so one line: the mean over the groups
+    at each length), the paper's points (same segment) as hollow markers."""
     fig, ax = new_figure()
     models = sorted({g["model"] for g in groups})
-    colors = {}
     for k, model in enumerate(models):
         rows = sorted((g for g in groups if g["model"] == model), key=lambda g: g["length"])
-        x = [g["length"] for g in rows]
-        line = ax.errorbar(x, [100 * g["mean"] for g in rows], yerr=[100 * (g["std"] or 0) for g in rows],
-                           marker="o", capsize=3, label=model)
-        colors[base_model(model)] = line.lines[0].get_color()
-        free = [(g["length"], g["memoryless"]) for g in rows if g.get("memoryless") is not None]
-        if free:
-            ax.plot([p[0] for p in free], [100 * p[1] for p in free], ls="--", color=colors[base_model(model)],
-                    alpha=0.8, label=f"{model}: memory-less line")
+        ax.errorbar([g["length"] for g in rows], [100 * g["mean"] for g in rows],
+                    yerr=[100 * (g["std"] or 0) for g in rows], marker="o", capsize=3, label=model,
+                    color=model_color(model, k))
+    free: dict[Any, list[float]] = {}
+    for g in groups:
+        if g.get("memoryless") is not None:
+            free.setdefault(g["length"], []).append(g["memoryless"])
+    if free:
+        lengths = sorted(free)
+        ax.plot(lengths, [100 * sum(free[x]) / len(free[x]) for x in lengths], ls="--", color="black", alpha=0.7,
+                label="memory-less line")
     paper = [p for p in PAPER["sorting"] if str(p[2]) == str(segment)]
-    for model, length, _, low, high in paper:  # a range: the sources disagree (experiments.md §e.2)
+    for k, (model, length, _, low, high) in enumerate(paper):  # a range: the sources disagree (experiments.md §e.2)
         mid = 100 * (low + high) / 2
         ax.errorbar([length], [mid], yerr=[[mid - 100 * low], [100 * high - mid]], marker="D", mfc="none",
-                    color=colors.get(model, "black"), capsize=4, ls="none", label=f"{PAPER_LABEL}: {model}")
+                    color=model_color(model, k), capsize=4, ls="none", label=f"{PAPER_LABEL}: {model}")
     lengths = [g["length"] for g in groups] + [p[1] for p in paper]
     if lengths and max(lengths) / max(min(lengths), 1) > 20:
         ax.set_xscale("log")
@@ -136,7 +149,7 @@ def learning_curve_figure(curves: dict[str, list[tuple[float, float]]], metric: 
     for label, points in sorted(curves.items()):
         points = sorted(p for p in points if p[1] is not None and math.isfinite(p[1]))
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)  # default colours
     ax.set(xlabel="optimizer step", ylabel=metric, title=title or f"{metric} during training")
     if curves:
         ax.legend(fontsize=7)
@@ -187,3 +200,12 @@ class RunFigures(Callback):
             for logger in loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key=f"figures/{name}", images=[str(path)], step=int(trainer.global_step))
+
+
+def figure_callbacks(cfg: Any, run_dir: str | Path, resolved: dict[str, Any]) -> list[Callback]:
+    """[RunFigures] when the run logs to W&B (`logger.kind` wandb, or a list holding it), else []."""
+    kind = (cfg.get("logger") or {}).get("kind")
+    kinds = [kind] if isinstance(kind, str) or kind is None else list(kind)
+    if "wandb" not in kinds:
+        return []
+    return [RunFigures(run_dir, cfg.task.name, cfg.model.name, cfg.task.monitor, setting_of(resolved))]
