@@ -33,7 +33,8 @@ from .history import EngramHistory
 from .store import _RANK_BY_COMPARE, LONGTERM, NULL, SHORTTERM, WORKING, SlotStore, first_true, write_slots
 
 WEIGHT_FORMS = ("exp", "neg_sq")
-LTM_SEARCHES = ("hebbian", "random", "exhaustive")
+LTM_SEARCHES = ("hebbian", "random", "random_matched", "exhaustive")
+_WALKS = ("hebbian", "random_matched")  # the searches that run the walk
 _STATE_VERSION = 2  # 2: the device id counter in the store, no generator state
 _CHUNK = 1 << 24  # elements per temporary in the graph walk (bounds peak memory at large B, C)
 _MASK32 = 0xFFFFFFFF
@@ -169,8 +170,10 @@ class Memoria:
                                       the most the walk can visit. Drawn from a hash of (seed, engram id, step),
                                       like the tie-breaks (also with deterministic=True): same on every device,
                                       never the global RNG
+                         "random_matched" as many random LTMs (drawn alike) as the walk finds in the row this
+                                      step: the same candidate budget as "hebbian" (it runs the walk to count)
                          "exhaustive" every live LTM is a candidate (no walk)
-                         The Triton walk kernel (fused_walk) serves "hebbian" only.
+                         The Triton walk kernel (fused_walk) serves the walk of "hebbian" and "random_matched".
 
     Output width with static_shape: k_stm + k_ltm, where k_stm = num_reminded_stm (0 without use_short_term) and
     k_ltm = num_final_ltms (0 without use_long_term), each at most what the store's size allows; -1 padding.
@@ -462,7 +465,7 @@ class Memoria:
         # --- the LTM candidates F (`found` (B, C)): the walk, or an ablation's search (none without long-term
         # memory)
         search = self.ltm_search if self.use_long_term else None
-        if search == "hebbian":
+        if search in _WALKS:
             # --- initial LTMs, then the walk. `open_` (B, C + 1): the tie fraction of every LTM not yet visited,
             # -inf elsewhere; column C is a sink for "no node". A count plus it is >= 1 exactly when the count is
             # positive and the target open, so one max finds the strongest edge or shows there is none.
@@ -481,8 +484,6 @@ class Memoria:
                 self._torch_walk(counts, seeds, open_, self.ltm_search_depth + 1, cols,
                                  stop_early=not self._sync_free)
             found = is_ltm & torch.isneginf(open_[:, :C])  # (B, C) F = seeds + every node reached
-        elif search == "random":  # one random chain per recalled STM, depth + 1 distinct LTMs each
-            found = self._random_candidates(store, is_ltm, rs_ok, k_f_cap)
         elif search == "exhaustive":  # every live LTM of a row with working memory
             found = is_ltm & row_has_wm[:, None]
 
@@ -493,8 +494,13 @@ class Memoria:
         else:
             if search == "exhaustive":  # F is every LTM: rank the slots as they lie (k_f_cap = C)
                 f_slots, f_ok = torch.arange(C, device=dev).expand(B, C), found  # (B, C) each
-            else:
+            elif search == "hebbian":
                 f_slots, f_ok = first_true(found, k_f_cap)  # (B, F) each
+            else:  # random draws: one chain per recalled STM, depth + 1 distinct LTMs each; or as many as the walk
+                # found in the row ("random_matched")
+                budget = (rs_ok.sum(1, keepdim=True) * (self.ltm_search_depth + 1) if search == "random"
+                          else found.sum(1, keepdim=True))  # (B, 1)
+                f_slots, f_ok = self._random_candidates(store, is_ltm, budget, k_f_cap)  # (B, k_f_cap) each
             f_score = score(f_slots)
             rl_slots, rl_ok = self._top(f_score, f_ok, torch.gather(tie, 1, f_slots), f_slots, k_l)
 
@@ -792,7 +798,7 @@ class Memoria:
         if self.compile:
             compiled = self._compiled.get(name)
             if compiled is None:
-                if name in ("remind", "add_remind") and self.use_long_term and self.ltm_search == "hebbian":
+                if name in ("remind", "add_remind") and self.use_long_term and self.ltm_search in _WALKS:
                     self._check_walk_kernel(store)
                 compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
             fn = compiled
@@ -834,24 +840,23 @@ class Memoria:
             return k_stm_cap, k_s, C
         return k_stm_cap, k_s, min(C, k_s * (self.ltm_search_depth + 1))
 
-    def _random_candidates(self, store: SlotStore, is_ltm: torch.Tensor, chains: torch.Tensor,
-                           k_f_cap: int) -> torch.Tensor:
-        """ltm_search="random": F (B, C) bool, min(chains x (depth + 1), live LTMs) distinct LTMs of each row drawn
-        uniformly at random, one chain per valid entry of `chains` (B, k_s) (the recalled STMs).
+    def _random_candidates(self, store: SlotStore, is_ltm: torch.Tensor, budget: torch.Tensor,
+                           k_f_cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ltm_search="random" / "random_matched": F as (slots (B, k_f_cap), ok (B, k_f_cap)), min(budget, live
+        LTMs) distinct LTMs of each row drawn uniformly at random (`budget` (B, 1) <= k_f_cap). (Their order does not
+        matter: `_top` breaks score ties by the tie keys, which are distinct.)
 
         Chains that each hop to a uniformly random unvisited LTM, taking turns, deal out the start of a uniformly
         random order of the LTMs; so F = the LTMs with the largest random keys, one 32-bit draw per engram hashed
         from (seed, engram id, step) with a salt of its own (independent of the step's tie-breaks). Keys of
         distinct ids differ (the hash is a bijection of 32 bits), so F is exact, on every device alike."""
-        B, C = is_ltm.shape
         if k_f_cap == 0:
-            return torch.zeros_like(is_ltm)
-        budget = chains.sum(1, keepdim=True) * (self.ltm_search_depth + 1)  # (B, 1) the chains' visits
+            return is_ltm.new_zeros(is_ltm.shape[0], 0, dtype=torch.int64), is_ltm[:, :0]
         salt = _mix32((store.next_id & _MASK32) ^ self._seed32 ^ _RANDOM_SEARCH_SALT)  # () this step's
         key = torch.where(is_ltm, _mix32((store.created & _MASK32) ^ salt), -1)  # (B, C) int64, -1 = not an LTM
         pick = torch.topk(key, k_f_cap, dim=1).indices  # (B, k_f_cap) distinct slots, largest keys first
         take = (torch.arange(k_f_cap, device=key.device)[None, :] < budget) & torch.gather(is_ltm, 1, pick)
-        return torch.zeros_like(is_ltm).scatter_(1, pick, take)  # (B, C)
+        return pick, take
 
     def _cue(self, wm: torch.Tensor, wm_valid: torch.Tensor, wm_slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The working memory wm (B, W, H) (rows `wm_valid` (B, W), stored in `wm_slots` (B, W)) as _similarity

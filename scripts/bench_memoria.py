@@ -23,6 +23,11 @@ Examples:
     python scripts/bench_memoria.py --configs lm --impl ours reference --warmup 100 --steps 30
     python scripts/bench_memoria.py --configs sort --batch-size 4 --steps 10 --device cpu
     python scripts/bench_memoria.py --configs lm enwik8 sort --device cuda --json bench.json
+    python scripts/bench_memoria.py --impl ours --configs lm --device cpu --ltm-search hebbian random exhaustive
+        (also random_matched)
+
+`--ltm-search` times ours with each LTM search of the ablation (Memoria(ltm_search=...), experiments.md §e.5) and
+reports how many LTM candidates each ranks per row and step ("LTMs scored", measured over 3 more steps).
 """
 
 from __future__ import annotations
@@ -127,6 +132,29 @@ def count_aten_calls(step, steps: int) -> dict:
     return {"all": len(top) / steps, "not_views": len(compute) / steps, "by_kind": heavy}
 
 
+def count_ltm_candidates(memory, step, steps: int) -> float | None:
+    """Ours: the mean number of LTM candidates remind ranks per row and step (the walk's found set F, the random
+    search's draws, every LTM for the exhaustive search), over `steps` more steps: the valid entries of remind's
+    second top-k (the first is the STM recall). None where the step is compiled or replayed (nothing to watch)."""
+    if memory.compile or memory._graphs is not None or not memory.use_long_term:
+        return None
+    seen = []
+    top = memory._top
+
+    def watching_top(score, ok, tie, slots, k):
+        seen.append(ok.sum(1).double().mean().item())
+        return top(score, ok, tie, slots, k)
+
+    memory._top = watching_top
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        del memory._top  # back to the class's method
+    per_step = seen[1::2]  # (STM recall, LTM selection) per remind
+    return statistics.fmean(per_step) if per_step else None
+
+
 def profile_kernels(step, sync, steps: int, path: str, title: str) -> None:
     """Append where the device time of `steps` more steps goes (torch.profiler; kernels replayed from CUDA
     graphs are listed too) to `path`: kernels per step, device time per step, and the op/kernel table."""
@@ -183,6 +211,8 @@ def run_worker(args: argparse.Namespace) -> dict:
             ours_options["fused_walk"] = False
         if args.ltm_capacity:
             ours_options["ltm_capacity"] = args.ltm_capacity
+        if args.ltm_search != ["hebbian"]:
+            ours_options["ltm_search"] = args.ltm_search[0]
         kwargs.update(ours_options)
     memory = memoria.Memoria(**kwargs)
     fused = args.add_and_remind and args.impl == "ours"  # (the reference has the two calls only)
@@ -241,6 +271,8 @@ def run_worker(args: argparse.Namespace) -> dict:
         sync()
         pipelined = (time.perf_counter() - start) / args.steps
         calls = count_aten_calls(step, 3) if args.count_ops else None
+        engrams = engrams_per_row(memory, args.impl)  # (before the steps that count the LTMs scored)
+        ltms_scored = count_ltm_candidates(memory, step, 3) if args.impl == "ours" else None
         if args.profile:
             try:
                 profile_kernels(step, sync, 5, args.profile, f"{args.impl} {args.config} {device} {ours_options}")
@@ -263,7 +295,8 @@ def run_worker(args: argparse.Namespace) -> dict:
         # CPU time of this process (all its threads): on a shared machine it moves less than wall time.
         "cpu_ms_median": 1000 * statistics.median(cpu_times),
         "reminded_width_mean": statistics.fmean(widths),
-        "engrams_per_row": engrams_per_row(memory, args.impl),
+        "engrams_per_row": engrams,
+        "ltms_scored_per_row": ltms_scored,
         "torch": torch.__version__,
         "options": {k: str(v) for k, v in ours_options.items()},
         "aten_calls_per_step": calls,
@@ -324,6 +357,8 @@ def worker_command(args: argparse.Namespace, impl: str, config: str, device: str
             command += [flag, str(value)]
     if args.static_shape:
         command.append("--static-shape")
+    if args.ltm_search != ["hebbian"]:
+        command += ["--ltm-search", args.ltm_search[0]]
     if args.score_slots != "auto":
         command += ["--score-slots", args.score_slots]
     if args.profile:
@@ -384,16 +419,18 @@ def format_table(results: list) -> str:
     lines = [
         (
             "| config | device | B | impl | steps (warm-up) | ms/step median (mean) | pipelined ms/step | "
-            "CPU ms/step | engrams/row | peak MiB | ref/ours time (CPU time) | ref/ours memory | aten calls/step "
-            "(not views) |"
+            "CPU ms/step | engrams/row | LTMs scored/row | peak MiB | ref/ours time (CPU time) | ref/ours memory | "
+            "aten calls/step (not views) |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    by_key = {(r["config"], r["device"], r["impl"]): r for r in results}
+    # the pairs compared: ours with the walk (the default search), and the reference
+    by_key = {(r["config"], r["device"], r["impl"]): r for r in results
+              if r.get("options", {}).get("ltm_search", "hebbian") == "hebbian"}
     for r in results:
         if "error" in r:
             lines.append(
-                f"| {r['config']} | {r['device']} | | {r['impl']} | failed: {r['error']} | | | | | | | | |"
+                f"| {r['config']} | {r['device']} | | {r['impl']} | failed: {r['error']} | | | | | | | | | |"
             )
             continue
         ratio_t = ratio_m = ""
@@ -409,13 +446,14 @@ def format_table(results: list) -> str:
             ratio_m = f"{ref['peak_mib'] / max(ours['peak_mib'], 1e-9):.1f}x"
         counted = r.get("aten_calls_per_step")
         calls = f"{counted['all']:.0f} ({counted['not_views']:.0f})" if counted else ""
+        scored = "" if r.get("ltms_scored_per_row") is None else f"{r['ltms_scored_per_row']:.0f}"
         impl = r["impl"] if r["impl"] == "ours" else f"reference {r.get('reference_version', '')}"
         if r["impl"] == "ours" and r["options"]:
             impl += " (" + ", ".join(f"{k}={v}" for k, v in r["options"].items()) + ")"
         lines.append(
             f"| {r['config']} | {r['device']} | {r['batch_size']} | {impl} | {r['steps']} ({r['warmup']}) | "
             f"{r['ms_median']:.2f} ({r['ms_mean']:.2f}) | {r.get('ms_pipelined', float('nan')):.2f} | "
-            f"{r['cpu_ms_median']:.2f} | {r['engrams_per_row']:.0f} | "
+            f"{r['cpu_ms_median']:.2f} | {r['engrams_per_row']:.0f} | {scored} | "
             f"{r['peak_mib']:.0f} | "
             f"{ratio_t} | {ratio_m} | {calls} |"
         )
@@ -480,6 +518,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", default=None,
                         help="also profile 5 more steps (torch.profiler, device kernels included) and append the "
                              "kernel table to this file")
+    parser.add_argument("--ltm-search", nargs="+", choices=["hebbian", "random", "random_matched", "exhaustive"],
+                        default=["hebbian"],
+                        help="ours: time each LTM search of the ablation (Memoria(ltm_search=...)); the reference "
+                             "runs the walk only")
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
     parser.add_argument("--json", help="also write the results to this file")
@@ -490,6 +532,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be {'positive' if name == 'steps' else 'non-negative'}")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be positive")
+    if args.ltm_search != ["hebbian"] and "reference" in args.impl:
+        parser.error("--ltm-search other than hebbian is ours only: pass --impl ours")
+    if len(set(args.ltm_search)) != len(args.ltm_search):
+        parser.error("--ltm-search lists a search twice")
     return args
 
 
@@ -507,9 +553,11 @@ def main(argv=None) -> None:
     for config in args.configs:
         for device in devices:
             for impl in args.impl:
-                result = run_one(args, impl, config, device)
-                results.append(result)
-                print(json.dumps(result), file=sys.stderr, flush=True)
+                for search in args.ltm_search:
+                    result = run_one(argparse.Namespace(**{**vars(args), "ltm_search": [search]}), impl, config,
+                                     device)
+                    results.append(result)
+                    print(json.dumps(result), file=sys.stderr, flush=True)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as file:

@@ -30,13 +30,13 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT
 from transformers.pytorch_utils import Conv1D
 
 from memoria import Abstractor, EngramType, Memoria
+from memoria.memoria import LTM_SEARCHES
 
 from .gpt2 import causal_lm_loss
 from .protocol import MemoryModelOutput, MemoryProtocol
 
 MEMORY_KIND = "gpt2_with_memoria"
 WEIGHT_FORMS = ("exp", "neg_sq")
-LTM_SEARCHES = ("hebbian", "random", "exhaustive")
 
 
 @strict
@@ -71,7 +71,8 @@ class GPT2WithMemoriaConfig(GPT2Config):
                                   ln_wm go unused); the WM is still written to Memoria, so STM and LTM still fill
     memoria_use_short_term        False: Memoria returns no short-term engrams (they still seed the LTM search)
     memoria_use_long_term         False: Memoria returns no long-term engrams
-    memoria_ltm_search            how Memoria finds LTM candidates: "hebbian" (the walk), "random" or "exhaustive"
+    memoria_ltm_search            how Memoria finds LTM candidates: "hebbian" (the walk), "random" (as many as the
+                                  walk could visit), "random_matched" (as many as it found) or "exhaustive"
     """
 
     model_type = MEMORY_KIND

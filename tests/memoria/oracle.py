@@ -63,6 +63,8 @@ class OracleRow:
             visited = set(ltm_ids)
         elif self.search == "random":  # len(r_s) chains of depth + 1 distinct draws: the largest keys
             visited = set(sorted(ltm_ids, key=lambda i: -random_key(i))[: len(r_s) * (self.depth + 1)])
+        elif self.search == "random_matched":  # as many draws as the walk finds
+            visited = set(sorted(ltm_ids, key=lambda i: -random_key(i))[: len(self._walk(r_s, ltm_ids))])
         else:
             visited = self._walk(r_s, ltm_ids)
         r_l = sorted((by_id[i] for i in visited), key=lambda e: (-self._score(wm, e), e.id))[: self.r_ltm]

@@ -87,6 +87,7 @@ ABLATIONS = [
     dict(ltm_search="random"),
     dict(ltm_search="exhaustive"),
     dict(ltm_search="random", use_short_term=False),
+    dict(ltm_search="random_matched"),
     dict(ltm_search="exhaustive", use_short_term=False),
 ]
 
@@ -175,6 +176,18 @@ def test_random_search_visits_depth_plus_one_distinct_ltms_per_chain(sync_free):
             assert set(got) == set(sorted(live_ltm[b], key=lambda i: -key(i))[:want])
         if depth_ == 30:
             assert ltm_ids(r, idx)[0] and all(len(g) == n for g, n in zip(ltm_ids(r, idx), n_ltm))  # all of them
+
+
+def test_matched_random_search_draws_as_many_ltms_as_the_walk_finds():
+    m, wm = grown_memory()
+    sizes = {}
+    for search in ("hebbian", "random_matched"):
+        other = with_options(m, ltm_search=search, num_final_ltms=3 * 3)  # every candidate returned
+        _, idx = other.add_and_remind(wm)
+        sizes[search] = ltms = ltm_ids(other, idx)
+        assert all(len(row) == len(set(row)) for row in ltms)
+    assert [len(r) for r in sizes["hebbian"]] == [len(r) for r in sizes["random_matched"]]
+    assert sum(map(len, sizes["hebbian"])) > 0 and sizes["hebbian"] != sizes["random_matched"]
 
 
 def test_random_search_is_seeded_and_differs_from_the_walk():
@@ -319,6 +332,7 @@ def test_state_dict_carries_the_options():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(ltm_search="dfs"), "ltm_search must be one of"),
+    (dict(ltm_search="Random"), "ltm_search must be one of"),
     (dict(use_short_term=0), "use_short_term must be True or False"),
     (dict(use_long_term="no"), "use_long_term must be True or False"),
 ])

@@ -156,3 +156,31 @@ def test_add_and_remind_runs_the_models_one_call(tmp_path) -> None:
         (results[bool(flags)],) = json.loads(out.read_text())["results"]
     assert results[True]["options"]["add_and_remind"] == "True" and "add_and_remind" not in results[False]["options"]
     assert results[True]["engrams_per_row"] == results[False]["engrams_per_row"]
+
+
+def test_ltm_search_times_each_search_and_counts_the_ltms_it_scores(tmp_path, capsys) -> None:
+    """--ltm-search: one worker per search, each with its Memoria(ltm_search=...); the exhaustive search ranks
+    every LTM, so at least as many as the random search's draws, which are at least the walk's finds."""
+    bench = load_bench()
+    out = tmp_path / "search.json"
+    bench.main(["--impl", "ours", "--configs", "lm", "--device", "cpu", "--batch-size", "1", "--warmup", "14",
+                "--steps", "1", "--threads", "1", "--static-shape", "--no-validate",
+                "--ltm-search", "hebbian", "random", "exhaustive", "--json", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [r.get("options", {}).get("ltm_search", "hebbian") for r in results] == ["hebbian", "random", "exhaustive"]
+    scored = {r.get("options", {}).get("ltm_search", "hebbian"): r["ltms_scored_per_row"] for r in results}
+    assert scored["exhaustive"] >= scored["random"] >= scored["hebbian"] and scored["exhaustive"] > 0
+    assert scored["random"] <= 50 * 11  # at most the 50 recalled STMs' chains of depth + 1
+    table = capsys.readouterr().out
+    assert "LTMs scored/row" in table and "ltm_search=random" in table
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--ltm-search", "random"], "ours only"),
+    (["--impl", "ours", "--ltm-search", "random", "random"], "twice"),
+])
+def test_bad_ltm_search_arguments_are_refused(argv: list, match: str, capsys) -> None:
+    bench = load_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert match in capsys.readouterr().err

@@ -164,6 +164,7 @@ ABLATIONS = [
     {"memoria_use_short_term": False},
     {"memoria_use_long_term": False},
     {"memoria_ltm_search": "random"},
+    {"memoria_ltm_search": "random_matched"},
     {"memoria_ltm_search": "exhaustive"},
 ]
 
@@ -225,6 +226,7 @@ def test_without_working_memory_the_wm_attention_path_is_unused():
     ("memory.use_long_term=false", "memoria_use_long_term", False),
     ("memory.ltm_search=random", "memoria_ltm_search", "random"),
     ("memory.ltm_search=exhaustive", "memoria_ltm_search", "exhaustive"),
+    ("memory.ltm_search=random_matched", "memoria_ltm_search", "random_matched"),
 ])
 def test_ablation_overrides_reach_the_model(override, field, value):
     """`memoria-exp memory.<option>=...` sets the model's field in every memoria_gpt2* model config (each reads
