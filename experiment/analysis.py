@@ -535,7 +535,11 @@ def analyze(cfg: Any) -> dict[str, Any]:
                 recorded = memoria.history
                 if recorded is not None:
                     room = min(history.limit - n for n in history.num_events().values())
-                    if max(recorded.num_events().values()) > room:
+                    if any(recorded.dropped.values()) or max(recorded.num_events().values()) > room:
+                        if not streams:
+                            raise ConfigError(f"analysis.history_limit={history.limit} events cannot hold one batch "
+                                              f"of {len(ids)} examples; raise analysis.history_limit or lower "
+                                              "task.data.eval_batch_size.")
                         log.warning("analyze: the history's limit (%d events) is reached after %d examples; "
                                     "raise analysis.history_limit to analyse more", history.limit, streams)
                         break

@@ -187,6 +187,19 @@ def test_analyze_writes_every_file_and_leaves_the_run_alone(tiny_run):
     assert {k: v for k, v in after.items() if not k.startswith("analysis/")} == before
 
 
+def test_analyze_of_sorting_stays_within_the_history_limit(tiny_run, tmp_path):
+    ckpt = f"ckpt_path={tiny_run / 'checkpoints' / 'last.ckpt'}"
+    # 8 examples a batch, 5 steps x 4 engrams each: 160 created per batch
+    metrics = analysis.analyze(compose_config(["mode=analyze", ckpt, "analysis.num_examples=16",
+                                               "analysis.history_limit=200", f"analysis.output_dir={tmp_path}"]))
+    assert metrics["streams"] == 8 and metrics["dropped_events"]["created"] == 0  # the second batch would not fit
+    from experiment.cli import ConfigError
+
+    with pytest.raises(ConfigError, match="analysis.history_limit=100 events cannot hold one batch"):
+        analysis.analyze(compose_config(["mode=analyze", ckpt, "analysis.history_limit=100",
+                                         f"analysis.output_dir={tmp_path}"]))
+
+
 def test_analyze_needs_a_checkpoint_and_a_memoria_model(tiny_run, tmp_path):
     from experiment.cli import ConfigError, validate_config
 
@@ -199,3 +212,50 @@ def test_analyze_needs_a_checkpoint_and_a_memoria_model(tiny_run, tmp_path):
                         "trainer.limit_test_batches=1", "logger=none", "print_summary=false"]), run_dir=plain)
     with pytest.raises(ConfigError, match="has no Memoria"):
         analysis.analyze(compose_config(["mode=analyze", f"ckpt_path={plain / 'checkpoints' / 'last.ckpt'}"]))
+
+
+def test_analyze_reads_one_lane_of_the_lm_validation_split(tmp_path):
+    from experiment.cli import run
+    from tests.experiment.data.lm_fixtures import enwik8_like_bytes
+
+    data = tmp_path / "enwik8"
+    data.write_bytes(enwik8_like_bytes(12000, seed=3))
+    lm = ["task=enwik8", "model=memoria_gpt2_tiny", "memory=tiny", f"task.data.path={data}",
+          "task.data.valid_bytes=3000", "task.data.test_bytes=1000", "task.data.segment_length=32",
+          "task.data.lanes=2", "trainer.max_steps=2", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+          "trainer.enable_progress_bar=false", "logger=none", "print_summary=false"]
+    run(compose_config(lm), run_dir=tmp_path / "run")
+    out = tmp_path / "elsewhere"
+    metrics = analysis.analyze(compose_config(["mode=analyze", f"ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}",
+                                               "analysis.num_segments=25", f"analysis.output_dir={out}"]))
+    # one stream: the first segment has no memory step, each later one adds 4 engrams
+    assert metrics["streams"] == 1 and metrics["steps"] == 24 and metrics["engrams"] == 24 * 4
+    assert metrics["source"]["stream"] == "validation, one lane"
+    assert (out / "metrics.json").is_file() and (out / "flow.png").read_bytes().startswith(PNG_MAGIC)
+    assert not (tmp_path / "run" / "analysis").exists()
+    # a long stream under a small limit: the history keeps the newest events, the metrics the steps fully kept
+    bounded = tmp_path / "bounded"
+    metrics = analysis.analyze(compose_config(["mode=analyze", f"ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}",
+                                               "analysis.num_segments=25", "analysis.history_limit=40",
+                                               f"analysis.output_dir={bounded}"]))
+    kept = EngramHistory.load(bounded / "history.json")
+    assert max(kept.num_events().values()) <= 40 and kept.dropped["created"] == 24 * 4 - 40
+    assert metrics["window_start"] > 1 and metrics["steps"] < 24
+
+
+def test_memoria_exp_mode_analyze_from_the_command_line(tiny_run, tmp_path):
+    import subprocess
+
+    from tests.conftest import PYTHON, REPO_ROOT, subprocess_env
+
+    done = subprocess.run([PYTHON, "-m", "experiment.cli", "mode=analyze",
+                           f"ckpt_path={tiny_run / 'checkpoints' / 'last.ckpt'}", "analysis.num_examples=2",
+                           "analysis.num_shuffles=2", f"analysis.output_dir={tmp_path / 'out'}",
+                           f"hydra.run.dir={tmp_path / 'hydra'}"],
+                          cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"engram analysis written to {tmp_path / 'out'}" in done.stdout
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["streams"] == 2
+    missing = subprocess.run([PYTHON, "-m", "experiment.cli", "mode=analyze", f"hydra.run.dir={tmp_path / 'h2'}"],
+                             cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "add ckpt_path=" in missing.stderr + missing.stdout
