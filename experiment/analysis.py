@@ -26,6 +26,8 @@ The metrics are pure functions of an EngramHistory (numpy on its event tables), 
    against their creation lag |t_i - t_j| (in steps), with the number of pairs at each lag. Counts are rebuilt from
    the history (the fired set of a step is its working memory plus what it reminded, algorithm.md §c.7); a pair
    counts when i fired at least once and the two were in memory together at some step (a link was possible).
+   (With the ablation use_short_term=False the recalled STMs fire without being returned; the history sees only
+   what remind returns, so there the rebuilt counts miss those links.)
 3. `retrieval_autocorrelation`: P(an engram reminded at step t is reminded again at t + lag) against lag, over the
    (t, engram) pairs with t + lag inside the stream, beside the same probability with the order of the steps'
    reminded sets shuffled (`num_shuffles` seeded permutations per stream, averaged).
@@ -488,6 +490,9 @@ def analyze(cfg: Any) -> dict[str, Any]:
         if int(acfg[key]) < 1:
             raise ConfigError(f"analysis.{key}={acfg[key]} must be >= 1.")
     is_lm = "segment_length" in cfg.task.module
+    if not is_lm and cfg.task.name != "sorting":
+        raise ConfigError(f"mode=analyze runs the sorting and language-modelling streams, not task={cfg.task.name}; "
+                          "analyse a sorting, wikitext103, pg19 or enwik8 run.")
     if is_lm:
         with open_dict(cfg):
             cfg.task.data.eval_lanes = 1  # one lane of the validation split

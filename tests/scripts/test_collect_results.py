@@ -143,3 +143,18 @@ def test_report_averages_seeds_lists_unfinished_runs_and_draws_figures(tmp_path,
         assert (out / "figures" / name).read_bytes().startswith(PNG_MAGIC)
         assert f"(figures/{name})" in report
     assert "paper (approx.)" in report
+
+
+def test_report_of_classification_runs_has_mean_std_and_t_tests(tmp_path):
+    config = {"task": {"name": "hyperpartisan", "data": {"segment_length": 512}, "module": {}}, "trainer": {}}
+    for model, f1s in (("memoria_roberta", (0.96, 0.97, 0.95)), ("roberta", (0.93, 0.94, 0.92))):
+        for seed, f1 in enumerate(f1s):
+            write_run(tmp_path / "multirun" / model / str(seed),
+                      {"mode": "train", "task": "hyperpartisan", "model": model, "seed": seed, "global_step": 10,
+                       "test": {"test/macro-f1-final": f1, "test/acc-final": f1}, "monitor": "val/macro-f1-final",
+                       "best_score": f1, "wall_time_s": 1.0}, config)
+    collect_results.main([str(tmp_path / "multirun"), "--out", str(tmp_path / "results")])
+    report = (tmp_path / "results" / "report.md").read_text()
+    section = report[report.index("## Classification: hyperpartisan"):report.index("## Every finished run")]
+    assert "| memoria_roberta | 3 | 96.00 ± 1.00 |" in section and "| roberta | 3 | 93.00 ± 1.00 |" in section
+    assert "| memoria_roberta | roberta | test/macro-f1-final |" in section  # the one-tailed Welch t-test
