@@ -304,7 +304,8 @@ class HyperpartisanDataModule(L.LightningDataModule):
         split_file: a JSON {"train","dev","test"} of id lists to use instead of the built split.
         split_seed, dev_size, test_size: the built split (the same for every training `seed`).
         generate: > 0 = generate this many articles (written in the original format under the cache) instead of
-            reading real data; generate_seed seeds them.
+            reading real data; generate_seed seeds them; each has generate_filler / 2 to generate_filler filler
+            words after its class cues.
         batch_size / eval_batch_size: documents per device batch; seed: the training order's shuffle.
     """
 
@@ -313,7 +314,7 @@ class HyperpartisanDataModule(L.LightningDataModule):
                  tokenizer: str = "roberta-base", split_file: str | None = None, split_seed: int = 0,
                  dev_size: int = 64, test_size: int = 65, batch_size: int = 8, eval_batch_size: int = 32,
                  seed: int = 42, cache_dir: str | None = None, num_workers: int = 0, generate: int = 0,
-                 generate_seed: int = 0):
+                 generate_seed: int = 0, generate_filler: int = 160):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"task.data.batch_size ({batch_size}) and eval_batch_size ({eval_batch_size}) must be "
@@ -333,6 +334,10 @@ class HyperpartisanDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.num_workers = int(num_workers)
         self.generate, self.generate_seed = int(generate), int(generate_seed)
+        if generate_filler < 2:
+            raise ValueError(f"task.data.generate_filler must be >= 2 (filler words per generated article, at most), "
+                             f"got {generate_filler}")
+        self.generate_filler = int(generate_filler)
         self._articles: list[Article] | None = None
         self._tokenizer = None
         self.splits: dict[str, list[str]] | None = None
@@ -347,14 +352,16 @@ class HyperpartisanDataModule(L.LightningDataModule):
     # -- source ---------------------------------------------------------------------------------------------------
     @property
     def generated_dir(self) -> Path:
-        return cache_root() / "hyperpartisan-generated" / f"n{self.generate}-seed{self.generate_seed}-v1"
+        name = f"n{self.generate}-seed{self.generate_seed}-filler{self.generate_filler}-v1"
+        return cache_root() / "hyperpartisan-generated" / name
 
     def _source_folder(self) -> Path | None:
         if self.generate:
             folder = self.generated_dir
             if not (folder / LABELS_FILE).is_file():
                 tmp = folder.with_name(folder.name + f".tmp{random.getrandbits(32):08x}")
-                generate_articles(tmp, self.generate, self.generate_seed)
+                generate_articles(tmp, self.generate, self.generate_seed,
+                                  filler_words=(self.generate_filler // 2, self.generate_filler))
                 try:
                     tmp.rename(folder)
                 except OSError:  # another process made it first

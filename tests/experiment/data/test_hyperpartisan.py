@@ -217,3 +217,7 @@ def test_generated_corpus_and_tokenizer_from_options_alone(tmp_path, monkeypatch
     assert dm.source["generated"] == 30
     with pytest.raises(ValueError, match="task.data.generate"):
         HyperpartisanDataModule(tokenizer="generated-bpe")
+    short = HyperpartisanDataModule(generate=30, generate_filler=10, tokenizer="generated-bpe", dev_size=4,
+                                    test_size=4)
+    words = [len(a.text.split()) for a in short.articles]
+    assert min(words) >= 6 + 1 + 5 and max(words) <= 6 + 1 + 10  # cues, the link's text, 5 to 10 filler words
