@@ -394,7 +394,7 @@ def draw_figures(metrics: dict[str, Any], out_dir: str | Path, title: str = "") 
     ax.legend()
     paths.append(save_figure(fig, out_dir / "autocorrelation.png"))
 
-    fig, axes = new_figure(2, 2, size=(11, 8))
+    fig, axes = new_figure(2, 2, size=(9.6, 6.8))
     fl, lt = metrics["flow"], metrics["lifetimes"]
     step = _array(fl["step"])
     for name in ("working", "short_term", "long_term"):

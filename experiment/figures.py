@@ -89,11 +89,20 @@ def new_figure(rows: int = 1, cols: int = 1, size: tuple[float, float] | None = 
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
-    """Write the figure as a PNG (to a temp name, then renamed: no half-written file); returns the path."""
+    """Write the figure as a PNG with a 64-colour palette (line plots look the same at a third of the size, so the
+    figures are small enough to commit), to a temp name, then renamed: no half-written file. Returns the path."""
+    import io
+
+    from PIL import Image
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    buffer.seek(0)
+    image = Image.open(buffer).convert("RGB").quantize(colors=64)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
+    image.save(tmp, format="png", optimize=True)
     tmp.replace(path)
     return path
 
