@@ -312,6 +312,16 @@ def test_ablations_trace_as_whole_graphs_and_replay(flags, fused):
     assert backend.replays > 0
 
 
+def test_random_search_compiled_equals_eager():
+    """compile=True through inductor (C++ here): the random search's hashed keys and top-k as eager."""
+    torch._dynamo.reset()
+    kw = dict(options(), static_shape=True, validate=False, seed=4, ltm_capacity=6, ltm_search="random")
+    compiled = Memoria(**kw, compile=True)
+    assert_same_runs(run(Memoria(**kw), 10), run(compiled, 10, fused=True))
+    assert int((compiled.store.types == L_).sum()) > 0
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------------------ state, errors
 def test_state_dict_carries_the_options():
     m, _ = grown_memory()
