@@ -43,6 +43,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from experiment.checkpoints import CheckpointError
 from experiment.data.errors import DataUnavailableError
 
 log = logging.getLogger("memoria-exp")
@@ -81,6 +82,37 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+RUN_DIR_ENV = "MEMORIA_RUN_DIR_CLAIMED"  # base=chosen pairs this process (and the processes it starts) claimed
+
+
+def unique_dir(base: str) -> str:
+    """`base`, or `base-1`, `base-2`, ... : the first that this call creates itself (os.mkdir is exclusive), so two
+    runs started in the same second never share a run directory. The resolver `${unique_dir:...}` of
+    conf/config.yaml's `hydra.run.dir` / `hydra.sweep.dir`.
+
+    Within one process (and its children, through $MEMORIA_RUN_DIR_CLAIMED) the same base always gives the same
+    directory: Hydra resolves the run directory more than once, and a relaunched DDP rank must agree with rank 0.
+    """
+    claimed = dict(item.split("=", 1) for item in os.environ.get(RUN_DIR_ENV, "").split(os.pathsep) if "=" in item)
+    if base in claimed:
+        return claimed[base]
+    Path(base).parent.mkdir(parents=True, exist_ok=True)
+    candidate, suffix = base, 0
+    while True:
+        try:
+            os.mkdir(candidate)
+            break
+        except FileExistsError:
+            suffix += 1
+            candidate = f"{base}-{suffix}"
+    claimed[base] = candidate
+    os.environ[RUN_DIR_ENV] = os.pathsep.join(f"{key}={value}" for key, value in claimed.items())
+    return candidate
+
+
+OmegaConf.register_new_resolver("unique_dir", unique_dir, replace=True)
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
@@ -155,6 +187,34 @@ def validate_config(cfg: DictConfig) -> None:
                 raise ConfigError(f"memory.{key}={value} is not allowed; set memory.{key} to a value {bound}.")
     for section in ("module", "data"):
         check_target_arguments(cfg.task[section], f"task.{section}", skip=("model",))
+    # The trainer group is free-form (any Trainer argument): check names and simple types against Trainer itself,
+    # so `trainer.max_epochs=abc` fails here, not after the data was generated.
+    check_target_arguments(cfg.trainer, "trainer", skip=("strategy", "plugins", "profiler"))
+    for key in ("max_epochs", "max_steps"):
+        value = cfg.trainer.get(key)
+        if value is not None and value < -1:
+            raise ConfigError(f"trainer.{key}={value} is not allowed; set it to a count >= 0, or -1 for no limit.")
+    check_model_options(cfg.model)
+
+
+def check_model_options(model_cfg: DictConfig) -> None:
+    """Every key under model.config must be an option of the model's config class (a transformers config accepts
+    and ignores unknown keywords, so a typo such as `+model.config.n_layr=2` would silently change nothing)."""
+    class_path = model_cfg.get("class_path")
+    options = model_cfg.get("config")
+    if not class_path or not options:
+        return
+    try:
+        config_class = get_object(class_path).config_class
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConfigError(f"model.class_path={class_path} cannot be imported ({error}); fix the class path.") from error
+    known = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    known |= set(getattr(config_class, "attribute_map", {}) or {})
+    known |= set(config_class().to_dict())
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"model.config.{unknown[0]} is not an option of {config_class.__name__} (model="
+                          f"{model_cfg.get('name')}); remove it or fix its name.")
 
 
 def check_target_arguments(node: DictConfig, prefix: str, skip: tuple[str, ...] = ()) -> None:
@@ -213,9 +273,25 @@ def _instantiate(node: DictConfig, prefix: str, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
         cause = error.__cause__
+        if isinstance(cause, DataUnavailableError):
+            raise cause from None
         if isinstance(cause, ValueError):
             raise ConfigError(str(cause)) from cause
         raise
+
+
+def _data_step(step: Any, *args: Any) -> Any:
+    """Call a data-module step (prepare_data / setup): a missing file is a DataUnavailableError (exit 3), a bad
+    file or setting a ConfigError (exit 2), each one line naming the problem."""
+    try:
+        return step(*args)
+    except FileNotFoundError as error:
+        if error.errno is None:  # raised with a message of its own
+            raise DataUnavailableError(str(error)) from None
+        raise DataUnavailableError(f"{error.filename}: no such file; check the task.data paths "
+                                   "(task.data.data_file, task.data.path).") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ConfigError(str(error).splitlines()[0] if str(error) else type(error).__name__) from error
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -256,7 +332,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-    from experiment.callbacks import CudaGraphStepMarker
+    import torch
+
+    from experiment.callbacks import CudaGraphStepMarker, InterruptCheckpoint, RunInterrupted
+    from experiment.checkpoints import check_weights_match, read_checkpoint, safe_globals
     from experiment.cluster import REQUEUE_CHECKPOINT, RequeueCheckpoint, requeue_checkpoint, submitit_signal
     from experiment.loggers import build_logger, finish_logger, record_summary
     from experiment.models import build_model, compile_blocks, compile_settings, graphs_replayed
@@ -272,6 +351,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     validate_config(cfg)
     mode = Mode(cfg.mode)
+    torch.serialization.add_safe_globals(safe_globals())  # Lightning's own loads: weights_only=True below
+    # Read safely (weights_only: nothing in the file runs) and early: a bad file fails before any data work.
+    ckpt_state = read_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
 
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -279,8 +361,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     datamodule = _instantiate(cfg.task.data, "task.data")
     early_vocab = getattr(datamodule, "vocab_size", None)
     if early_vocab is None:  # the vocabulary is only known from the data: load it first
-        datamodule.prepare_data()
-        datamodule.setup("fit")
+        _data_step(datamodule.prepare_data)
+        _data_step(datamodule.setup, "fit")
     # Model and task first when possible: their checks (segment vs positions) fail before data is generated.
     model = build_model(cfg.model, early_vocab or datamodule.vocab_size)
     from experiment.figures import figure_callbacks
@@ -293,6 +375,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         log.info("resuming the requeued job from %s", resume_path)
     if mode is Mode.train and submitit_signal() is not None:
         callbacks.append(RequeueCheckpoint(run_dir / "checkpoints" / REQUEUE_CHECKPOINT, submitit_signal()))
+    # Ctrl-C / SIGTERM: save last.ckpt after the current batch and stop (the partial results say how to resume).
+    interrupt = InterruptCheckpoint(run_dir / "checkpoints" / "last.ckpt") if mode is Mode.train else None
+    if interrupt is not None:
+        callbacks.append(interrupt)
     if cfg.trainer.get("enable_progress_bar", True):
         # Each update of the bar reads the logged values back from the device (a host sync): on a GPU, updating
         # every few dozen steps lets the host queue the next steps while the GPU runs.
@@ -306,9 +392,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if graphs_replayed(settings):
             callbacks.append(CudaGraphStepMarker())  # the blocks are replayed as CUDA graphs
     module = _instantiate(cfg.task.module, "task.module", model=model)
+    if ckpt_state is not None:  # another model's checkpoint: one line, not a state_dict traceback
+        check_weights_match(ckpt_state, module, cfg.ckpt_path, cfg.model.name)
+        del ckpt_state
     if early_vocab is not None:
-        datamodule.prepare_data()
-        datamodule.setup("fit")
+        _data_step(datamodule.prepare_data)
+        _data_step(datamodule.setup, "fit")
         if datamodule.vocab_size != early_vocab:
             raise ConfigError(f"the data has {datamodule.vocab_size} symbols, not the {early_vocab} the data module "
                               "announced; check task.data.data_file.")
@@ -330,6 +419,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     # last.ckpt from its own callback: Lightning's save_last only refreshes it when the best one changes.
     last_checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="last", monitor=None,
                                       save_top_k=1, enable_version_counter=False)
+    # Resumed into the run directory it came from: its metrics so far are kept (CSVLogger would delete them).
+    earlier_metrics = set_metrics_aside(run_dir) if mode is Mode.train and resume_path else None
     logger = build_logger(cfg.logger, run_dir, cfg.run_name, resolved,
                           resume_from=resume_path if mode is Mode.train else None)
     trainer = instantiate(cfg.trainer, callbacks=[checkpoint, last_checkpoint, *callbacks], logger=logger,
@@ -344,9 +435,16 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         "data_source": getattr(datamodule, "source", None),
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
+    if mode is Mode.train and resume_path:
+        results["resumed_from"] = str(resume_path)
     try:
         if mode is Mode.train:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
+            except RunInterrupted as stop:
+                interrupt.requested = stop.signal_name
+            if interrupt.requested:  # saved and stopped (or fit had just ended): no test, partial results
+                raise RunStopped(interrupt.requested, _interrupted_results(results, trainer, run_dir, cfg))
             results["train"] = {k: v for k, v in _plain(dict(trainer.callback_metrics)).items()
                                 if k.startswith("train/")}
             results["val"] = {k: v for k, v in _plain(dict(trainer.callback_metrics)).items() if k.startswith("val/")}
@@ -363,16 +461,20 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             # The paper tests the last checkpoint, not the best (without one: the final in-memory weights).
             tested = results["last_checkpoint"]
             results["tested_checkpoint"] = tested or "final weights (no checkpoint written)"
-            results["test"] = _plain(trainer.test(module, datamodule=datamodule, ckpt_path=tested)[0])
+            results["test"] = _plain(trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True)[0])
         else:
             results["tested_checkpoint"] = cfg.ckpt_path
             if limit_val != 0:
-                results["val"] = _plain(trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)[0])
-            results["test"] = _plain(trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)[0])
+                results["val"] = _plain(trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path,
+                                                        weights_only=True)[0])
+            results["test"] = _plain(trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)[0])
         if trainer.is_global_zero:
             record_summary(logger, results)  # W&B: summary metrics and the checkpoints' paths
     finally:
         finish_logger(logger)
+        if earlier_metrics is not None:
+            join_metrics(run_dir, earlier_metrics)
+    results["status"] = "finished"
     results["monitor"] = cfg.task.monitor
     results["wall_time_s"] = round(time.time() - started, 1)
     if trainer.is_global_zero:
@@ -380,6 +482,95 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if cfg.print_summary:
             print(format_summary(results), flush=True)
     return results
+
+
+class RunStopped(Exception):
+    """Training was interrupted by a signal after saving a resumable checkpoint; `results` are the partial results
+    written to results.json (status "interrupted", with the command that resumes the run)."""
+
+    def __init__(self, signal_name: str, results: dict[str, Any]):
+        super().__init__(f"{signal_name}: {results.get('resume_command')}")
+        self.signal_name = signal_name
+        self.results = results
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + int(getattr(signal, self.signal_name, signal.SIGINT))
+
+
+def resume_command(checkpoint: str | Path, run_dir: str | Path) -> str:
+    """The command that continues this run from `checkpoint` in the same run directory (its metrics go on in the
+    same files): this run's own overrides, then ckpt_path= and hydra.run.dir=."""
+    import shlex
+
+    overrides: list[str] = ["<this run's overrides>"]
+    if HydraConfig.initialized():
+        overrides = [item for item in HydraConfig.get().overrides.task
+                     if not item.lstrip("+~").startswith(("ckpt_path=", "hydra.run.dir="))]
+    return shlex.join(["memoria-exp", *overrides, f"ckpt_path={checkpoint}", f"hydra.run.dir={run_dir}"])
+
+
+def _interrupted_results(results: dict[str, Any], trainer: Any, run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+    """results.json of an interrupted run: what is known so far, marked interrupted, with the resume command."""
+    last_path = run_dir / "checkpoints" / "last.ckpt"
+    metrics = _plain(dict(trainer.callback_metrics))
+    partial = {
+        **results,
+        "status": "interrupted",
+        "global_step": trainer.global_step,
+        "train": {key: value for key, value in metrics.items() if key.startswith("train/")},
+        "val": {key: value for key, value in metrics.items() if key.startswith("val/")},
+        "last_checkpoint": str(last_path) if last_path.is_file() else None,
+        "resume_command": resume_command(last_path, run_dir) if last_path.is_file() else None,
+        "monitor": cfg.task.monitor,
+    }
+    if trainer.is_global_zero:
+        write_text_atomic(run_dir / "results.json", json.dumps(partial, indent=2) + "\n")
+    return partial
+
+
+METRICS_FILE = "metrics.csv"
+EARLIER_METRICS = "metrics.before-resume.csv"
+
+
+def set_metrics_aside(run_dir: Path) -> Path | None:
+    """Before a resumed run's CSV logger starts (it deletes an existing metrics.csv): move the run's metrics so far
+    to metrics.before-resume.csv (appending to one an earlier resume left). None when there are none."""
+    current, earlier = run_dir / METRICS_FILE, run_dir / EARLIER_METRICS
+    if not current.is_file():
+        return earlier if earlier.is_file() else None
+    if earlier.is_file():
+        join_metrics(run_dir, earlier)  # an earlier resume that did not finish: fold it in first
+    os.replace(current, earlier)
+    return earlier
+
+
+def join_metrics(run_dir: Path, earlier: Path) -> None:
+    """metrics.csv = the rows before the resume, then the resumed run's rows (columns united); the set-aside file
+    is removed once the joined file is in place."""
+    import csv
+
+    current = run_dir / METRICS_FILE
+    if not earlier.is_file():
+        return
+    tables = []
+    for path in (earlier, current):
+        if path.is_file():
+            with open(path, newline="") as handle:
+                reader = csv.DictReader(handle)
+                tables.append((list(reader.fieldnames or []), list(reader)))
+    columns = sorted({column for fields, _ in tables for column in fields})
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for _, rows in tables:
+        writer.writerows(rows)
+    write_text_atomic(current, text.getvalue())
+    earlier.unlink()
 
 
 def objective(results: dict[str, Any]) -> float | None:
@@ -392,16 +583,11 @@ def objective(results: dict[str, Any]) -> float | None:
 
 
 def checkpoint_facts(path: Path, monitor: str | None) -> dict[str, Any]:
-    """global_step and the best checkpoint (path, score) recorded in a Lightning checkpoint; tensors are not read."""
-    import torch
+    """global_step and the best checkpoint (path, score) recorded in a Lightning checkpoint (read with
+    weights_only=True: experiment/checkpoints.py)."""
+    from experiment.checkpoints import checkpoint_facts as facts
 
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    facts: dict[str, Any] = {"global_step": int(state.get("global_step", 0))}
-    for key, callback_state in (state.get("callbacks") or {}).items():
-        if key.startswith("ModelCheckpoint") and monitor and repr(monitor) in key:
-            facts["best_model_path"] = callback_state.get("best_model_path") or None
-            facts["best_score"] = callback_state.get("best_model_score")
-    return facts
+    return facts(path, monitor)
 
 
 def format_summary(results: dict[str, Any]) -> str:
@@ -440,9 +626,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             analyze(cfg)
             return None
         return objective(run(cfg))  # a sweeper (hparams_search=...) reads the job's return value
-    except ConfigError as error:
+    except (ConfigError, CheckpointError) as error:
         log.error("memoria-exp: error: %s", error)
         sys.exit(2)
+    except RunStopped as stop:  # Ctrl-C / SIGTERM: saved; say how to go on
+        log.warning("memoria-exp: interrupted by %s; saved %s. Resume with:\n%s", stop.signal_name,
+                    stop.results.get("last_checkpoint"), stop.results.get("resume_command"))
+        sys.exit(stop.exit_code)
     except DataUnavailableError as error:  # offline / missing dataset: the message names the fix
         log.error("memoria-exp: data unavailable: %s", error)
         sys.exit(3)
