@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def read_enwik8(path: Path) -> bytes:
                 if len(names) != 1:
                     raise ValueError(f"{path} should hold exactly one file (enwik8), found {names}")
                 data = archive.read(names[0])  # checks the CRC
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as error:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError) as error:
             raise DataUnavailableError(
                 f"enwik8: task.data.path={path} is a damaged zip ({type(error).__name__}: {error}); download "
                 f"enwik8.zip again ({ENWIK8_URL}) or point task.data.path at the unpacked enwik8 file."
