@@ -221,3 +221,25 @@ def test_generated_corpus_and_tokenizer_from_options_alone(tmp_path, monkeypatch
                                     test_size=4)
     words = [len(a.text.split()) for a in short.articles]
     assert min(words) >= 6 + 1 + 5 and max(words) <= 6 + 1 + 10  # cues, the link's text, 5 to 10 filler words
+
+
+def test_the_hub_copy_is_read_like_the_files(tmp_path, monkeypatch):
+    import datasets
+
+    table = datasets.Dataset.from_dict({
+        "text": ["<p>Second <a href='x'>one</a></p>", "<p>First</p>\n<p>one</p>"],
+        "title": ["b", "a"], "hyperpartisan": [False, True], "url": ["u", "v"], "published_at": ["", ""],
+    })
+    seen = {}
+
+    def fake_split(dataset, hub_id, hub_config, revision, split):
+        seen.update(hub_id=hub_id, hub_config=hub_config, revision=revision, split=split)
+        return table
+
+    monkeypatch.setattr(hp, "load_hub_split", fake_split)
+    dm = HyperpartisanDataModule(path=None, hub_id="org/copy", hub_config="byarticle", revision="abc123")
+    articles = dm.articles
+    assert seen == {"hub_id": "org/copy", "hub_config": "byarticle", "revision": "abc123", "split": "train"}
+    assert [(a.id, a.text, a.label) for a in articles] == [("0000000", "Second one", 0), ("0000001", "First one", 1)]
+    assert dm._source_key() == {"source": "hub", "hub_id": "org/copy", "hub_config": "byarticle",
+                                "revision": "abc123"}
