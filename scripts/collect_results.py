@@ -6,7 +6,8 @@
     python scripts/collect_results.py --out docs/report --json all.json
 
 A run is a folder with `config_resolved.yaml` (written when the run starts) or Hydra's `.hydra/` (written before
-it); it is finished when it holds `results.json`. The report:
+it); it is finished when it holds `results.json` whose `status` is "finished" (or has none: older runs). The
+report:
 - groups finished runs by setting (everything in the resolved config but the seeds, paths and logging/speed
   switches; mode=eval runs apart from training runs) and averages the seeds: mean ± std (sample) and n. The setting
   columns: length and segment (sorting) or segment length and lanes (language modelling), training size, training
@@ -20,8 +21,9 @@ it); it is finished when it holds `results.json`. The report:
   against step, from each run's metrics.csv) per dataset;
 - classification: mean ± std over seeds per model and the one-tailed Welch t-tests
   (experiment/tasks/classification_stats.py);
-- runs without results.json listed apart (interrupted: a checkpoint exists; failed: none; possibly still running:
-  written to in the last 10 minutes), with their last logged step, never silently dropped;
+- runs without a finished results.json listed apart (interrupted: partial results with the resume command, or a
+  checkpoint without results; failed: none; possibly still running: written to in the last 10 minutes), with
+  their last logged step, never silently dropped;
 - every finished run, one row each.
 """
 
@@ -448,11 +450,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for path in paths:
         try:
-            rows.append(read_run(path))
+            row = read_run(path)
         except (OSError, ValueError, yaml.YAMLError) as error:
             print(f"skipped {path}: {error}", file=sys.stderr)
             unfinished.append({"run_dir": str(path.parent), "task": "?", "model": "?", "last_step": None,
                                "status": f"unreadable results.json ({error})", "overrides": "", "modified": "—"})
+            continue
+        status = row["results"].get("status", "finished")  # results.json before the status field: finished
+        if status != "finished":  # e.g. an interrupted run's partial results (with the command that resumes it)
+            u = read_unfinished(path.parent, now) or {"run_dir": str(path.parent), "overrides": "", "modified": "—"}
+            resume = row["results"].get("resume_command")
+            u.update(task=row["task"], model=row["model"], last_step=row["steps"],
+                     status=f"{status}" + (f"; resume: `{resume}`" if resume else ""))
+            unfinished.append(u)
+            continue
+        rows.append(row)
     rows.sort(key=lambda r: (r["task"], r["setting"], r["model"], str(r["seed"])))
     print(format_table(rows))
     if not args.no_report:

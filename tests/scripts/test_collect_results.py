@@ -106,6 +106,10 @@ def test_report_averages_seeds_lists_unfinished_runs_and_draws_figures(tmp_path,
     write_run(interrupted, None, sorting_config(4000, 256), curve=[(7, "train/loss", 3.0), (12, "train/loss", 2.9)])
     (interrupted / "checkpoints").mkdir()
     (interrupted / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    stopped = tmp_path / "outputs" / "stopped"  # Ctrl-C: partial results.json, status interrupted, resume command
+    write_run(stopped, {**sorting_results("memoria_gpt2_sort", 4, 0.0), "status": "interrupted", "test": {},
+                        "global_step": 33, "resume_command": "memoria-exp ckpt_path=last.ckpt"},
+              sorting_config(1000, 256))
     failed = runs / "mem" / "9"
     (failed / ".hydra").mkdir(parents=True)
     (failed / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["seed=9", "task.data.length=9"]))
@@ -138,6 +142,8 @@ def test_report_averages_seeds_lists_unfinished_runs_and_draws_figures(tmp_path,
     assert str(interrupted) in unfinished and "interrupted (checkpoint kept) | 12 |" in unfinished
     assert str(failed) in unfinished and "failed before it started" in unfinished and "seed=9" in unfinished
     assert str(analysis) not in report
+    assert str(stopped) in unfinished
+    assert "| interrupted; resume: `memoria-exp ckpt_path=last.ckpt` | 33 |" in unfinished
     # figures: one per segment size, learning curves per LM dataset; real PNGs the report links
     for name in ("sorting_segment256.png", "learning_curves_wikitext103.png"):
         assert (out / "figures" / name).read_bytes().startswith(PNG_MAGIC)
