@@ -301,12 +301,17 @@ def sorting_section(groups: list[dict], figures: Path, rel: str) -> list[str]:
     segments = sorted({g["setting_columns"].get("segment") for g in train}, key=lambda s: (s is None, s))
     for segment in segments:
         points = []
-        for g in train:
-            if g["setting_columns"].get("segment") != segment or "test/acc-final" not in g["metrics"]:
-                continue
+        mine = [g for g in train if g["setting_columns"].get("segment") == segment and "test/acc-final" in g["metrics"]]
+
+        def rest(g: dict) -> str:  # what sets a line apart besides the length
+            cols = {k: v for k, v in g["setting_columns"].items() if k not in ("length", "segment")}
+            return ", ".join([*(str(v) for v in cols.values()), *([g["variant"]] if g["variant"] else [])])
+
+        for g in mine:
             mean, std, n = g["metrics"]["test/acc-final"]
             free = g["metrics"].get("test/memoryless-acc")
-            label = g["model"] if not g["variant"] else f"{g['model']} ({g['variant']})"
+            several = len({rest(h) for h in mine if h["model"] == g["model"]}) > 1
+            label = f"{g['model']} ({rest(g)})" if several else g["model"]
             points.append({"model": label, "length": g["setting_columns"].get("length"), "mean": mean, "std": std,
                            "n": n, "memoryless": free[0] if free else None})
         if not points:
