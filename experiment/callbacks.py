@@ -92,6 +92,9 @@ class InterruptCheckpoint(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore()  # before Lightning's teardown puts back the handlers from before fit
+
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore()
 

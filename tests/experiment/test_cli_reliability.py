@@ -282,6 +282,7 @@ def test_a_signal_mid_epoch_saves_and_the_resumed_run_ends_as_an_uninterrupted_o
     assert f"ckpt_path={partial['last_checkpoint']}" in partial["resume_command"]
     assert f"hydra.run.dir={tmp_path / 'run'}" in partial["resume_command"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
     resumed = run(compose_config([*base, f"ckpt_path={partial['last_checkpoint']}"]), run_dir=tmp_path / "run")
     assert resumed["status"] == "finished" and resumed["resumed_from"] == partial["last_checkpoint"]
