@@ -353,6 +353,13 @@ def _array(values: list) -> np.ndarray:
     return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
+def _trim_lags(ax, lags: np.ndarray, values: np.ndarray) -> None:
+    """The x axis up to the last lag with a value (a short stream has none at long lags)."""
+    known = lags[np.isfinite(values)]
+    if len(known):
+        ax.set_xlim(lags.min() - 0.5, known.max() + 0.5)
+
+
 def draw_figures(metrics: dict[str, Any], out_dir: str | Path, title: str = "") -> list[Path]:
     """The four PNGs from `analysis_metrics`' numbers; returns their paths."""
     from experiment.figures import new_figure, save_figure
@@ -383,6 +390,7 @@ def draw_figures(metrics: dict[str, Any], out_dir: str | Path, title: str = "") 
     twin.set_ylabel("pairs")
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
+    _trim_lags(ax, lag, _array(ct["mean_weight"]))
     ax.legend(loc="upper right")
     paths.append(save_figure(fig, out_dir / "contiguity.png"))
 
@@ -391,6 +399,7 @@ def draw_figures(metrics: dict[str, Any], out_dir: str | Path, title: str = "") 
     ax.plot(ac["lag"], _array(ac["p_rereminded"]), "o-", label="reminded again at t + lag")
     ax.plot(ac["lag"], _array(ac["p_shuffled"]), "x--", color="grey", label="shuffled steps (control)")
     ax.set(xlabel="lag (steps)", ylabel="probability", title=f"Retrieval autocorrelation{sub}")
+    _trim_lags(ax, _array(ac["lag"]), np.fmax(_array(ac["p_rereminded"]), _array(ac["p_shuffled"])))
     ax.legend()
     paths.append(save_figure(fig, out_dir / "autocorrelation.png"))
 
