@@ -9,7 +9,12 @@ query-key distance, and the attention score of query i and key j is (Dai et al. 
 
 with two learned global biases u (content) and v (position), one pair per layer when `untie_r`.
 The output is a full softmax over the vocabulary: the paper's configs have a single adaptive-softmax cluster
-that covers the whole vocabulary (cutoffs = [vocab_size]), which is a full softmax.
+that covers the whole vocabulary (cutoffs = [vocab_size]), which is a full softmax. With `projections` (on in
+every config of conf/model/, as the reference's adaptive embedding with div_val 4 has them) the word embedding
+reaches the layers through an input projection and the tied output reads the last hidden state through an
+output projection of its own. Without them the tied head scores the current input token from the start: at
+init a post-LN model puts ~40% of its probability on it (5% uniform), and on sorting, where an answer never
+repeats its input, the model collapses below chance (docs/results.md).
 
 Carried state (the memory protocol): one (B, M, d_model) tensor per layer plus a (B, M) validity mask shared
 by all layers; M grows to `mem_len`. Rows whose memory was reset keep zeros marked invalid, so attention never
@@ -52,6 +57,7 @@ class TransformerXLConfig(PretrainedConfig):
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+    projections: bool = False  # input and output projections around the tied embedding (see the module docstring)
 
     def __post_init__(self, **kwargs):
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner"):
@@ -195,6 +201,8 @@ class TransformerXLModel(nn.Module):
         super().__init__()
         self.config = config
         self.word_emb = nn.Embedding(config.vocab_size, config.d_model)
+        # the adaptive embedding's projection of its one cluster (reference: div_val 4), or none
+        self.emb_proj = nn.Linear(config.d_model, config.d_model, bias=False) if config.projections else None
         self.emb_scale = config.d_model**0.5
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([TransformerXLLayer(config) for _ in range(config.n_layer)])
@@ -217,7 +225,10 @@ class TransformerXLModel(nn.Module):
         config = self.config
         Q, M = input_ids.size(1), mem_valid.size(1)
         K = M + Q
-        h = self.drop(self.word_emb(input_ids) * self.emb_scale)  # (B, Q, d)
+        emb = self.word_emb(input_ids)  # (B, Q, d)
+        if self.emb_proj is not None:
+            emb = self.emb_proj(emb)
+        h = self.drop(emb * self.emb_scale)  # (B, Q, d)
 
         distances = torch.arange(K - 1, -1, -1, device=h.device, dtype=torch.float32)  # (K,) farthest first
         if config.clamp_len > 0:
@@ -272,6 +283,9 @@ class TransformerXLLMHeadModel(TransformerXLPreTrainedModel, MemoryProtocol):
     def __init__(self, config: TransformerXLConfig):
         super().__init__(config)
         self.transformer = TransformerXLModel(config)
+        # the adaptive softmax's output projection of its one cluster, not tied to the input's (reference: tie_projs
+        # False for the first cluster), or none
+        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False) if config.projections else None
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=True)
         self._mems: list[torch.Tensor] | None = None  # n_layer x (B, M, d); None = empty
         self._mem_valid: torch.Tensor | None = None  # (B, M) bool
@@ -306,7 +320,7 @@ class TransformerXLLMHeadModel(TransformerXLPreTrainedModel, MemoryProtocol):
         mems, mem_valid = self._memory_for(B, input_ids.device)
 
         hidden, layer_inputs = self.transformer(input_ids, mems, mem_valid, token_valid)
-        logits = self.lm_head(hidden)  # (B, Q, V)
+        logits = self.lm_head(hidden if self.out_proj is None else self.out_proj(hidden))  # (B, Q, V)
         self._update_memory(mems, mem_valid, layer_inputs, token_valid)
 
         aux_loss = logits.new_zeros(())

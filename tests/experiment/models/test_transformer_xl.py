@@ -62,8 +62,9 @@ def test_attention_allowed_causal_and_same_length_window():
     assert torch.equal(windowed, expected)
 
 
-def test_forward_backward_reaches_every_parameter():
-    model = tiny_model().train()
+@pytest.mark.parametrize("projections", [False, True])
+def test_forward_backward_reaches_every_parameter(projections):
+    model = tiny_model(projections=projections).train()
     for x in segments():
         out = model(x, labels=x)
         assert out.logits.shape == (2, 8, 21) and out.hidden_states.shape == (2, 8, 32)
@@ -161,10 +162,29 @@ def test_get_set_state_continues_identically_and_refuses_foreign_state():
         model.set_memory_state(dict(state, mems=state["mems"][:1]))
 
 
-def test_save_load_round_trip_gives_same_logits(tmp_path):
+def test_projections_stop_the_tied_head_from_scoring_the_input_token():
+    """Without the reference's projections, the post-LN stack hands the (scaled) input embedding to the tied head,
+    which then favours the current input token from the start; with them the start is near uniform."""
+
+    def probability_of_the_input(model):
+        x = torch.randint(0, 21, (8, 16), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            probs = model(x).logits.softmax(-1)
+        return probs.gather(-1, x[..., None]).mean().item()
+
+    # the width of experiment=sort_cpu's model (the bias grows with it: the logit is ~ init std^2 x width x scale)
+    assert probability_of_the_input(tiny_model(d_model=128, d_head=32)) > 0.2  # 1/21 = 0.048 would be uniform
+    assert probability_of_the_input(tiny_model(d_model=128, d_head=32, projections=True)) < 0.07
+    model = tiny_model(projections=True)
+    assert model.lm_head.weight.data_ptr() == model.transformer.word_emb.weight.data_ptr()  # still tied
+    assert not torch.equal(model.out_proj.weight, model.transformer.emb_proj.weight)  # projections not tied
+
+
+@pytest.mark.parametrize("projections", [False, True])
+def test_save_load_round_trip_gives_same_logits(tmp_path, projections):
     from transformers import AutoModelForCausalLM
 
-    model = tiny_model()
+    model = tiny_model(projections=projections)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, TransformerXLLMHeadModel)
@@ -203,6 +223,7 @@ def test_conf_entries_have_the_paper_shapes():
         got = (config.n_layer, config.d_model, config.n_head, config.d_head, config.d_inner, config.mem_len)
         assert got == shape, name
         assert config.same_length and config.clamp_len == 1000 and config.untie_r and config.dropatt == 0.0
+        assert config.projections  # the reference's adaptive embedding (div_val 4) projects its one cluster
 
 
 def test_malformed_segments_are_refused():
