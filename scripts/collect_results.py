@@ -81,10 +81,11 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def fingerprint(config: dict) -> dict[str, Any]:
-    """The config keys that define what a run measures (seeds, paths, logging and speed switches left out)."""
+    """The config keys that define what a run measures (seeds, paths, logging and speed switches left out; a null
+    value counts as unset, so a run from before an option existed matches one that leaves it at null)."""
     flat = flatten(config or {})
     return {key: value for key, value in flat.items()
-            if key.split(".")[0] not in IGNORED_KEYS and not key.startswith("logger.")
+            if value is not None and key.split(".")[0] not in IGNORED_KEYS and not key.startswith("logger.")
             and not key.rsplit(".", 1)[-1].endswith(IGNORED_SUFFIXES)}
 
 
@@ -215,13 +216,34 @@ def group_runs(rows: list[dict]) -> list[dict]:
     for siblings in by_columns.values():
         if len(siblings) < 2:
             continue
-        keys = sorted({k for g in siblings for k in g["fingerprint"]})
-        differ = [k for k in keys if len({json.dumps(g["fingerprint"].get(k), default=str) for g in siblings}) > 1]
         for group in siblings:
-            group["variant"] = ", ".join(f"{k}={group['fingerprint'].get(k)}" for k in differ)
-    out.sort(key=lambda g: (g["task"], json.dumps(g["setting_columns"], sort_keys=True, default=str), g["model"],
-                            g["variant"]))
+            group["variant"] = variant_text(group, siblings)
+    out.sort(key=lambda g: (g["task"], *(_order(v) for v in g["setting_columns"].values()), g["model"],
+                            -len(g["runs"]), g["variant"]))
     return out
+
+
+def _order(value: Any) -> tuple:
+    """Numbers in numeric order, before text."""
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def variant_text(group: dict, siblings: list[dict]) -> str:
+    """What sets `group` apart from its siblings (same model and setting columns): the keys with two or more values
+    among them, and options set in some but not others (`unset` where not set). Memory options set in some runs
+    only (options added after older runs, left at their defaults) are named only where values differ, and
+    model.config.memoria_<x> not where memory.<x> already is (the model's copy of the memory group)."""
+    keys = sorted({k for g in siblings for k in g["fingerprint"]})
+    shown = []
+    for key in keys:
+        values = [g["fingerprint"].get(key) for g in siblings]
+        distinct = {json.dumps(v, default=str) for v in values if v is not None}
+        partly_set = None in values and not key.startswith(("memory.", "model.config.memoria_"))
+        if len(distinct) > 1 or (partly_set and distinct):
+            shown.append(key)
+    shown = [k for k in shown if not (k.startswith("model.config.memoria_")
+                                      and f"memory.{k.removeprefix('model.config.memoria_')}" in shown)]
+    return ", ".join(f"{k}={group['fingerprint'].get(k, 'unset')}" for k in shown)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -282,7 +304,8 @@ def sorting_section(groups: list[dict], figures: Path, rel: str) -> list[str]:
     paper = {(m, length, seg): (lo, hi) for m, length, seg, lo, hi in PAPER["sorting"]}
     lines = ["## Sorting", "", "Test accuracy on the 20 target tokens (mean ± std over seeds, n seeds); the "
              "memory-less line is what a perfect counter that sees only the target's segment scores on the same "
-             "examples (experiments.md §e.2): everything above it came through memory.", "",
+             "examples (experiments.md §e.2): everything above it came through memory. The figures show, per model "
+             "and length, the setting with the most seeds; this table lists every setting.", "",
              f"| model | {' | '.join(columns)} | variant | mode | n | accuracy | memory-less line | above it | "
              f"{PAPER_LABEL} |", "|---|" + "---|" * (len(columns) + 7)]
     for g in groups:
@@ -307,10 +330,17 @@ def sorting_section(groups: list[dict], figures: Path, rel: str) -> list[str]:
             cols = {k: v for k, v in g["setting_columns"].items() if k not in ("length", "segment")}
             return ", ".join([*(str(v) for v in cols.values()), *([g["variant"]] if g["variant"] else [])])
 
+        # one point per model and length: the setting with the most seeds (the table lists every setting)
+        best: dict[tuple, dict] = {}
+        for g in mine:
+            key = (g["model"], g["setting_columns"].get("length"))
+            if key not in best or len(g["runs"]) > len(best[key]["runs"]):
+                best[key] = g
+        mine = list(best.values())
         for g in mine:
             mean, std, n = g["metrics"]["test/acc-final"]
             free = g["metrics"].get("test/memoryless-acc")
-            several = len({rest(h) for h in mine if h["model"] == g["model"]}) > 1
+            several = len({rest(h) for h in mine if h["model"] == g["model"]}) > 1  # e.g. other training sizes
             label = f"{g['model']} ({rest(g)})" if several else g["model"]
             points.append({"model": label, "length": g["setting_columns"].get("length"), "mean": mean, "std": std,
                            "n": n, "memoryless": free[0] if free else None})
