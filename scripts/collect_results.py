@@ -326,9 +326,8 @@ def sorting_section(groups: list[dict], figures: Path, rel: str) -> list[str]:
         points = []
         mine = [g for g in train if g["setting_columns"].get("segment") == segment and "test/acc-final" in g["metrics"]]
 
-        def rest(g: dict) -> str:  # what sets a line apart besides the length
-            cols = {k: v for k, v in g["setting_columns"].items() if k not in ("length", "segment")}
-            return ", ".join([*(str(v) for v in cols.values()), *([g["variant"]] if g["variant"] else [])])
+        def rest(g: dict) -> str:  # what sets a line apart besides the length (the table names any variant)
+            return ", ".join(str(v) for k, v in g["setting_columns"].items() if k not in ("length", "segment"))
 
         # one point per model and length: the setting with the most seeds (the table lists every setting)
         best: dict[tuple, dict] = {}
