@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all run reproduce results lint clean
+.PHONY: install test test-all run sort-cpu-study reproduce results lint clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,16 @@ test-all: install  # includes the slow tests
 
 run: install  # the embedded default: a small Memoria GPT-2 on generated sorting data, CPU, a few minutes
 	$(BIN)/memoria-exp
+
+# The CPU sorting study of docs/results.md: five models x three lengths x two seeds (experiment=sort_cpu), the two
+# seeds side by side (one core each), then its report (results/sort_cpu_study/report.md and its figure).
+SORT_CPU_MODELS ?= memoria_gpt2_sort_cpu,gpt2_sort_cpu,transformer_xl_sort_cpu,compressive_sort_cpu,infinity_former_sort_cpu
+sort-cpu-study: install
+	for seed in 1 2; do \
+		OMP_NUM_THREADS=1 $(BIN)/memoria-exp -m experiment=sort_cpu model=$(SORT_CPU_MODELS) task.data.length=44,108,172 \
+			seed=$$seed trainer.enable_progress_bar=false hydra.sweep.dir=multirun/sort_cpu_study/seed$$seed & \
+	done; wait
+	$(BIN)/python scripts/collect_results.py multirun/sort_cpu_study --out results/sort_cpu_study
 
 # The paper's tables on a GPU machine with internet (days of GPU time): WikiText-103, PG-19 and enwik8 for every model,
 # then the sorting grid (lengths x segment sizes) for every model; `make results` tables what has finished.

@@ -63,7 +63,27 @@ def test_sort_paper_preset_holds_the_paper_settings():
     assert (data.num_train, data.num_dev, data.num_test, data.batch_size, data.eval_batch_size) == (
         80000, 800, 800, 32, 1)
     assert cfg.trainer.max_epochs == 5 and cfg.seed == 42 and cfg.trainer.precision == "32-true"
+    assert module.warmup_steps == 750  # the paper's 6% of 12,500 steps, kept absolute for shorter runs
     assert compose_config(["experiment=sort_paper", "model=transformer_xl_sort"]).model.name == "transformer_xl_sort"
+    assert compose_config(["experiment=sort_quick"]).task.module.warmup_steps == 200
+
+
+SORT_CPU_MODELS = ["memoria_gpt2_sort_cpu", "gpt2_sort_cpu", "transformer_xl_sort_cpu", "compressive_sort_cpu",
+                   "infinity_former_sort_cpu"]
+
+
+@pytest.mark.parametrize("model", SORT_CPU_MODELS)
+def test_sort_cpu_study_runs_one_step_of_every_model(model, tmp_path):
+    """experiment=sort_cpu at its shortest length (two segments): one optimizer step, validation and test, and the
+    memory-less line of the test examples beside the accuracy."""
+    cfg = compose_config(["experiment=sort_cpu", f"model={model}", "task.data.length=44", "task.data.num_train=32",
+                          "task.data.num_dev=8", "task.data.num_test=8", "trainer.max_steps=1", "logger=none"])
+    assert cfg.task.module.segment_size == 32 and cfg.task.module.warmup_steps == 150
+    assert (cfg.task.data.length + 20) % cfg.task.module.segment_size == 0  # the answer's segment shows 12 symbols
+    results = run(cfg, run_dir=tmp_path)
+    assert results["global_step"] == 1
+    assert 0.0 <= results["test"]["test/acc-final"] <= 1.0
+    assert 0.0 < results["test"]["test/memoryless-acc"] <= 1.0
 
 
 @pytest.mark.parametrize("model", SEQUENCE_TINY_MODELS)
