@@ -304,8 +304,9 @@ def sorting_section(groups: list[dict], figures: Path, rel: str) -> list[str]:
     paper = {(m, length, seg): (lo, hi) for m, length, seg, lo, hi in PAPER["sorting"]}
     lines = ["## Sorting", "", "Test accuracy on the 20 target tokens (mean ± std over seeds, n seeds); the "
              "memory-less line is what a perfect counter that sees only the target's segment scores on the same "
-             "examples (experiments.md §e.2): everything above it came through memory. The figures show, per model "
-             "and length, the setting with the most seeds; this table lists every setting.", "",
+             "examples (experiments.md §e.2): everything above it came through memory. A figure's line joins the "
+             "settings of a model that differ only in L; per model it draws the lines that span the most lengths "
+             "(single-length variants are in this table only).", "",
              f"| model | {' | '.join(columns)} | variant | mode | n | accuracy | memory-less line | above it | "
              f"{PAPER_LABEL} |", "|---|" + "---|" * (len(columns) + 7)]
     for g in groups:
@@ -326,23 +327,25 @@ def sorting_section(groups: list[dict], figures: Path, rel: str) -> list[str]:
         points = []
         mine = [g for g in train if g["setting_columns"].get("segment") == segment and "test/acc-final" in g["metrics"]]
 
-        def rest(g: dict) -> str:  # what sets a line apart besides the length (the table names any variant)
-            return ", ".join(str(v) for k, v in g["setting_columns"].items() if k not in ("length", "segment"))
-
-        # one point per model and length: the setting with the most seeds (the table lists every setting)
-        best: dict[tuple, dict] = {}
+        # A line joins the settings of a model that differ only in the length; per model the lines that span the
+        # most lengths are drawn (single-length ablations stay in the table), named by what sets them apart.
+        by_line: dict[str, list[dict]] = {}
         for g in mine:
-            key = (g["model"], g["setting_columns"].get("length"))
-            if key not in best or len(g["runs"]) > len(best[key]["runs"]):
-                best[key] = g
-        mine = list(best.values())
-        for g in mine:
-            mean, std, n = g["metrics"]["test/acc-final"]
-            free = g["metrics"].get("test/memoryless-acc")
-            several = len({rest(h) for h in mine if h["model"] == g["model"]}) > 1  # e.g. other training sizes
-            label = f"{g['model']} ({rest(g)})" if several else g["model"]
-            points.append({"model": label, "length": g["setting_columns"].get("length"), "mean": mean, "std": std,
-                           "n": n, "memoryless": free[0] if free else None})
+            rest = {k: v for k, v in g["fingerprint"].items() if k != "task.data.length"}
+            by_line.setdefault(json.dumps([g["model"], rest], sort_keys=True, default=str), []).append(g)
+        for model in sorted({g["model"] for g in mine}):
+            candidates = [line for line in by_line.values() if line[0]["model"] == model]
+            most = max(len(line) for line in candidates)
+            drawn = [line for line in candidates if len(line) == most]
+            heads = [{"fingerprint": {k: v for k, v in line[0]["fingerprint"].items() if k != "task.data.length"}}
+                     for line in drawn]
+            for line, head in zip(drawn, heads):
+                label = model if len(drawn) == 1 else f"{model} ({variant_text(head, heads)})"
+                for g in line:
+                    mean, std, n = g["metrics"]["test/acc-final"]
+                    free = g["metrics"].get("test/memoryless-acc")
+                    points.append({"model": label, "length": g["setting_columns"].get("length"), "mean": mean,
+                                   "std": std, "n": n, "memoryless": free[0] if free else None})
         if not points:
             continue
         name = f"sorting_segment{segment}.png"
