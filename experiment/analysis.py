@@ -488,6 +488,7 @@ def analyze(cfg: Any) -> dict[str, Any]:
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
+    from experiment.checkpoints import read_checkpoint
     from experiment.cli import ConfigError, write_text_atomic
     from experiment.models import build_model
 
@@ -514,7 +515,7 @@ def analyze(cfg: Any) -> dict[str, Any]:
         raise ConfigError(f"mode=analyze studies Memoria's engrams, but model {cfg.model.name} has no Memoria; "
                           "analyse a memoria_gpt2* run.")
     module = instantiate(cfg.task.module, model=model)
-    state = torch.load(Path(cfg.ckpt_path).expanduser(), map_location="cpu", weights_only=False)
+    state = read_checkpoint(cfg.ckpt_path)  # weights_only: nothing in the file runs
     try:
         module.load_state_dict(state["state_dict"])
     except RuntimeError as error:

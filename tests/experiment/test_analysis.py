@@ -259,3 +259,22 @@ def test_memoria_exp_mode_analyze_from_the_command_line(tiny_run, tmp_path):
     missing = subprocess.run([PYTHON, "-m", "experiment.cli", "mode=analyze", f"hydra.run.dir={tmp_path / 'h2'}"],
                              cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "add ckpt_path=" in missing.stderr + missing.stdout
+
+
+def test_analyze_never_unpickles_code_from_a_checkpoint(tiny_run, tmp_path):
+    import pathlib
+
+    from experiment.checkpoints import CheckpointError
+
+    class Planted:  # unpickling it would create a file (it could run anything)
+        def __reduce__(self):
+            return (pathlib.Path.touch, (tmp_path / "code-ran",))
+
+    state = torch.load(tiny_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state["hyper_parameters"] = {"payload": Planted()}
+    planted = tmp_path / "checkpoints" / "last.ckpt"
+    planted.parent.mkdir()
+    torch.save(state, planted)
+    with pytest.raises(CheckpointError, match="unpickling can run code"):
+        analysis.analyze(compose_config(["mode=analyze", f"ckpt_path={planted}", "analysis.num_examples=4"]))
+    assert not (tmp_path / "code-ran").exists()
