@@ -330,9 +330,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     run_dir: where outputs go; defaults to Hydra's run directory (needed when called outside a Hydra app).
     """
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-
     import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
     from experiment.callbacks import CudaGraphStepMarker, InterruptCheckpoint, RunInterrupted
     from experiment.checkpoints import check_weights_match, read_checkpoint, safe_globals
@@ -461,13 +460,15 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             # The paper tests the last checkpoint, not the best (without one: the final in-memory weights).
             tested = results["last_checkpoint"]
             results["tested_checkpoint"] = tested or "final weights (no checkpoint written)"
-            results["test"] = _plain(trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True)[0])
+            results["test"] = _plain(trainer.test(module, datamodule=datamodule, ckpt_path=tested,
+                                                  weights_only=True)[0])
         else:
             results["tested_checkpoint"] = cfg.ckpt_path
             if limit_val != 0:
                 results["val"] = _plain(trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path,
                                                         weights_only=True)[0])
-            results["test"] = _plain(trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)[0])
+            results["test"] = _plain(trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path,
+                                                  weights_only=True)[0])
         if trainer.is_global_zero:
             record_summary(logger, results)  # W&B: summary metrics and the checkpoints' paths
     finally:

@@ -59,7 +59,7 @@ from transformers.pytorch_utils import apply_chunking_to_forward
 from memoria import Abstractor, EngramType, Memoria
 
 from .gpt2_memoria import WEIGHT_FORMS, MemorySource, lifespan_delta, memory_source
-from .protocol import MemoryModelOutput, MemoryProtocol
+from .protocol import MemoryModelOutput, MemoryOfBaseModel, MemoryProtocol
 
 log = logging.getLogger(__name__)
 
@@ -475,10 +475,11 @@ class MemoriaBertModel(MemoriaEncoderModel, MemoriaBertPreTrainedModel):
         self.embeddings.word_embeddings = value
 
 
-class MemoriaBertForSequenceClassification(MemoriaBertPreTrainedModel, MemoryProtocol):
+class MemoriaBertForSequenceClassification(MemoriaBertPreTrainedModel, MemoryOfBaseModel):
     """BertForSequenceClassification's head (pooler on token 0 → dropout → linear) on the Memoria trunk."""
 
     memory_kind = BERT_KIND
+    memory_base = "bert"
 
     def __init__(self, config: MemoriaBertConfig):
         super().__init__(config)
@@ -488,22 +489,6 @@ class MemoriaBertForSequenceClassification(MemoriaBertPreTrainedModel, MemoryPro
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
-
-    @property
-    def max_segment_length(self) -> int:
-        return self.bert.max_segment_length
-
-    def reset_memory(self, rows: torch.Tensor | None = None) -> None:
-        self.bert.reset_memory(rows)
-
-    def get_memory_state(self) -> dict[str, Any]:
-        return self.bert.get_memory_state()
-
-    def set_memory_state(self, state: dict[str, Any]) -> None:
-        self.bert.set_memory_state(state)
-
-    def memory_stats(self) -> dict[str, float]:
-        return self.bert.memory_stats()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -554,10 +539,11 @@ class MemoriaRobertaModel(MemoriaEncoderModel, MemoriaRobertaPreTrainedModel):
         self.embeddings.word_embeddings = value
 
 
-class MemoriaRobertaForSequenceClassification(MemoriaRobertaPreTrainedModel, MemoryProtocol):
+class MemoriaRobertaForSequenceClassification(MemoriaRobertaPreTrainedModel, MemoryOfBaseModel):
     """RobertaForSequenceClassification's head (dense, tanh, out_proj on token 0) on the Memoria trunk."""
 
     memory_kind = ROBERTA_KIND
+    memory_base = "roberta"
 
     def __init__(self, config: MemoriaRobertaConfig):
         super().__init__(config)
@@ -565,22 +551,6 @@ class MemoriaRobertaForSequenceClassification(MemoriaRobertaPreTrainedModel, Mem
         self.roberta = MemoriaRobertaModel(config)
         self.classifier = RobertaClassificationHead(config)
         self.post_init()
-
-    @property
-    def max_segment_length(self) -> int:
-        return self.roberta.max_segment_length
-
-    def reset_memory(self, rows: torch.Tensor | None = None) -> None:
-        self.roberta.reset_memory(rows)
-
-    def get_memory_state(self) -> dict[str, Any]:
-        return self.roberta.get_memory_state()
-
-    def set_memory_state(self, state: dict[str, Any]) -> None:
-        self.roberta.set_memory_state(state)
-
-    def memory_stats(self) -> dict[str, float]:
-        return self.roberta.memory_stats()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,

@@ -33,7 +33,7 @@ from memoria import Abstractor, EngramType, Memoria
 from memoria.memoria import LTM_SEARCHES
 
 from .gpt2 import causal_lm_loss
-from .protocol import MemoryModelOutput, MemoryProtocol
+from .protocol import MemoryModelOutput, MemoryOfBaseModel, MemoryProtocol
 
 MEMORY_KIND = "gpt2_with_memoria"
 WEIGHT_FORMS = ("exp", "neg_sq")
@@ -786,7 +786,7 @@ class GPT2WithMemoriaModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
         return MemoryModelOutput(loss=None, logits=None, aux_loss=aux_loss, hidden_states=hidden)
 
 
-class GPT2WithMemoriaLMHeadModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol):
+class GPT2WithMemoriaLMHeadModel(GPT2WithMemoriaPreTrainedModel, MemoryOfBaseModel):
     """GPT-2 with Memoria and a language-modelling head tied to the token embedding."""
 
     memory_kind = MEMORY_KIND
@@ -797,22 +797,6 @@ class GPT2WithMemoriaLMHeadModel(GPT2WithMemoriaPreTrainedModel, MemoryProtocol)
         self.transformer = GPT2WithMemoriaModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
-
-    @property
-    def max_segment_length(self) -> int:
-        return self.transformer.max_segment_length
-
-    def reset_memory(self, rows: torch.Tensor | None = None) -> None:
-        self.transformer.reset_memory(rows)
-
-    def get_memory_state(self) -> dict[str, Any]:
-        return self.transformer.get_memory_state()
-
-    def set_memory_state(self, state: dict[str, Any]) -> None:
-        self.transformer.set_memory_state(state)
-
-    def memory_stats(self) -> dict[str, float]:
-        return self.transformer.memory_stats()
 
     def forward(
         self,

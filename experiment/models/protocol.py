@@ -75,5 +75,32 @@ class MemoryProtocol:
             )
 
 
+class MemoryOfBaseModel(MemoryProtocol):
+    """The protocol of a model with a head (LM or classifier) whose memory lives in its base model: every call goes
+    to the attribute that `memory_base` names (`transformer`, `bert`, `roberta`)."""
+
+    memory_base: str = "transformer"
+
+    @property
+    def _memory_owner(self) -> MemoryProtocol:
+        return getattr(self, self.memory_base)
+
+    @property
+    def max_segment_length(self) -> int:
+        return self._memory_owner.max_segment_length
+
+    def reset_memory(self, rows: torch.Tensor | None = None) -> None:
+        self._memory_owner.reset_memory(rows)
+
+    def get_memory_state(self) -> dict[str, Any]:
+        return self._memory_owner.get_memory_state()
+
+    def set_memory_state(self, state: dict[str, Any]) -> None:
+        self._memory_owner.set_memory_state(state)
+
+    def memory_stats(self) -> dict[str, float]:
+        return self._memory_owner.memory_stats()
+
+
 def no_memory_state(kind: str) -> dict[str, Any]:
     return {"memory_kind": kind}

@@ -9,7 +9,6 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -203,7 +202,8 @@ def test_every_tiny_model_and_preset_still_validates():
     from experiment.cli import validate_config
 
     for overrides in (["model=gpt2_tiny"], ["model=memoria_gpt2_tiny"], ["model=transformer_xl_tiny"],
-                      ["model=compressive_tiny"], ["model=infinity_former_tiny"], ["experiment=sort_paper", "trainer.accelerator=cpu"],
+                      ["model=compressive_tiny"], ["model=infinity_former_tiny"],
+                      ["experiment=sort_paper", "trainer.accelerator=cpu"],
                       ["experiment=wikitext103", "trainer.accelerator=cpu"]):
         validate_config(compose_config(overrides))
     with pytest.raises(ConfigError, match=r"model\.config\.n_layr is not an option"):
@@ -297,7 +297,8 @@ def test_a_signal_mid_epoch_saves_and_the_resumed_run_ends_as_an_uninterrupted_o
 
     with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
         steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss_step")]
-    assert steps[0] < partial["global_step"] <= steps[-1] and not (tmp_path / "run" / "metrics.before-resume.csv").exists()
+    assert steps[0] < partial["global_step"] <= steps[-1]
+    assert not (tmp_path / "run" / "metrics.before-resume.csv").exists()
 
 
 def test_ctrl_c_in_the_cli_prints_the_resume_command_and_exits_130(tmp_path):
