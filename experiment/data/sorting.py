@@ -502,6 +502,57 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return len(range(self.rank, len(self.dataset), self.num_replicas))
 
 
+class EpochShuffle(torch.utils.data.Sampler):
+    """The training order: a permutation drawn from (seed, epoch) alone, so a run resumed in the middle of an
+    epoch can replay it. Lightning calls `set_epoch` at each epoch's start; `skip` leaves out the epoch's first
+    indices (the batches a resumed run already trained on) in every pass over this epoch, until the next one
+    starts (Lightning may start and drop an iterator before the one it trains on)."""
+
+    def __init__(self, num_examples: int, seed: int):
+        self.num_examples, self.seed, self.epoch, self.skip = num_examples, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_examples, generator=generator)[self.skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+
+class ResumableTrainLoader(DataLoader):
+    """The training loader, resumable: its state is the epoch and the batches served in it. The DataModule saves
+    it in every checkpoint (Lightning's datamodule state: the loop's own loader state is not restored when the
+    optimizer's schedule built the loader first); a run resumed mid-epoch continues with the batches it had not
+    seen yet."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, **kwargs: Any):
+        self.shuffle_order = EpochShuffle(len(dataset), seed)
+        # a generator of its own: the iterator's worker seed is otherwise drawn from the global RNG at each
+        # epoch's start, which a resumed run would draw at another point of the dropout stream
+        super().__init__(dataset, batch_size=batch_size, sampler=self.shuffle_order, drop_last=False,
+                         generator=torch.Generator().manual_seed(seed), **kwargs)
+        self._served = 0
+
+    def __iter__(self):
+        self._served = self.shuffle_order.skip // self.batch_size
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.shuffle_order.epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.shuffle_order.epoch = int(state["epoch"])
+        self.shuffle_order.skip = int(state["batches"]) * self.batch_size
+        self._served = int(state["batches"])
+
+
 class SortingDataModule(L.LightningDataModule):
     """Generated (or given) sorting data. `vocab_size` is 21 once `setup()` ran.
 
@@ -526,6 +577,8 @@ class SortingDataModule(L.LightningDataModule):
         self.vocab_size = VOCAB_SIZE
         self.splits: dict[str, SortingDataset] = {}
         self.source: str | None = None
+        self._train_loader: ResumableTrainLoader | None = None
+        self._train_state: dict[str, int] | None = None  # restored before the loader exists
 
     def _path(self) -> Path:
         if self.data_file:
@@ -567,8 +620,27 @@ class SortingDataModule(L.LightningDataModule):
         return self.length + NUM_TARGETS
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, drop_last=False, pin_memory=pin_memory_for(self.trainer))
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:  # Lightning's DistributedSampler (seeded per epoch)
+            return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True,
+                              num_workers=self.num_workers, drop_last=False, pin_memory=pin_memory_for(trainer))
+        self._train_loader = ResumableTrainLoader(self.splits["train"], self.batch_size, self.seed,
+                                                  num_workers=self.num_workers, pin_memory=pin_memory_for(trainer))
+        if self._train_state is not None:
+            self._train_loader.load_state_dict(self._train_state)
+            self._train_state = None
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "train_loader" not in state:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state["train_loader"])
+        else:
+            self._train_state = dict(state["train_loader"])
 
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = self.splits[split]

@@ -58,7 +58,7 @@ from transformers.pytorch_utils import apply_chunking_to_forward
 
 from memoria import Abstractor, EngramType, Memoria
 
-from .gpt2_memoria import WEIGHT_FORMS, MemorySource, lifespan_delta, memory_source
+from .gpt2_memoria import LTM_SEARCHES, WEIGHT_FORMS, MemorySource, lifespan_delta, memory_source
 from .protocol import MemoryModelOutput, MemoryOfBaseModel, MemoryProtocol
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ MEMORIA_FIELDS_DOC = """The Memoria fields both configs add (defaults: experimen
     memoria_reset_period          unused by classification (memory resets every batch); kept for the reference
     memoria_write_empty_segments  True = write all-padding segments to memory too (the reference); False (ours) =
                                   a row whose segment is all padding adds nothing
-    memoria_device, _weight_form, _seed, _deterministic, _ltm_capacity, _cuda_graph, _compile, _fused_walk: as in
-                                  GPT2WithMemoriaConfig
+    memoria_device, _weight_form, _seed, _deterministic, _ltm_capacity, _cuda_graph, _compile, _fused_walk, and the
+    ablations _use_working_memory, _use_short_term, _use_long_term, _ltm_search: as in GPT2WithMemoriaConfig
     """
 
 
@@ -103,6 +103,12 @@ def check_encoder_memoria_config(config: MemoriaBertConfig | MemoriaRobertaConfi
     if config.memoria_weight_form not in WEIGHT_FORMS:
         raise ValueError(f"{name_of}.memoria_weight_form must be one of {WEIGHT_FORMS}, got "
                          f"{config.memoria_weight_form!r}")
+    for name in ("memoria_use_working_memory", "memoria_use_short_term", "memoria_use_long_term"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name_of}.{name} must be true or false, got {getattr(config, name)!r}")
+    if config.memoria_ltm_search not in LTM_SEARCHES:
+        raise ValueError(f"{name_of}.memoria_ltm_search must be one of {LTM_SEARCHES}, got "
+                         f"{config.memoria_ltm_search!r}")
     if config.add_cross_attention:
         raise ValueError(f"{name_of}.add_cross_attention must be False: the memory attention is the model's own")
     W = config.memoria_num_memories
@@ -147,6 +153,10 @@ class MemoriaBertConfig(BertConfig):
     memoria_cuda_graph: bool = True
     memoria_compile: bool = False
     memoria_fused_walk: bool = True
+    memoria_use_working_memory: bool = True
+    memoria_use_short_term: bool = True
+    memoria_use_long_term: bool = True
+    memoria_ltm_search: str = "hebbian"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -177,6 +187,10 @@ class MemoriaRobertaConfig(RobertaConfig):
     memoria_cuda_graph: bool = True
     memoria_compile: bool = False
     memoria_fused_walk: bool = True
+    memoria_use_working_memory: bool = True
+    memoria_use_short_term: bool = True
+    memoria_use_long_term: bool = True
+    memoria_ltm_search: str = "hebbian"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -230,12 +244,14 @@ class MemoryLayerMixin:
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        working_memory: MemorySource,
+        working_memory: MemorySource | None,
         reminded: MemorySource,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states (B, T, H) -> (B, T, H) and the reminded-attention probabilities (B, M) (None when M = 0)."""
+        """hidden_states (B, T, H) -> (B, T, H) and the reminded-attention probabilities (B, M) (None when M = 0).
+        `working_memory` None: the working-memory path is ablated (memoria_use_working_memory=False)."""
         h, _ = self.attention(hidden_states, attention_mask)  # stock self-attention sub-layer
-        h, _ = memory_cross_attention(self.memory_attention, h, working_memory)
+        if working_memory is not None:
+            h, _ = memory_cross_attention(self.memory_attention, h, working_memory)
         probs = None
         if reminded.values.shape[1] > 0:
             h, probs = memory_cross_attention(self.memory_attention, h, reminded)
@@ -309,6 +325,9 @@ class MemoriaEncoderModel(MemoryProtocol):
             cuda_graph=cfg.memoria_cuda_graph,
             compile=cfg.memoria_compile,
             fused_walk=cfg.memoria_fused_walk,
+            use_short_term=cfg.memoria_use_short_term,
+            use_long_term=cfg.memoria_use_long_term,
+            ltm_search=cfg.memoria_ltm_search,
         )
 
     # ---------------------------------------------------------------------------------------- memory protocol
@@ -377,7 +396,7 @@ class MemoriaEncoderModel(MemoryProtocol):
         working_memory = reminded = reminded_idx = reminded_valid = None
         layer_probs: list[torch.Tensor] = []
         for i, layer in enumerate(self.encoder.layer):
-            if working_memory is not None and isinstance(layer, MemoryLayerMixin):
+            if reminded is not None and isinstance(layer, MemoryLayerMixin):
                 h, probs = layer.forward_with_memory(h, mask, working_memory, reminded)
                 if probs is not None:
                     layer_probs.append(probs)  # (B, M)
@@ -393,7 +412,8 @@ class MemoriaEncoderModel(MemoryProtocol):
                 reminded_idx = reminded_idx.to(h.device)
                 reminded_valid = reminded_idx >= 0  # (B, M)
                 all_rows = torch.ones(B, dtype=torch.bool, device=h.device)
-                working_memory = memory_source(wm, None, all_rows)
+                if cfg.memoria_use_working_memory:  # else the WM is only written to memory
+                    working_memory = memory_source(wm, None, all_rows)
                 reminded = memory_source(remembered.to(device=h.device, dtype=h.dtype), reminded_valid,
                                          reminded_valid.any(dim=1), query_weights, cfg.num_attention_heads)
 

@@ -204,3 +204,27 @@ def test_bad_memory_settings_are_one_line_errors():
         MemoriaRobertaConfig(**{**TINY, "memoria_stm_capacity": 0})
     with pytest.raises(ValueError, match="memoria_num_memories"):
         MemoriaRobertaConfig(**{**TINY, "memoria_num_memories": 0})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ablations_reach_the_encoder_and_its_memoria(family):
+    """memoria_use_working_memory=False: no working-memory attention (the first segment equals the memory-less
+    model, the WM is still written and recalled later); the other three go to Memoria."""
+    model = make(family, memoria_use_working_memory=False)
+    ids, mask = batch(FAMILIES[family][3])
+    with torch.no_grad():
+        first = model(ids, attention_mask=mask).logits
+        plain = model(ids, attention_mask=mask, use_memory=False).logits
+    torch.testing.assert_close(first, plain)  # no WM path, nothing reminded yet
+    model.reset_memory()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        model(ids, attention_mask=mask)
+    assert bool((trunk(model).last_reminded_indices >= 0).any())  # the written WM is recalled
+    model = make(family, memoria_use_long_term=False, memoria_use_short_term=False, memoria_ltm_search="exhaustive")
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    memoria = trunk(model).memoria
+    assert (memoria.use_short_term, memoria.use_long_term, memoria.ltm_search) == (False, False, "exhaustive")
+    with pytest.raises(ValueError, match="memoria_ltm_search"):
+        make(family, memoria_ltm_search="bfs")

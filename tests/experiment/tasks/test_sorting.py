@@ -321,3 +321,42 @@ def test_memoryless_line_hand_case():
 
     assert memoryless_correct(input_ids, labels, 32)[0].item() == 20
     assert memoryless_correct(input_ids, labels, 4)[0].item() == brute_force_memoryless(sequence, target, 4)
+
+
+def test_resumed_mid_epoch_trains_like_an_uninterrupted_run(tmp_path):
+    """A checkpoint written after 3 of an epoch's 4 batches, resumed: the same batches in the same order as the run
+    that never stopped, so the same final weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def datamodule():
+        dm = SortingDataModule(length=60, num_train=32, num_dev=8, num_test=8, seed=3, batch_size=8, eval_batch_size=8,
+                               cache_dir=str(tmp_path / "cache"))
+        dm.prepare_data()
+        return dm
+
+    seen: dict[str, list] = {"whole": [], "resumed": []}
+
+    class Recording(SortingTask):
+        def __init__(self, *args, log_to: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.log_to = log_to
+
+        def training_step(self, batch, batch_idx):
+            seen[self.log_to].append(batch["input_ids"][:, :4].clone())
+            return super().training_step(batch, batch_idx)
+
+    every_3 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    whole = Recording(memoria_model(), segment_size=32, log_to="whole")
+    tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=0, enable_checkpointing=True,
+                 callbacks=[every_3]).fit(whole, datamodule=datamodule())
+
+    resumed = Recording(memoria_model(), segment_size=32, log_to="resumed")
+    checkpoint = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
+    tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(resumed, datamodule=datamodule(),
+                                                                  ckpt_path=checkpoint)
+    assert len(seen["whole"]) == 8 and len(seen["resumed"]) == 5
+    for a, b in zip(seen["whole"][3:], seen["resumed"]):
+        assert torch.equal(a, b)
+    assert not torch.equal(seen["whole"][0], seen["whole"][4])  # epochs differ in order
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)
