@@ -15,7 +15,8 @@ from experiment.cli import compose_config, run
 from experiment.loggers import build_logger, run_tags
 
 PRESETS = sorted(p.stem for p in (Path(conf.__file__).parent / "experiment").glob("*.yaml"))
-GPU_PRESETS = [name for name in PRESETS if "cpu" not in name]  # the CPU demos keep the default logger
+# the CPU demos and studies (trainer=cpu) keep the default logger
+GPU_PRESETS = [name for name in PRESETS if compose_config([f"experiment={name}"]).trainer.accelerator != "cpu"]
 
 
 @pytest.mark.parametrize("preset", GPU_PRESETS)
