@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .tokenized_cache import cache_root
+from .tokenized_cache import cache_root, fsync_dir
 from .transfer import pin_memory_for
 
 log = logging.getLogger(__name__)
@@ -202,19 +202,6 @@ def cache_metadata(generator: dict[str, int]) -> dict[str, Any]:
     return meta
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some file systems do not open folders; the renames are still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _temp_file(path: Path) -> tuple[int, str]:
     """A temp file next to `path`, with the permissions a plain open() would give (mkstemp's are 0600)."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -235,7 +222,7 @@ def write_json_atomic(data: Any, path: str | Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -273,7 +260,7 @@ def write_cache(cache_dir: Path, generator: dict[str, int], progress: bool | Non
         # process that rebuilds an entry while another reads it (ranks on several nodes) swaps in identical files.
         os.replace(tmp_name, data_path)
         os.replace(meta_tmp, meta_path)
-        _fsync_dir(cache_dir)
+        fsync_dir(cache_dir)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         if meta_tmp is not None:

@@ -155,7 +155,8 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a rename into it) durable, where the file system lets a folder be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # a file system without directory handles: nothing to sync
@@ -300,10 +301,10 @@ def _build_entry(cache_dir: str | os.PathLike | None, key: dict[str, Any], dtype
         }
         meta["meta_sha256"] = _meta_checksum(meta)
         _write_synced(tmp / "meta.json", json.dumps(meta, indent=2, default=str).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         except OSError:
             if not (final / "meta.json").is_file():  # not a lost race with another process: a real error
                 raise
