@@ -23,6 +23,7 @@ Abstractor; `new_parameters` lists them after `from_pretrained`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -129,11 +130,9 @@ def check_memory_layer_index(config) -> None:
         )
 
 
-@strict
-class MemoriaBertConfig(BertConfig):
-    """BertConfig plus Memoria's settings (MEMORIA_FIELDS_DOC)."""
-
-    model_type = BERT_KIND
+@dataclasses.dataclass(kw_only=True)
+class EncoderMemoriaFields:
+    """The Memoria fields both encoder configs add (MEMORIA_FIELDS_DOC), written once."""
 
     memory_layer_index: int = 9
     memoria_num_memories: int = 64
@@ -157,6 +156,13 @@ class MemoriaBertConfig(BertConfig):
     memoria_use_short_term: bool = True
     memoria_use_long_term: bool = True
     memoria_ltm_search: str = "hebbian"
+
+
+@strict
+class MemoriaBertConfig(BertConfig, EncoderMemoriaFields):
+    """BertConfig plus Memoria's settings (EncoderMemoriaFields)."""
+
+    model_type = BERT_KIND
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -164,33 +170,10 @@ class MemoriaBertConfig(BertConfig):
 
 
 @strict
-class MemoriaRobertaConfig(RobertaConfig):
-    """RobertaConfig plus Memoria's settings (MEMORIA_FIELDS_DOC)."""
+class MemoriaRobertaConfig(RobertaConfig, EncoderMemoriaFields):
+    """RobertaConfig plus Memoria's settings (EncoderMemoriaFields)."""
 
     model_type = ROBERTA_KIND
-
-    memory_layer_index: int = 9
-    memoria_num_memories: int = 64
-    memoria_lifespan_extend_scale: float | int = 8.0
-    memoria_num_reminded_stm: int = 64
-    memoria_num_reminded_ltm: int = 64
-    memoria_stm_capacity: int = 128
-    memoria_ltm_search_depth: int = 10
-    memoria_initial_lifespan: float | int = 12
-    memoria_reset_period: int = 500
-    memoria_write_empty_segments: bool = False
-    memoria_device: str | None = None
-    memoria_weight_form: str = "exp"
-    memoria_seed: int = 0
-    memoria_deterministic: bool = False
-    memoria_ltm_capacity: int | None = None
-    memoria_cuda_graph: bool = True
-    memoria_compile: bool = False
-    memoria_fused_walk: bool = True
-    memoria_use_working_memory: bool = True
-    memoria_use_short_term: bool = True
-    memoria_use_long_term: bool = True
-    memoria_ltm_search: str = "hebbian"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
